@@ -1,0 +1,63 @@
+"""``cpath``: one sub-command per stage. Parse the config, call the stage function.
+
+Every sub-command takes ``--config FILE.yaml`` and ``--key value`` overrides of any
+config key (``cpath <stage> --print_config`` shows the resolved config).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from jsonargparse import ArgumentParser
+
+import pipeline
+from pipeline.config import bool_keys, config_from_namespace, normalize_argv, stage_parser
+from pipeline.errors import PipelineError
+from pipeline.stages import STAGES
+
+
+def build_parser() -> tuple[ArgumentParser, dict[str, tuple[type, object]]]:
+    """The ``cpath`` parser and, per sub-command, its config class and stage function."""
+    parser = ArgumentParser(
+        prog="cpath",
+        description="Computational-pathology foundation-model pipeline: slides -> tiles -> "
+        "stain -> SSL pretraining -> features -> MIL -> evaluation.",
+    )
+    parser.add_argument("--version", action="version", version=pipeline.__version__)
+    subcommands = parser.add_subcommands(dest="stage")
+    loaded = {}
+    for name, stage in STAGES.items():
+        config_cls, run = stage.load()
+        doc = (config_cls.__doc__ or "").strip()
+        subcommands.add_subcommand(name, stage_parser(config_cls, doc), help=stage.help)
+        loaded[name] = (config_cls, run)
+    return parser, loaded
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``cpath`` console script; returns the exit code."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")  # fmt: skip
+    parser, loaded = build_parser()
+    args = list(sys.argv[1:] if argv is None else argv)
+    stage = next((a for a in args if a in loaded), None)
+    args = normalize_argv(args, bool_keys(loaded[stage][0]) if stage else set())
+    namespace = parser.parse_args(args)  # prints usage and exits 2 on a bad key or value
+    name = namespace.stage
+    config_cls, run = loaded[name]
+    cfg = config_from_namespace(config_cls, parser.instantiate(namespace)[name])
+    try:
+        result = run(cfg)
+    except PipelineError as exc:
+        print(f"cpath {name}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"cpath {name}: interrupted; finished outputs are kept, rerun to resume",
+              file=sys.stderr)  # fmt: skip
+        return 130
+    return int(result) if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: real texture sources, the demo cohort, and (later) tile and bag datasets."""

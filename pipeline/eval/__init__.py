@@ -1,0 +1,1 @@
+"""Evaluation protocols, statistics and reports."""

@@ -1,0 +1,1 @@
+"""Multiple-instance learning aggregators and slide-level training."""

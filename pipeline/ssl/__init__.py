@@ -1,0 +1,1 @@
+"""Self-supervised pretraining (DINOv2-style) of timm ViTs."""

@@ -1,0 +1,1 @@
+"""Stain normalization and stain augmentation."""

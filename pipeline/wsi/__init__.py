@@ -1,0 +1,1 @@
+"""Whole-slide images: reading at a physical resolution, tissue detection, tiling, writing."""

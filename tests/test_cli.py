@@ -1,0 +1,54 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.stages import STAGES
+
+
+def _cpath(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True,
+                          text=True, timeout=120, **kwargs)  # fmt: skip
+
+
+def test_top_level_help_lists_every_stage():
+    proc = _cpath("--help")
+    assert proc.returncode == 0
+    for name in STAGES:
+        assert name in proc.stdout
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_every_subcommand_has_help(stage, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([stage, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "--config" in out and f"cpath [options] {stage}" in out
+
+
+def test_info_reports_versions_devices_openslide_and_demo(tiny_cohort):
+    proc = _cpath("info", "--json", "--demo", str(tiny_cohort))
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["versions"]["torch"].startswith("2.")
+    assert info["devices"]["cpu_cores"] >= 1 and isinstance(info["devices"]["cuda"], bool)
+    assert info["openslide"]["library"].count(".") >= 1
+    assert info["demo_data"] == {"path": str(tiny_cohort.resolve()), "present": True,
+                                 "n_slides": 6, "missing": []}  # fmt: skip
+    text = _cpath("info", "--demo", str(tiny_cohort / "nowhere")).stdout
+    assert "absent: run `make demo`" in text
+
+
+def test_print_config_shows_resolved_values():
+    proc = _cpath("demo", "--n-slides", "7", "--print_config")
+    assert proc.returncode == 0
+    assert "n_slides: 7" in proc.stdout
+
+
+def test_planned_stage_fails_with_clear_message():
+    proc = _cpath("extract", "--batch-size", "8")
+    assert proc.returncode == 1
+    assert "is not available in cpath-pipeline" in proc.stderr and "Traceback" not in proc.stderr
