@@ -1,26 +1,288 @@
-"""``cpath preprocess``: tissue detection and tiling at a physical resolution."""
+"""``cpath preprocess``: tissue detection and tiling at a physical resolution.
+
+For every slide: open it and resolve its level-0 mpp, read a thumbnail at about 8 um
+per px (never the full slide), detect tissue, lay the tile grid at the target mpp and
+keep tiles with enough tissue. Outputs under ``out``::
+
+    coords/<slide_id>.h5          tiles (see :mod:`pipeline.wsi.coords`)
+    tissue/<slide_id>.geojson     tissue polygons in level-0 px (QuPath opens it)
+    thumbnails/<slide_id>.png     QC: tissue outline and tile grid over the thumbnail
+    manifest.csv                  slide_id, path, status, n_tiles, level0_mpp, ...
+    config.yaml                   the resolved config
+
+Every file is written under a temporary name and renamed. A rerun skips slides whose
+coords file was made with the same parameters and redoes failed ones; a slide that
+fails (corrupt, truncated, not a slide, no tissue, no mpp) becomes a ``failed`` row
+and never stops the others.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import csv
+import json
+import logging
+import multiprocessing
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pipeline.planned import not_available
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+import pipeline
+from pipeline.config import save_config
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.io import atomic_path, atomic_write_text
+from pipeline.wsi.contours import mask_polygons, polygons_to_geojson
+from pipeline.wsi.coords import read_coords, write_coords
+from pipeline.wsi.reader import Slide
+from pipeline.wsi.slides import SlideEntry, list_slides, parse_shard, shard_slides
+from pipeline.wsi.tiling import tile_grid
+from pipeline.wsi.tissue import TISSUE_METHODS, TissueConfig, make_tissue_detector
+
+log = logging.getLogger(__name__)
+MANIFEST_FIELDS = ["slide_id", "path", "status", "n_tiles", "level0_mpp", "mpp_source",
+                   "seconds", "error"]  # fmt: skip
 
 
 @dataclass
 class PreprocessConfig:
-    """Detect tissue and tile every slide at a target resolution (mpp)."""
+    """Detect tissue and tile every slide at a target resolution (mpp).
 
-    slides: str = ""  # folder, glob or CSV list of slides
+    Args:
+        slides: a folder (searched recursively), a glob, a CSV (columns path[, slide_id, mpp]) or one slide.
+        out: output folder (coords/, tissue/, thumbnails/, manifest.csv).
+        mpp: target resolution of the tiles in um per px (0.5 ~ 20x, 0.25 ~ 40x).
+        magnification: alternative to mpp: objective power of the tiles (20 -> 0.5 mpp).
+        tile_size: tile side in px at the target resolution.
+        overlap: overlap of neighbouring tiles in px at the target resolution.
+        min_tissue: keep tiles whose tissue share is at least this (0-1).
+        level0_mpp: level-0 resolution of slides whose metadata has none.
+        workers: slides processed in parallel (processes).
+        shard: "i/n" to process every n-th slide from the i-th (else SLURM array or torchrun env).
+        thumbnails: write QC thumbnails.
+        thumbnail_size: longest side of QC thumbnails, px.
+        tissue: tissue detection settings.
+    """
+
+    slides: str = ""
     out: Path = Path("runs/preprocess")
     mpp: float | None = 0.5
+    magnification: float | None = None
     tile_size: int = 256
     overlap: int = 0
     min_tissue: float = 0.5
+    level0_mpp: float | None = None
     workers: int = 1
     shard: str | None = None
+    thumbnails: bool = True
+    thumbnail_size: int = 1024
+    tissue: TissueConfig = field(default_factory=TissueConfig)
+
+    @property
+    def target_mpp(self) -> float:
+        return 10.0 / self.magnification if self.magnification else float(self.mpp or 0.0)
+
+    def validate(self) -> None:
+        if self.target_mpp <= 0:
+            raise ConfigError(
+                "give a target resolution: --mpp (e.g. 0.5) or --magnification (e.g. 20)"
+            )
+        if self.tile_size < 8:
+            raise ConfigError(f"--tile-size {self.tile_size} is too small (at least 8 px)")
+        if not 0 <= self.overlap < self.tile_size:
+            raise ConfigError(f"--overlap must be in [0, tile_size), got {self.overlap}")
+        if not 0.0 <= self.min_tissue <= 1.0:
+            raise ConfigError(f"--min-tissue must be in [0, 1], got {self.min_tissue}")
+        if self.tissue.method not in TISSUE_METHODS:
+            raise ConfigError(f"unknown --tissue.method '{self.tissue.method}'; "
+                              f"known: {', '.join(sorted(TISSUE_METHODS))}")  # fmt: skip
+
+    def tiling_params(self) -> dict:
+        """The parameters a coords file must match to be reused by a rerun."""
+        return {
+            "target_mpp": self.target_mpp,
+            "patch_size": self.tile_size,
+            "overlap": self.overlap,
+            "min_tissue": self.min_tissue,
+            "tissue_method": self.tissue.method,
+            "tissue_params": json.dumps(asdict(self.tissue), sort_keys=True),
+        }
 
 
-def run(cfg: PreprocessConfig) -> None:
-    raise not_available("preprocess")
+def _is_done(coords_path: Path, params: dict) -> dict | None:
+    """Attributes of an existing coords file made with ``params``, else None."""
+    if not coords_path.exists():
+        return None
+    try:
+        attrs = read_coords(coords_path).attrs
+    except PipelineError:
+        return None
+    same = all(
+        np.isclose(attrs.get(k), v) if isinstance(v, float) else attrs.get(k) == v
+        for k, v in params.items()
+    )
+    return attrs if same else None
+
+
+def _remove_stale_temporaries(out: Path, slide_id: str) -> None:
+    for folder in ("coords", "tissue", "thumbnails"):
+        for tmp in (out / folder).glob(f".{slide_id}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
+def draw_qc(thumbnail: np.ndarray, polygons: list, coords: np.ndarray, size0: int,
+            scale: float, max_size: int) -> Image.Image:  # fmt: skip
+    """Thumbnail with tissue outlines (green) and kept tiles (blue boxes).
+
+    ``scale`` is thumbnail px per level-0 px; polygons are in thumbnail px.
+    """
+    img = Image.fromarray(thumbnail)
+    shrink = min(1.0, max_size / max(img.size))
+    if shrink < 1.0:
+        img = img.resize((max(1, round(img.width * shrink)), max(1, round(img.height * shrink))),
+                         Image.Resampling.BOX)  # fmt: skip
+    draw = ImageDraw.Draw(img)
+    s = scale * shrink
+    side = size0 * s
+    for x, y in coords * s:
+        draw.rectangle([x, y, x + side, y + side], outline=(30, 90, 220))
+    for rings in polygons:
+        for ring in rings:
+            draw.line([tuple(p) for p in ring * shrink], fill=(0, 170, 0), width=2)
+    return img
+
+
+def process_slide(entry: SlideEntry, cfg: PreprocessConfig) -> dict:
+    """Preprocess one slide; returns its manifest row (never raises for a bad slide)."""
+    start = time.perf_counter()
+    out = Path(cfg.out)
+    row = {"slide_id": entry.slide_id, "path": str(entry.path), "status": "failed",
+           "n_tiles": 0, "level0_mpp": "", "mpp_source": "", "seconds": 0.0, "error": ""}  # fmt: skip
+    coords_path = out / "coords" / f"{entry.slide_id}.h5"
+    params = cfg.tiling_params()
+    done = _is_done(coords_path, params)
+    if done is not None:
+        row.update(status="skipped", n_tiles=int(done.get("n_tiles", 0)),
+                   level0_mpp=done.get("level0_mpp", ""), mpp_source=done.get("mpp_source", ""))  # fmt: skip
+        return row
+    _remove_stale_temporaries(out, entry.slide_id)
+    try:
+        with Slide(entry.path, level0_mpp=entry.level0_mpp) as slide:
+            level0_mpp = slide.mpp
+            row.update(level0_mpp=round(level0_mpp, 6), mpp_source=slide.mpp_source)
+            thumb = slide.thumbnail_at_mpp(cfg.tissue.mpp)
+            mask_mpp = level0_mpp * slide.dimensions[0] / thumb.shape[1]
+            mask = make_tissue_detector(cfg.tissue)(thumb, mask_mpp)
+            if not mask.any():
+                raise PipelineError(
+                    f"{entry.path}: no tissue found (tissue method '{cfg.tissue.method}'). "
+                    "Check the thumbnail; if the stain is faint, lower --tissue.min_saturation."
+                )
+            grid = tile_grid(slide.dimensions, level0_mpp, cfg.target_mpp, cfg.tile_size,
+                             cfg.overlap, mask, cfg.min_tissue)  # fmt: skip
+            if len(grid.coords) == 0:
+                raise PipelineError(
+                    f"{entry.path}: tissue found, but no {cfg.tile_size}-px tile at "
+                    f"{cfg.target_mpp} mpp has {cfg.min_tissue:.0%} tissue; lower --min-tissue "
+                    "or --tile-size."
+                )
+            patch_level = slide.best_level(cfg.target_mpp / level0_mpp)
+            attrs = {
+                **params,
+                "slide_id": entry.slide_id,
+                "slide_path": str(Path(entry.path).resolve()),
+                "level0_mpp": level0_mpp,
+                "mpp_source": slide.mpp_source,
+                "patch_size_level0": grid.patch_size_level0,
+                "patch_level": patch_level,
+                "level0_width": slide.dimensions[0],
+                "level0_height": slide.dimensions[1],
+                "n_tiles": len(grid.coords),
+            }
+            polygons = mask_polygons(mask)
+            scale = thumb.shape[1] / slide.dimensions[0]  # thumbnail px per level-0 px
+            geojson = polygons_to_geojson(polygons, (1 / scale, 1 / scale),
+                                          {"slide_id": entry.slide_id})  # fmt: skip
+            atomic_write_text(out / "tissue" / f"{entry.slide_id}.geojson", json.dumps(geojson))
+            if cfg.thumbnails:
+                qc = draw_qc(thumb, polygons, grid.coords, grid.patch_size_level0, scale,
+                             cfg.thumbnail_size)  # fmt: skip
+                with atomic_path(out / "thumbnails" / f"{entry.slide_id}.png") as tmp:
+                    qc.save(tmp, format="PNG")
+            # The coords file is written last: its presence marks the slide as done.
+            write_coords(coords_path, grid.coords, grid.tissue_fraction, attrs)
+            row.update(status="ok", n_tiles=len(grid.coords))
+    except PipelineError as exc:
+        row["error"] = str(exc)
+    except Exception as exc:  # a bug or an unforeseen file problem: keep going, keep the trace
+        last = traceback.format_exc().strip().splitlines()[-1]
+        row["error"] = f"{entry.path}: unexpected {type(exc).__name__}: {exc} ({last})"
+    row["seconds"] = round(time.perf_counter() - start, 3)
+    return row
+
+
+def _manifest_name(index: int, count: int) -> str:
+    return "manifest.csv" if count == 1 else f"manifest.shard-{index}-of-{count}.csv"
+
+
+def write_manifest(path: Path, rows: list[dict]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
+        writer.writeheader()
+        writer.writerows(sorted(rows, key=lambda r: r["slide_id"]))
+
+
+def preprocess(cfg: PreprocessConfig, progress: bool = True) -> list[dict]:
+    """Run preprocessing; returns the manifest rows of this run's shard."""
+    cfg.validate()
+    index, count = parse_shard(cfg.shard)
+    entries = shard_slides(list_slides(cfg.slides, cfg.level0_mpp), index, count)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = "" if count == 1 else f".shard-{index}-of-{count}"
+    save_config(cfg, out, f"config{suffix}.yaml")
+    log.info("preprocess: %d slides (shard %d/%d) -> %s", len(entries), index, count, out)
+
+    rows = []
+    bar = tqdm(total=len(entries), unit="slide", desc="preprocess", disable=not progress)
+    tiles = 0
+
+    def collect(row: dict) -> None:
+        nonlocal tiles
+        rows.append(row)
+        tiles += int(row["n_tiles"])
+        bar.set_postfix(tiles=tiles, failed=sum(r["status"] == "failed" for r in rows))
+        bar.update()
+        if row["status"] == "failed":
+            log.warning("%s failed: %s", row["slide_id"], row["error"])
+
+    if cfg.workers <= 1 or len(entries) <= 1:
+        for entry in entries:
+            collect(process_slide(entry, cfg))
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(cfg.workers, len(entries)), mp_context=ctx) as pool:
+            futures = [pool.submit(process_slide, e, cfg) for e in entries]
+            for fut in as_completed(futures):
+                collect(fut.result())
+    bar.close()
+    write_manifest(out / _manifest_name(index, count), rows)
+    return rows
+
+
+def run(cfg: PreprocessConfig) -> int:
+    start = time.perf_counter()
+    rows = preprocess(cfg)
+    status = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
+    tiles = sum(int(r["n_tiles"]) for r in rows)
+    print(f"preprocess: {status['ok']} done, {status['skipped']} skipped, {status['failed']} "
+          f"failed; {tiles} tiles at {cfg.target_mpp} mpp in {time.perf_counter() - start:.1f} s "
+          f"-> {cfg.out} (cpath-pipeline {pipeline.__version__})")  # fmt: skip
+    for r in rows:
+        if r["status"] == "failed":
+            print(f"  failed {r['slide_id']}: {r['error']}")
+    return 1 if status["failed"] else 0

@@ -1,0 +1,330 @@
+"""Open any whole-slide image and read regions at a physical resolution (um per px, "mpp").
+
+OpenSlide reads every format it knows (Aperio, Hamamatsu, Leica, MIRAX, Philips,
+Sakura, Ventana, Zeiss, DICOM, generic tiled TIFF). Other images (non-tiled TIFF,
+PNG, JPEG) are read whole through tifffile or Pillow as a one-level slide.
+
+The level-0 mpp is resolved by a chain, and its source is recorded:
+
+1. ``openslide``: the vendor's own metadata, as OpenSlide reports ``openslide.mpp-x``
+   (source ``aperio-mpp`` when it comes from an Aperio ``MPP`` field, ``tiff-resolution``
+   for generic TIFFs, else ``openslide-<vendor>``);
+2. ``tiff-resolution``: the TIFF XResolution/YResolution tags (unit cm or inch);
+3. ``aperio-mpp``: the ``|MPP = ..`` field of an Aperio ImageDescription;
+4. ``objective-power``: the objective magnification (40x -> 0.25, 20x -> 0.5 mpp);
+5. ``override``: a value given by the user (``--level0-mpp`` or a CSV column).
+
+Coordinates are always level-0 pixels; sizes say at which mpp they are.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline.errors import SlideError
+
+MPP_RANGE = (0.05, 50.0)  # plausible level-0 resolutions; outside is metadata junk
+PLAIN_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+Image.MAX_IMAGE_PIXELS = None  # plain images are slides too; size is checked by the caller
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """Level-0 microns per pixel and where the value came from."""
+
+    mpp_x: float
+    mpp_y: float
+    source: str
+
+    @property
+    def mpp(self) -> float:
+        return (self.mpp_x + self.mpp_y) / 2
+
+
+def _plausible(value: float | None) -> bool:
+    return value is not None and math.isfinite(value) and MPP_RANGE[0] <= value <= MPP_RANGE[1]
+
+
+def _float(value: object) -> float | None:
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def mpp_from_tiff_tags(x_res: float | None, y_res: float | None, unit: str | None) -> float | None:
+    """Level-0 mpp from TIFF resolution tags (pixels per ``unit``), or None."""
+    per_um = {"centimeter": 1e-4, "inch": 1 / 25400.0}.get((unit or "").lower())
+    if per_um is None or not x_res:
+        return None
+    mpp = 1.0 / (x_res * per_um)
+    return mpp if _plausible(mpp) else None
+
+
+def resolve_mpp(properties: dict[str, str], override: float | None = None) -> Resolution | None:
+    """Apply the mpp chain (module docstring) to OpenSlide-style ``properties``."""
+    vendor = properties.get("openslide.vendor", "")
+    mx, my = _float(properties.get("openslide.mpp-x")), _float(properties.get("openslide.mpp-y"))
+    if _plausible(mx):
+        my = my if _plausible(my) else mx
+        if vendor == "aperio" and "aperio.MPP" in properties:
+            source = "aperio-mpp"
+        elif vendor == "generic-tiff":
+            source = "tiff-resolution"
+        else:
+            source = f"openslide-{vendor or 'unknown'}"
+        return Resolution(mx, my, source)
+
+    unit = properties.get("tiff.ResolutionUnit")
+    rx = mpp_from_tiff_tags(_float(properties.get("tiff.XResolution")), None, unit)
+    ry = mpp_from_tiff_tags(_float(properties.get("tiff.YResolution")), None, unit)
+    if rx is not None:
+        return Resolution(rx, ry or rx, "tiff-resolution")
+
+    description = properties.get("tiff.ImageDescription", "")
+    if description.startswith("Aperio"):
+        match = re.search(r"\|\s*MPP\s*=\s*([0-9.]+)", description)
+        if match and _plausible(_float(match.group(1))):
+            value = float(match.group(1))
+            return Resolution(value, value, "aperio-mpp")
+        match = re.search(r"\|\s*AppMag\s*=\s*([0-9.]+)", description)
+        if match:
+            properties = {**properties, "openslide.objective-power": match.group(1)}
+
+    power = _float(properties.get("openslide.objective-power") or properties.get("aperio.AppMag"))
+    if power and _plausible(10.0 / power):
+        return Resolution(10.0 / power, 10.0 / power, "objective-power")
+
+    if _plausible(override):
+        return Resolution(float(override), float(override), "override")
+    return None
+
+
+class _PlainImage:
+    """A whole image in memory, shaped like a one-level OpenSlide object."""
+
+    def __init__(self, path: Path):
+        self.properties: dict[str, str] = {"openslide.vendor": "plain-image"}
+        if path.suffix.lower() in {".tif", ".tiff"}:
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                page = tif.pages[0]
+                array = page.asarray()
+                tags = page.tags
+                if "XResolution" in tags and "ResolutionUnit" in tags:
+                    num, den = tags["XResolution"].value
+                    unit = tags["ResolutionUnit"].value
+                    name = {2: "inch", 3: "centimeter"}.get(int(unit), "none")
+                    self.properties.update({"tiff.XResolution": str(num / den),
+                                            "tiff.ResolutionUnit": name})  # fmt: skip
+                    if "YResolution" in tags:
+                        num, den = tags["YResolution"].value
+                        self.properties["tiff.YResolution"] = str(num / den)
+                if "ImageDescription" in tags:
+                    self.properties["tiff.ImageDescription"] = str(tags["ImageDescription"].value)
+        else:
+            with Image.open(path) as img:
+                array = np.asarray(img.convert("RGB"))
+        array = _to_rgb(array, path)
+        self._image = Image.fromarray(array)
+        self.level_count = 1
+        self.level_dimensions = ((array.shape[1], array.shape[0]),)
+        self.level_downsamples = (1.0,)
+        self.dimensions = self.level_dimensions[0]
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image:
+        x, y = location
+        return self._image.crop((x, y, x + size[0], y + size[1])).convert("RGBA")
+
+    def close(self) -> None:
+        self._image = None
+
+
+def _looks_like_tiff(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def _to_rgb(array: np.ndarray, path: Path) -> np.ndarray:
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    if array.ndim != 3 or array.shape[2] not in (3, 4):
+        raise SlideError(f"{path}: image of shape {array.shape} is not RGB; convert it to RGB.")
+    if array.dtype != np.uint8:
+        top = float(array.max()) or 1.0
+        array = (array.astype(np.float32) * (255.0 / top)).astype(np.uint8)
+    return np.ascontiguousarray(array[..., :3])
+
+
+class Slide:
+    """A whole-slide image with its level-0 resolution.
+
+    >>> with Slide("x.svs") as s:
+    ...     tile = s.read_at_mpp((1024, 2048), 256, 0.5)  # 256 x 256 RGB at 0.5 um/px
+    """
+
+    def __init__(self, path: str | os.PathLike, level0_mpp: float | None = None):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise SlideError(f"{self.path}: no such file; check the path or the slide list.")
+        if self.path.stat().st_size == 0:
+            raise SlideError(f"{self.path}: the file is empty (0 bytes); copy the slide again.")
+        self._handle = self._open()
+        self.properties = dict(self._handle.properties)
+        self.vendor = self.properties.get("openslide.vendor", "unknown")
+        self.level_count = self._handle.level_count
+        self.level_dimensions = tuple(tuple(d) for d in self._handle.level_dimensions)
+        self.level_downsamples = tuple(float(d) for d in self._handle.level_downsamples)
+        self.dimensions = self.level_dimensions[0]
+        self.resolution = resolve_mpp(self.properties, level0_mpp)
+
+    def _open(self):
+        import openslide
+
+        try:
+            return openslide.OpenSlide(str(self.path))
+        except openslide.OpenSlideUnsupportedFormatError:
+            if _looks_like_tiff(self.path) and self.path.suffix.lower() not in {".tif", ".tiff"}:
+                raise SlideError(
+                    f"{self.path}: a TIFF-based slide that OpenSlide cannot read; the file is "
+                    "probably truncated or corrupt: copy it again from the scanner or archive."
+                ) from None
+            if self.path.suffix.lower() not in PLAIN_IMAGE_SUFFIXES:
+                raise SlideError(
+                    f"{self.path}: not a slide format OpenSlide knows, nor a TIFF/PNG/JPEG "
+                    "image; check that the file is a whole-slide image."
+                ) from None
+        except openslide.OpenSlideError as exc:
+            raise SlideError(
+                f"{self.path}: OpenSlide cannot read it ({exc}); the file may be truncated "
+                "or corrupt: copy it again from the scanner or archive."
+            ) from exc
+        try:
+            return _PlainImage(self.path)
+        except SlideError:
+            raise
+        except Exception as exc:  # tifffile/Pillow raise many types for broken files
+            raise SlideError(
+                f"{self.path}: cannot be read as an image ({type(exc).__name__}: {exc}); "
+                "the file may be truncated or not an image."
+            ) from exc
+
+    # -- resolution ---------------------------------------------------------------
+    @property
+    def mpp(self) -> float:
+        """Level-0 um per px; raises a :class:`SlideError` saying how to supply it."""
+        if self.resolution is None:
+            raise SlideError(
+                f"{self.path}: no resolution (mpp) in the file's metadata (no OpenSlide mpp, "
+                "TIFF resolution tags, Aperio MPP or objective power). Give it with "
+                "--level0-mpp (all such slides) or an 'mpp' column in the slide list CSV."
+            )
+        return self.resolution.mpp
+
+    @property
+    def mpp_source(self) -> str | None:
+        return None if self.resolution is None else self.resolution.source
+
+    def best_level(self, downsample: float) -> int:
+        """Coarsest level whose downsample does not exceed ``downsample`` (1% tolerance)."""
+        fits = [i for i, d in enumerate(self.level_downsamples) if d <= downsample * 1.01]
+        return max(fits, key=lambda i: self.level_downsamples[i]) if fits else 0
+
+    # -- reading -----------------------------------------------------------------
+    def read_region(
+        self, location: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> np.ndarray:
+        """``size`` (w, h) px of ``level`` at level-0 ``location`` as RGB uint8 (h x w x 3).
+
+        Transparent pixels (outside the scanned area) come back white.
+        """
+        try:
+            rgba = np.asarray(self._handle.read_region(location, level, size))
+        except Exception as exc:  # OpenSlideError and friends after a bad tile
+            raise SlideError(
+                f"{self.path}: reading {size} px at {location} (level {level}) failed "
+                f"({exc}); the file may be truncated or corrupt."
+            ) from exc
+        rgb = rgba[..., :3]
+        alpha = rgba[..., 3]
+        if alpha.min() < 255:  # OpenSlide returns premultiplied RGBA: composite over white
+            rgb = (rgb.astype(np.uint16) + (255 - alpha[..., None])).clip(0, 255).astype(np.uint8)
+        return np.ascontiguousarray(rgb)
+
+    def read_tile(
+        self, location: tuple[int, int], size_level0: tuple[int, int], size: tuple[int, int]
+    ) -> np.ndarray:
+        """The level-0 box ``location`` + ``size_level0`` resampled to ``size`` (w, h) px.
+
+        Reads the coarsest pyramid level that still has at least ``size`` px over the box
+        and resamples only the rest (never level 0 when a coarser level serves).
+        """
+        (w0, h0), (w, h) = size_level0, size
+        level = self.best_level(min(w0 / w, h0 / h))
+        ds = self.level_downsamples[level]
+        lw, lh = max(1, round(w0 / ds)), max(1, round(h0 / ds))
+        region = self.read_region(location, level, (lw, lh))
+        if (lw, lh) == (w, h):
+            return region
+        return np.array(Image.fromarray(region).resize((w, h), Image.Resampling.BILINEAR))
+
+    def read_at_mpp(
+        self, location: tuple[int, int], size: int | tuple[int, int], mpp: float
+    ) -> np.ndarray:
+        """``size`` (w, h) px at ``mpp`` um/px with its top-left at level-0 ``location``."""
+        w, h = (size, size) if isinstance(size, int) else size
+        scale = mpp / self.mpp  # level-0 px per output px
+        return self.read_tile(location, (round(w * scale), round(h * scale)), (w, h))
+
+    def thumbnail_at_mpp(self, mpp: float, chunk: int = 4096) -> np.ndarray:
+        """The whole slide at about ``mpp`` um/px (RGB uint8), read in chunks.
+
+        Peak memory is set by the output plus one ``chunk`` x ``chunk`` read, not by the
+        slide: a 100k x 100k px slide is never read whole.
+        """
+        scale = mpp / self.mpp
+        level = self.best_level(scale)
+        ds = self.level_downsamples[level]
+        lw, lh = self.level_dimensions[level]
+        factor = scale / ds  # level px per output px, >= ~1
+        out_w, out_h = max(1, round(lw / factor)), max(1, round(lh / factor))
+        out = np.empty((out_h, out_w, 3), np.uint8)
+        step = max(1, int(chunk / factor))  # output px per chunk side
+        for oy in range(0, out_h, step):
+            for ox in range(0, out_w, step):
+                cw, ch = min(step, out_w - ox), min(step, out_h - oy)
+                x0, y0 = int(ox * factor), int(oy * factor)
+                x1 = min(lw, max(x0 + 1, round((ox + cw) * factor)))
+                y1 = min(lh, max(y0 + 1, round((oy + ch) * factor)))
+                region = self.read_region(
+                    (round(x0 * ds), round(y0 * ds)), level, (x1 - x0, y1 - y0)
+                )
+                img = Image.fromarray(region)
+                if img.size != (cw, ch):
+                    img = img.resize((cw, ch), Image.Resampling.BOX)
+                out[oy : oy + ch, ox : ox + cw] = np.asarray(img)
+        return out
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        mpp = f"{self.resolution.mpp:.4f} ({self.resolution.source})" if self.resolution else "?"
+        return f"Slide({str(self.path)!r}, {self.dimensions[0]}x{self.dimensions[1]}, mpp={mpp})"

@@ -1,0 +1,193 @@
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.config import load_config
+from pipeline.wsi.coords import read_coords
+from pipeline.wsi.preprocess import PreprocessConfig, preprocess, run
+from pipeline.wsi.reader import Slide
+from pipeline.wsi.slides import list_slides, parse_shard, shard_slides
+from pipeline.wsi.tissue import TissueConfig, make_tissue_detector
+
+
+def _manifest(out, name="manifest.csv"):
+    with open(out / name) as f:
+        return {r["slide_id"]: r for r in csv.DictReader(f)}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, tiny_cohort, broken_dir):
+    """The tiny cohort and the broken files in one folder, preprocessed at 0.5 mpp."""
+    slides = tmp_path_factory.mktemp("slides")
+    for p in (tiny_cohort / "slides").glob("*.svs"):
+        os.symlink(p, slides / p.name)
+    for p in broken_dir.iterdir():
+        shutil.copy(p, slides / p.name)
+    out = tmp_path_factory.mktemp("prep")
+    cfg = PreprocessConfig(slides=str(slides), out=out, tile_size=128, workers=2)
+    code = run(cfg)
+    return {"out": out, "slides": slides, "code": code, "cfg": cfg}
+
+
+def test_bad_slides_fail_alone_with_clear_errors(prepared):
+    rows = _manifest(prepared["out"])
+    assert prepared["code"] == 1  # a failed slide makes the run exit non-zero
+    expected = {"truncated": "truncated or corrupt", "notes": "not a slide format",
+                "empty": "empty", "blank": "no tissue found", "no_mpp": "--level0-mpp"}  # fmt: skip
+    for slide_id, message in expected.items():
+        assert rows[slide_id]["status"] == "failed"
+        assert message in rows[slide_id]["error"], rows[slide_id]["error"]
+        assert not (prepared["out"] / "coords" / f"{slide_id}.h5").exists()
+    demo = [r for k, r in rows.items() if k.startswith("demo_")]
+    assert len(demo) == 6 and all(r["status"] == "ok" and int(r["n_tiles"]) > 0 for r in demo)
+    assert {r["mpp_source"] for r in demo} == {"aperio-mpp"}
+    assert (prepared["out"] / "config.yaml").exists()
+
+
+def test_tiles_lie_on_tissue_and_match_the_ground_truth(prepared, tiny_cohort):
+    records = json.loads((tiny_cohort / "cohort.json").read_text())["slides"]
+    for r in records:
+        table = read_coords(prepared["out"] / "coords" / f"{r['slide_id']}.h5")
+        tissue = (
+            np.asarray(Image.open(tiny_cohort / "ground_truth" / f"{r['slide_id']}_tissue.png")) > 0
+        )
+        pen = np.asarray(Image.open(tiny_cohort / "ground_truth" / f"{r['slide_id']}_pen.png")) > 0
+        ds = r["mask_downsample"]
+        size = table.patch_size_level0 / ds
+        shares, ink = [], []
+        for x, y in table.coords / ds:
+            box = np.s_[int(y) : int(np.ceil(y + size)), int(x) : int(np.ceil(x + size))]
+            shares.append(tissue[box].mean())
+            ink.append(pen[box].mean())
+        assert np.mean(shares) > 0.85 and np.min(shares) > 0.2, r["slide_id"]
+        assert max(ink) < 0.1, f"{r['slide_id']}: a tile is {max(ink):.0%} pen ink"
+        assert table.tissue_fraction.min() >= 0.5
+
+
+def test_tissue_detection_iou_and_pen_exclusion_on_every_demo_slide(tiny_cohort):
+    detect = make_tissue_detector(TissueConfig())
+    for r in json.loads((tiny_cohort / "cohort.json").read_text())["slides"]:
+        gt = (
+            np.asarray(Image.open(tiny_cohort / "ground_truth" / f"{r['slide_id']}_tissue.png")) > 0
+        )
+        pen = np.asarray(Image.open(tiny_cohort / "ground_truth" / f"{r['slide_id']}_pen.png")) > 0
+        with Slide(tiny_cohort / r["path"]) as slide:
+            mask = detect(slide.thumbnail_at_mpp(8.0), 8.0)
+        h, w = min(mask.shape[0], gt.shape[0]), min(mask.shape[1], gt.shape[1])
+        mask, gt, pen = mask[:h, :w], gt[:h, :w], pen[:h, :w]
+        iou = (mask & gt).sum() / (mask | gt).sum()
+        assert iou >= 0.9, f"{r['slide_id']}: tissue IoU {iou:.3f}"
+        assert not (mask & pen).any()
+
+
+def test_coords_attributes_on_a_quarter_mpp_slide(prepared, tiny_cohort):
+    records = json.loads((tiny_cohort / "cohort.json").read_text())["slides"]
+    r = next(r for r in records if r["mpp"] == 0.25)
+    table = read_coords(prepared["out"] / "coords" / f"{r['slide_id']}.h5")
+    a = table.attrs
+    assert (a["target_mpp"], a["level0_mpp"], a["patch_size"]) == (0.5, 0.25, 128)
+    assert (a["patch_size_level0"], a["patch_level"], a["overlap"]) == (256, 0, 0)
+    assert (a["level0_width"], a["level0_height"]) == (r["width"], r["height"])
+    assert a["mpp_source"] == "aperio-mpp" and a["slide_id"] == r["slide_id"]
+    assert a["tissue_method"] == "hsv_otsu" and a["package_version"]
+    assert np.all(table.coords % 256 == 0)  # the 0.5-mpp grid in level-0 px of a 0.25 slide
+    tissue_json = json.loads((prepared["out"] / "tissue" / f"{r['slide_id']}.geojson").read_text())
+    assert tissue_json["type"] == "FeatureCollection" and tissue_json["features"]
+    ring = np.array(tissue_json["features"][0]["geometry"]["coordinates"][0])
+    assert ring[:, 0].max() <= r["width"] + 32 and ring[:, 1].max() <= r["height"] + 32
+    thumb = Image.open(prepared["out"] / "thumbnails" / f"{r['slide_id']}.png")
+    assert max(thumb.size) <= 1024
+
+
+def test_rerun_skips_done_and_redoes_changed_parameters(prepared):
+    out, cfg = prepared["out"], prepared["cfg"]
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "coords").glob("*.h5")}
+    rows = {r["slide_id"]: r for r in preprocess(cfg, progress=False)}
+    assert all(r["status"] == "skipped" for k, r in rows.items() if k.startswith("demo_"))
+    assert all(r["status"] == "failed" for k, r in rows.items() if not k.startswith("demo_"))
+    assert before == {p.name: p.stat().st_mtime_ns for p in (out / "coords").glob("*.h5")}
+    changed = PreprocessConfig(slides=cfg.slides, out=out, tile_size=96)
+    rows = {r["slide_id"]: r for r in preprocess(changed, progress=False)}
+    assert all(r["status"] == "ok" for k, r in rows.items() if k.startswith("demo_"))
+    assert read_coords(out / "coords" / "demo_000.h5").patch_size == 96
+
+
+def test_killed_run_resumes_without_partial_files(tmp_path, tiny_cohort):
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for i in range(8):  # enough work that the run is still going when it is killed
+        for p in sorted((tiny_cohort / "slides").glob("*.svs")):
+            os.symlink(p, slides / f"copy{i}_{p.name}")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "pipeline", "preprocess", "--slides", str(slides), "--out",
+           str(out), "--workers", "1", "--tile-size", "128"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "coords").glob("*.h5"))) < 3:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted((out / "coords").glob("*.h5"))
+    assert 3 <= len(done) < 48, "the run must be killed part-way"
+    for path in done:  # everything under a final name is complete
+        assert len(read_coords(path)) == read_coords(path).attrs["n_tiles"] > 0
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = _manifest(out)
+    assert len(rows) == 48 and all(r["status"] in {"ok", "skipped"} for r in rows.values())
+    assert {r["slide_id"] for r in rows.values() if r["status"] == "skipped"} == {
+        p.stem for p in done
+    }
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_shards_partition_the_slides(tmp_path, tiny_cohort):
+    entries = list_slides(tiny_cohort / "slides")
+    parts = [shard_slides(entries, i, 3) for i in range(3)]
+    assert sorted(e.slide_id for p in parts for e in p) == [e.slide_id for e in entries]
+    assert parse_shard(None, {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "3",
+                              "SLURM_ARRAY_TASK_MIN": "4"}) == (1, 3)  # fmt: skip
+    assert parse_shard(None, {"RANK": "1", "WORLD_SIZE": "2"}) == (1, 2)
+    assert parse_shard("2/4", {"RANK": "1", "WORLD_SIZE": "2"}) == (2, 4)
+    for i in range(2):
+        cfg = PreprocessConfig(slides=str(tiny_cohort / "slides"), out=tmp_path, shard=f"{i}/2")
+        preprocess(cfg, progress=False)
+    a = _manifest(tmp_path, "manifest.shard-0-of-2.csv")
+    b = _manifest(tmp_path, "manifest.shard-1-of-2.csv")
+    assert not set(a) & set(b) and len(a) + len(b) == len(entries)
+    assert len(list((tmp_path / "coords").glob("*.h5"))) == len(entries)
+
+
+def test_csv_list_supplies_mpp_and_ids(tmp_path, metadata_files, cmu_svs):
+    listing = tmp_path / "slides.csv"
+    listing.write_text(f"path,slide_id,mpp\n{metadata_files['png']},carcinoma,0.25\n"
+                       f"{cmu_svs},cmu,\n")  # fmt: skip
+    cfg = load_config(PreprocessConfig, slides=str(listing), out=str(tmp_path / "o"),
+                      tile_size=128, min_tissue=0.3)  # fmt: skip
+    rows = {r["slide_id"]: r for r in preprocess(cfg, progress=False)}
+    assert rows["carcinoma"]["status"] == "ok" and rows["carcinoma"]["mpp_source"] == "override"
+    assert rows["cmu"]["status"] == "ok" and rows["cmu"]["mpp_source"] == "aperio-mpp"
+    assert float(rows["cmu"]["level0_mpp"]) == pytest.approx(0.499)
+    table = read_coords(tmp_path / "o" / "coords" / "carcinoma.h5")
+    assert table.patch_size_level0 == 256  # 128 px at 0.5 mpp from a 0.25-mpp image
+
+
+def test_config_errors(tmp_path):
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no slides found"):
+        preprocess(PreprocessConfig(slides=str(tmp_path / "none" / "*.svs"), out=tmp_path))
+    with pytest.raises(ConfigError, match="overlap"):
+        preprocess(PreprocessConfig(slides=str(tmp_path), out=tmp_path, overlap=300))
+    with pytest.raises(ConfigError, match="unknown --tissue.method"):
+        cfg = PreprocessConfig(slides=str(tmp_path), out=tmp_path, tissue=TissueConfig("unet"))
+        preprocess(cfg)

@@ -1,0 +1,96 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.errors import SlideError
+from pipeline.wsi.reader import Slide, resolve_mpp
+from tests.wsi.conftest import first_slide
+
+
+def test_mpp_from_aperio_metadata_of_the_real_cmu_svs(cmu_svs):
+    with Slide(cmu_svs) as slide:
+        assert slide.vendor == "aperio"
+        assert slide.mpp == pytest.approx(0.499)
+        assert slide.mpp_source == "aperio-mpp"
+
+
+@pytest.mark.parametrize("kind,mpp,source", [
+    ("generic", 0.25, "tiff-resolution"),  # OpenSlide generic-tiff, resolution tags
+    ("stripped", 0.5, "tiff-resolution"),  # not tiled: read by tifffile, tags in inches
+    ("appmag", 0.25, "objective-power"),  # Aperio with AppMag = 40 and nothing else
+])  # fmt: skip
+def test_mpp_chain_sources(metadata_files, kind, mpp, source):
+    with Slide(metadata_files[kind]) as slide:
+        assert slide.mpp == pytest.approx(mpp, rel=1e-6)
+        assert slide.mpp_source == source
+
+
+def test_override_is_the_last_resort(metadata_files):
+    with Slide(metadata_files["png"]) as slide:
+        with pytest.raises(SlideError, match="--level0-mpp") as err:
+            _ = slide.mpp
+        assert str(metadata_files["png"]) in str(err.value)
+    with Slide(metadata_files["png"], level0_mpp=0.3) as slide:
+        assert (slide.mpp, slide.mpp_source) == (0.3, "override")
+    with Slide(metadata_files["generic"], level0_mpp=0.3) as slide:  # metadata wins
+        assert slide.mpp_source == "tiff-resolution"
+
+
+def test_aperio_description_without_openslide_mpp():
+    props = {
+        "tiff.ImageDescription": "Aperio Image Library v12 \r\n100x100 |AppMag = 20|MPP = 0.4990"
+    }
+    assert resolve_mpp(props).source == "aperio-mpp"
+    props = {"tiff.ImageDescription": "Aperio Image Library v12 \r\n100x100 |AppMag = 40"}
+    assert resolve_mpp(props).mpp == 0.25
+    assert resolve_mpp({"tiff.XResolution": "1", "tiff.ResolutionUnit": "inch"}) is None  # junk
+
+
+def test_reads_at_target_mpp_from_the_best_level(tiny_cohort):
+    path = first_slide(tiny_cohort, site="C")  # 0.25 mpp, levels 1x and 4x
+    with Slide(path) as slide:
+        assert slide.mpp == 0.25 and slide.level_count >= 2
+        assert slide.best_level(2.0) == 0  # 0.5 mpp: level 1 (4x) is too coarse
+        assert slide.best_level(4.0) == 1
+        assert slide.best_level(3.999) == 1  # non-integer pyramid downsample within 1%
+        exact = slide.read_at_mpp((256, 512), 128, 1.0)  # 1.0 mpp = level 1 exactly
+        np.testing.assert_array_equal(exact, slide.read_region((256, 512), 1, (128, 128)))
+        half = slide.read_at_mpp((256, 512), 256, 0.5)  # level 0, 512 px resized
+        by_hand = Image.fromarray(slide.read_region((256, 512), 0, (512, 512)))
+        by_hand = np.asarray(by_hand.resize((256, 256), Image.Resampling.BILINEAR))
+        np.testing.assert_array_equal(half, by_hand)
+
+
+def test_chunked_thumbnail_equals_a_single_read(tiny_cohort):
+    with Slide(first_slide(tiny_cohort)) as slide:
+        whole = slide.thumbnail_at_mpp(8.0, chunk=1 << 20)
+        chunked = slide.thumbnail_at_mpp(8.0, chunk=64)
+        ratio = slide.dimensions[0] / whole.shape[1]
+    assert whole.shape == chunked.shape
+    assert ratio * 0.5 == pytest.approx(8.0, rel=0.02)
+    assert np.abs(whole.astype(int) - chunked).mean() < 2.0
+
+
+@pytest.mark.parametrize("name,message", [
+    ("truncated.svs", "truncated or corrupt"),
+    ("notes.svs", "not a slide format"),
+    ("empty.tiff", "empty"),
+])  # fmt: skip
+def test_broken_files_give_clear_errors(broken_dir, name, message):
+    with pytest.raises(SlideError, match=message) as err, Slide(broken_dir / name) as slide:
+        slide.thumbnail_at_mpp(8.0)  # a truncated file may only fail when read
+    assert str(broken_dir / name) in str(err.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(SlideError, match="no such file"):
+        Slide(tmp_path / "nope.svs")
+
+
+def test_demo_records_agree_with_reader(tiny_cohort):
+    for r in json.loads((tiny_cohort / "cohort.json").read_text())["slides"]:
+        with Slide(tiny_cohort / r["path"]) as slide:
+            assert slide.mpp == pytest.approx(r["mpp"], abs=1e-4)
+            assert slide.dimensions == (r["width"], r["height"])
