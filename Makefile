@@ -32,5 +32,10 @@ format: $(STAMP)
 	$(BIN)/ruff format pipeline tests benchmarks
 	$(BIN)/ruff check --fix pipeline tests benchmarks
 
+bench: $(STAMP)
+	$(BIN)/cpath demo --make-data
+	$(BIN)/python benchmarks/preprocess_speed.py
+	$(BIN)/python benchmarks/tile_reading.py
+
 clean-demo:
 	rm -rf data/demo runs/demo

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from pipeline.config import save_config
 from pipeline.data.demo import describe_cohort, make_cohort
+from pipeline.errors import PipelineError
+from pipeline.wsi.preprocess import PreprocessConfig, preprocess
 
 log = logging.getLogger(__name__)
 
@@ -38,3 +40,16 @@ def run(cfg: DemoConfig) -> None:
           f"ground truth: {cfg.data / 'ground_truth'}")  # fmt: skip
     if cfg.make_data:
         return
+
+    stage = time.perf_counter()
+    prep = PreprocessConfig(slides=str(cfg.data / "slides"), out=cfg.runs / "preprocess",
+                            workers=cfg.workers)  # fmt: skip
+    rows = preprocess(prep)
+    failed = [r for r in rows if r["status"] == "failed"]
+    if failed:
+        raise PipelineError(f"preprocess failed on {len(failed)} demo slides, first: "
+                            f"{failed[0]['error']}")  # fmt: skip
+    tiles = sum(int(r["n_tiles"]) for r in rows)
+    print(f"preprocess: {tiles} tiles of {prep.tile_size} px at {prep.target_mpp} mpp from "
+          f"{len(rows)} slides in {time.perf_counter() - stage:.0f} s -> {prep.out}")  # fmt: skip
+    print(f"  QC thumbnails: {prep.out / 'thumbnails'}   coords: {prep.out / 'coords'}")

@@ -41,7 +41,7 @@ class TileDataset(Dataset):
         coords: Sequence[str | os.PathLike | Coords] | str | os.PathLike,
         slide_paths: dict[str, str | os.PathLike] | None = None,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        max_open_slides: int = 8,
+        max_open_slides: int = 64,
     ):
         if isinstance(coords, str | os.PathLike):
             coords = [coords]
@@ -85,16 +85,16 @@ class TileDataset(Dataset):
         return handle
 
     def read(self, index: int) -> np.ndarray:
-        """Tile ``index`` as an ``H x W x 3`` uint8 array."""
+        """Tile ``index`` as a contiguous ``3 x H x W`` uint8 array."""
         s, row = self.locate(index)
         table = self.tables[s]
         x, y = (int(v) for v in table.coords[row])
         size0, size = table.patch_size_level0, table.patch_size
-        return self.slide(s).read_tile((x, y), (size0, size0), (size, size))
+        return self.slide(s).read_tile_chw((x, y), (size0, size0), (size, size))
 
     def __getitem__(self, index: int) -> dict:
         s, row = self.locate(index)
-        image = torch.from_numpy(self.read(index)).permute(2, 0, 1)  # 3 x H x W uint8
+        image = torch.from_numpy(self.read(index))  # 3 x H x W uint8
         if self.transform is not None:
             image = self.transform(image)
         coords = torch.from_numpy(self.tables[s].coords[row].copy())

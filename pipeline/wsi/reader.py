@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,18 @@ from PIL import Image
 from pipeline.errors import SlideError
 
 MPP_RANGE = (0.05, 50.0)  # plausible level-0 resolutions; outside is metadata junk
+MPP_TOLERANCE = 0.02  # relative difference of resolutions read as equal (scanner calibration)
+
+try:  # OpenSlide's C read into our own buffer (openslide-python's ctypes binding)
+    from ctypes import POINTER, c_uint32
+
+    from openslide.lowlevel import _read_region as _RAW_READ
+
+    _U32_POINTER = POINTER(c_uint32)
+    if sys.byteorder != "little":
+        _RAW_READ = None
+except ImportError:  # another openslide-python: use its public read_region
+    _RAW_READ = None
 PLAIN_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 Image.MAX_IMAGE_PIXELS = None  # plain images are slides too; size is checked by the caller
 
@@ -148,6 +161,19 @@ class _PlainImage:
         self._image = None
 
 
+def resample(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Antialiased bilinear resize of an ``h x w x C`` uint8 image to ``size`` (w, h).
+
+    Uses torch's uint8 kernels, fastest on 4-channel channels-last data (RGBA tiles).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(image).permute(2, 0, 1)[None]  # 1 x C x h x w, channels-last
+    y = F.interpolate(x, size=(size[1], size[0]), mode="bilinear", antialias=True)
+    return y[0].permute(1, 2, 0).numpy()  # h x w x C
+
+
 def _looks_like_tiff(path: Path) -> bool:
     with open(path, "rb") as f:
         head = f.read(4)
@@ -240,6 +266,44 @@ class Slide:
         return max(fits, key=lambda i: self.level_downsamples[i]) if fits else 0
 
     # -- reading -----------------------------------------------------------------
+    def _read_bgra(
+        self, location: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> np.ndarray:
+        """``h x w x 4`` uint8 in B, G, R, A order, composited over white (alpha 255).
+
+        OpenSlide slides are read straight into a numpy buffer (premultiplied ARGB words,
+        i.e. B, G, R, A bytes on little-endian machines), skipping Pillow's conversions;
+        other handles go through their ``read_region``.
+        """
+        x, y = location
+        w, h = size
+        try:
+            if _RAW_READ and hasattr(self._handle, "_osr"):
+                words = np.empty((h, w), np.uint32)
+                _RAW_READ(self._handle._osr, words.ctypes.data_as(_U32_POINTER), x, y, level, w, h)
+                bgra = words.view(np.uint8).reshape(h, w, 4)
+                if words.min() >= 0xFF000000:  # every alpha byte is 255: nothing to composite
+                    return bgra
+                premultiplied = True
+            else:
+                rgba = np.array(self._handle.read_region(location, level, size))  # h x w x 4
+                bgra = rgba[..., [2, 1, 0, 3]]
+                premultiplied = False
+        except Exception as exc:  # OpenSlideError and friends after a bad tile
+            raise SlideError(
+                f"{self.path}: reading {size} px at {location} (level {level}) failed "
+                f"({exc}); the file may be truncated or corrupt."
+            ) from exc
+        alpha = bgra[..., 3]
+        if alpha.min() < 255:  # transparent (unscanned) areas become white glass
+            a = alpha[..., None].astype(np.uint16)
+            color = bgra[..., :3].astype(np.uint16)
+            if not premultiplied:
+                color = color * a // 255
+            bgra[..., :3] = (color + (255 - a)).clip(0, 255)
+            bgra[..., 3] = 255
+        return bgra
+
     def read_region(
         self, location: tuple[int, int], level: int, size: tuple[int, int]
     ) -> np.ndarray:
@@ -247,35 +311,37 @@ class Slide:
 
         Transparent pixels (outside the scanned area) come back white.
         """
-        try:
-            rgba = np.asarray(self._handle.read_region(location, level, size))
-        except Exception as exc:  # OpenSlideError and friends after a bad tile
-            raise SlideError(
-                f"{self.path}: reading {size} px at {location} (level {level}) failed "
-                f"({exc}); the file may be truncated or corrupt."
-            ) from exc
-        rgb = rgba[..., :3]
-        alpha = rgba[..., 3]
-        if alpha.min() < 255:  # OpenSlide returns premultiplied RGBA: composite over white
-            rgb = (rgb.astype(np.uint16) + (255 - alpha[..., None])).clip(0, 255).astype(np.uint8)
-        return np.ascontiguousarray(rgb)
+        return np.take(self._read_bgra(location, level, size), [2, 1, 0], axis=2)
 
-    def read_tile(
+    def _tile_bgra(
         self, location: tuple[int, int], size_level0: tuple[int, int], size: tuple[int, int]
     ) -> np.ndarray:
-        """The level-0 box ``location`` + ``size_level0`` resampled to ``size`` (w, h) px.
-
-        Reads the coarsest pyramid level that still has at least ``size`` px over the box
-        and resamples only the rest (never level 0 when a coarser level serves).
-        """
         (w0, h0), (w, h) = size_level0, size
         level = self.best_level(min(w0 / w, h0 / h))
         ds = self.level_downsamples[level]
         lw, lh = max(1, round(w0 / ds)), max(1, round(h0 / ds))
-        region = self.read_region(location, level, (lw, lh))
-        if (lw, lh) == (w, h):
-            return region
-        return np.array(Image.fromarray(region).resize((w, h), Image.Resampling.BILINEAR))
+        if abs(lw / w - 1) <= MPP_TOLERANCE and abs(lh / h - 1) <= MPP_TOLERANCE:
+            return self._read_bgra(location, level, (w, h))
+        return resample(self._read_bgra(location, level, (lw, lh)), (w, h))
+
+    def read_tile(
+        self, location: tuple[int, int], size_level0: tuple[int, int], size: tuple[int, int]
+    ) -> np.ndarray:
+        """The level-0 box ``location`` + ``size_level0`` resampled to ``size`` (w, h) px, RGB h x w x 3.
+
+        Reads the coarsest pyramid level that still has at least ``size`` px over the box
+        and resamples only the rest (never level 0 when a coarser level serves), with
+        antialiased bilinear interpolation. A level within ``MPP_TOLERANCE`` of the
+        wanted scale (e.g. 0.499 or 0.502 mpp for 0.5) is read 1:1 without resampling.
+        """
+        return np.take(self._tile_bgra(location, size_level0, size), [2, 1, 0], axis=2)
+
+    def read_tile_chw(
+        self, location: tuple[int, int], size_level0: tuple[int, int], size: tuple[int, int]
+    ) -> np.ndarray:
+        """:meth:`read_tile` as a contiguous ``3 x h x w`` array, the layout tensors want."""
+        bgra = self._tile_bgra(location, size_level0, size)
+        return np.ascontiguousarray(bgra[..., [2, 1, 0]].transpose(2, 0, 1))  # planar already
 
     def read_at_mpp(
         self, location: tuple[int, int], size: int | tuple[int, int], mpp: float
@@ -308,7 +374,7 @@ class Slide:
                 region = self.read_region(
                     (round(x0 * ds), round(y0 * ds)), level, (x1 - x0, y1 - y0)
                 )
-                img = Image.fromarray(region)
+                img = Image.fromarray(np.ascontiguousarray(region))
                 if img.size != (cw, ch):
                     img = img.resize((cw, ch), Image.Resampling.BOX)
                 out[oy : oy + ch, ox : ox + cw] = np.asarray(img)

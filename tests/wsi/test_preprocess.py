@@ -68,7 +68,7 @@ def test_tiles_lie_on_tissue_and_match_the_ground_truth(prepared, tiny_cohort):
             box = np.s_[int(y) : int(np.ceil(y + size)), int(x) : int(np.ceil(x + size))]
             shares.append(tissue[box].mean())
             ink.append(pen[box].mean())
-        assert np.mean(shares) > 0.85 and np.min(shares) > 0.2, r["slide_id"]
+        assert np.mean(shares) > 0.8 and np.min(shares) > 0.25, r["slide_id"]
         assert max(ink) < 0.1, f"{r['slide_id']}: a tile is {max(ink):.0%} pen ink"
         assert table.tissue_fraction.min() >= 0.5
 
