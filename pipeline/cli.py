@@ -29,7 +29,7 @@ def build_parser() -> tuple[ArgumentParser, dict[str, tuple[type, object]]]:
     loaded = {}
     for name, stage in STAGES.items():
         config_cls, run = stage.load()
-        doc = (config_cls.__doc__ or "").strip()
+        doc = (config_cls.__doc__ or "").strip().split("\n\n")[0]
         subcommands.add_subcommand(name, stage_parser(config_cls, doc), help=stage.help)
         loaded[name] = (config_cls, run)
     return parser, loaded

@@ -88,6 +88,8 @@ def load_config(config_cls: type[C], path: str | os.PathLike | None = None, **ov
     parser = stage_parser(config_cls, exit_on_error=False)
     argv = [] if path is None else ["--config", str(path)]
     for key, value in overrides.items():
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
         argv += [f"--{key}", value if isinstance(value, str) else yaml.safe_dump(value).strip()]
     try:
         namespace = parser.parse_args(normalize_argv(argv, bool_keys(config_cls)))

@@ -17,16 +17,27 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DemoConfig:
-    """Build the demo cohort (if missing) and run every available stage on it."""
+    """Build the demo cohort (if missing) and run every available stage on it.
 
-    data: Path = Path("data/demo")  # cohort folder (slides, ground truth, labels.csv)
-    cache: Path = Path("data/cache")  # downloaded texture sources
-    runs: Path = Path("runs/demo")  # stage outputs
+    Args:
+        data: cohort folder (slides/, ground_truth/, labels.csv, cohort.json).
+        cache: folder of the downloaded real texture sources.
+        runs: folder of the stage outputs.
+        n_slides: slides in the cohort (half tumour, half normal).
+        seed: random seed; the cohort is deterministic for a seed.
+        size_scale: physical extent of the slides (1.0: about 2-6 mm a side).
+        workers: processes that generate and preprocess slides.
+        make_data: only build the cohort, run no stage.
+    """
+
+    data: Path = Path("data/demo")
+    cache: Path = Path("data/cache")
+    runs: Path = Path("runs/demo")
     n_slides: int = 32
     seed: int = 0
-    size_scale: float = 1.0  # physical extent of the slides (1.0: about 2-6 mm a side)
-    workers: int = 2  # processes that generate slides
-    make_data: bool = False  # only build the cohort, run no stage
+    size_scale: float = 1.0
+    workers: int = 2
+    make_data: bool = False
 
 
 def run(cfg: DemoConfig) -> None:

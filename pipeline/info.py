@@ -15,10 +15,15 @@ import pipeline
 
 @dataclass
 class InfoConfig:
-    """Print package versions, available devices, the OpenSlide library and the demo data."""
+    """Print package versions, available devices, the OpenSlide library and the demo data.
 
-    demo: Path = Path("data/demo")  # demo cohort folder to look for
-    json: bool = False  # print one JSON object instead of text
+    Args:
+        demo: demo cohort folder to look for.
+        json: print one JSON object instead of text.
+    """
+
+    demo: Path = Path("data/demo")
+    json: bool = False
 
 
 PACKAGES = ("torch", "torchvision", "timm", "lightning", "openslide-python", "openslide-bin",
