@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/cpath demo --make-data
 	$(BIN)/python benchmarks/preprocess_speed.py
 	$(BIN)/python benchmarks/tile_reading.py
+	$(BIN)/python benchmarks/stain_speed.py
 
 clean-demo:
 	rm -rf data/demo runs/demo

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from pipeline.errors import PipelineError
+from pipeline.stain.base import StainNormalizer, load_normalizer
 from pipeline.wsi.coords import Coords, read_coords
 from pipeline.wsi.reader import Slide
 
@@ -31,6 +32,8 @@ class TileDataset(Dataset):
             by default each coords file's ``slide_path`` attribute is used.
         transform: applied to each ``3 x H x W`` uint8 tensor.
         max_open_slides: slides kept open per process.
+        stain_norm: a fitted stain normalizer, or its JSON file (``cpath stain --action fit``),
+            applied to each tile before ``transform``.
 
     Items are dicts: ``image`` (tensor), ``coords`` (level-0 x, y), ``slide`` (index into
     ``coords``) and ``index`` (row in that slide's coords file).
@@ -42,6 +45,7 @@ class TileDataset(Dataset):
         slide_paths: dict[str, str | os.PathLike] | None = None,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         max_open_slides: int = 64,
+        stain_norm: str | os.PathLike | StainNormalizer | None = None,
     ):
         if isinstance(coords, str | os.PathLike):
             coords = [coords]
@@ -50,6 +54,9 @@ class TileDataset(Dataset):
         self.level0_mpp = [t.attrs.get("level0_mpp") for t in self.tables]
         self.offsets = np.cumsum([0] + [len(t) for t in self.tables])
         self.transform = transform
+        if stain_norm is not None and not isinstance(stain_norm, StainNormalizer):
+            stain_norm = load_normalizer(stain_norm)
+        self.stain_norm = stain_norm
         self.max_open_slides = max_open_slides
         self._open: OrderedDict[int, Slide] = OrderedDict()
 
@@ -95,6 +102,8 @@ class TileDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         s, row = self.locate(index)
         image = torch.from_numpy(self.read(index))  # 3 x H x W uint8
+        if self.stain_norm is not None:
+            image = self.stain_norm(image)
         if self.transform is not None:
             image = self.transform(image)
         coords = torch.from_numpy(self.tables[s].coords[row].copy())

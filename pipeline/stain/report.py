@@ -1,0 +1,47 @@
+"""How strongly tile features cluster by slide: the "WSI-specific feature collapse" check.
+
+Two measures on features of tiles from several slides: the cross-validated accuracy of
+a linear probe that predicts the slide from a tile's features (chance = 1 / slides),
+and the silhouette score with slides as clusters (-1..1, higher = tighter by slide).
+Both should fall when stain normalization removes per-slide colour differences.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import silhouette_score
+from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from pipeline.stain.color import check_batch, rgb_to_lab
+
+
+def slide_clustering(
+    features: np.ndarray, slides: np.ndarray, folds: int = 5, seed: int = 0
+) -> dict:
+    """Slide-ID linear-probe accuracy (k-fold) and silhouette by slide of ``N x D`` features."""
+    features = np.asarray(features, np.float64)
+    slides = np.asarray(slides)
+    _, counts = np.unique(slides, return_counts=True)
+    if len(counts) < 2:
+        raise ValueError("slide clustering needs tiles from at least two slides")
+    folds = int(min(folds, counts.min()))
+    if folds < 2:
+        raise ValueError("every slide needs at least two tiles")
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    accuracy = cross_val_score(probe, features, slides, cv=cv).mean()
+    return {"slide_probe_accuracy": float(accuracy), "chance": float(1 / len(counts)),
+            "silhouette": float(silhouette_score(features, slides)), "tiles": int(len(slides)),
+            "slides": int(len(counts))}  # fmt: skip
+
+
+def colour_features(images: torch.Tensor) -> np.ndarray:
+    """``B x 12`` colour statistics of tiles: mean and std of RGB and L*a*b* channels."""
+    x = check_batch(images)
+    lab = rgb_to_lab(x) / torch.tensor([100.0, 128.0, 128.0]).view(1, 3, 1, 1).to(x)
+    parts = [x.mean(dim=(2, 3)), x.std(dim=(2, 3)), lab.mean(dim=(2, 3)), lab.std(dim=(2, 3))]
+    return torch.cat(parts, dim=1).cpu().numpy()
