@@ -38,15 +38,17 @@ class MacenkoNormalizer(StainNormalizer):
         beta: OD threshold of transparent (background) pixels.
         min_tissue: least share of tissue pixels for a tile to be normalized.
         stride: stains and percentiles are estimated on every ``stride``-th pixel.
+        min_similarity: least cosine similarity of a tile's H and E vectors to typical H&E
+            ones; tiles below (pen ink, dyes, artefacts) pass through. 0 disables the check.
     """
 
     works_on_uint8 = True
 
     def __init__(self, io: float = 240.0, alpha: float = 1.0, beta: float = 0.15,
-                 min_tissue: float = 0.05, stride: int = 2):  # fmt: skip
+                 min_tissue: float = 0.05, stride: int = 2, min_similarity: float = 0.9):  # fmt: skip
         super().__init__()
         self.io, self.alpha, self.beta = io, alpha, beta
-        self.min_tissue, self.stride = min_tissue, stride
+        self.min_tissue, self.stride, self.min_similarity = min_tissue, stride, min_similarity
         self.stains: torch.Tensor | None = None  # 3 x 2 reference stain matrix (H, E columns)
         self.max_conc: torch.Tensor | None = None  # 2 reference 99th-percentile concentrations
 
@@ -84,7 +86,10 @@ class MacenkoNormalizer(StainNormalizer):
         conc = pinv @ od  # B x 2 x n
         everywhere = torch.ones_like(tissue)
         max_conc = torch.stack([masked_quantile(conc[:, i], everywhere, 0.99) for i in range(2)], 1)
+        typical = DEFAULT_STAINS.to(stains) / DEFAULT_STAINS.norm(dim=0).to(stains)
+        similarity = (stains / stains.norm(dim=1, keepdim=True) * typical).sum(dim=1)  # B x 2
         ok = finite & (n >= self.min_tissue * od.shape[2]) & (n >= 16)
+        ok &= (similarity >= self.min_similarity).all(dim=1)
         ok &= torch.isfinite(max_conc).all(1) & (max_conc > 1e-6).all(1)
         return stains, pinv, max_conc, ok.reshape(b)
 
@@ -108,10 +113,11 @@ class MacenkoNormalizer(StainNormalizer):
             return {}
         return {"stains": self.stains.cpu().tolist(), "max_conc": self.max_conc.cpu().tolist(),
                 "io": self.io, "alpha": self.alpha, "beta": self.beta,
-                "min_tissue": self.min_tissue, "stride": self.stride}  # fmt: skip
+                "min_tissue": self.min_tissue, "stride": self.stride,
+                "min_similarity": self.min_similarity}  # fmt: skip
 
     def load_state_dict(self, state: dict, device: str | torch.device = "cpu") -> None:
         self.stains = torch.tensor(state["stains"], dtype=torch.float32, device=device)
         self.max_conc = torch.tensor(state["max_conc"], dtype=torch.float32, device=device)
-        for key in ("io", "alpha", "beta", "min_tissue", "stride"):
+        for key in ("io", "alpha", "beta", "min_tissue", "stride", "min_similarity"):
             setattr(self, key, state.get(key, getattr(self, key)))

@@ -73,6 +73,20 @@ def test_blank_tiles_pass_through_and_are_counted(method, carcinoma, skin_tiles)
     assert not torch.equal(out[:2], batch[:2])
 
 
+@pytest.mark.parametrize("method", ["macenko", "vahadane"])
+def test_pen_ink_tiles_pass_through(method, carcinoma):
+    """Blue, green and black marker on glass: not H&E, so left as they are."""
+    generator = torch.Generator().manual_seed(0)
+    tiles = []
+    for ink in [(40, 60, 160), (30, 120, 70), (35, 35, 40)]:
+        tile = torch.full((3, 224, 224), 240.0)
+        tile[:, 40:200, 40:200] = torch.tensor(ink, dtype=torch.float32)[:, None, None]
+        tiles.append((tile + 4 * torch.randn(tile.shape, generator=generator)).clamp(0, 255))
+    batch = torch.stack(tiles).to(torch.uint8)
+    normalizer = STAIN_METHODS[method]().fit(carcinoma)
+    assert torch.equal(normalizer(batch), batch) and normalizer.passthrough == 3
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_save_and_load_give_the_same_output(method, tmp_path, carcinoma, skin_tiles):
     normalizer = STAIN_METHODS[method]().fit([carcinoma[:, :500], carcinoma[:, 500:]])
