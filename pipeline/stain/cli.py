@@ -21,6 +21,8 @@ from pipeline.errors import ConfigError, PipelineError
 from pipeline.io import atomic_path, atomic_write_text
 from pipeline.stain.base import STAIN_METHODS, load_normalizer, make_normalizer
 
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
+
 
 @dataclass
 class StainConfig:
@@ -70,8 +72,10 @@ def fit(cfg: StainConfig) -> Path:
         raise ConfigError(
             f"unknown --method '{cfg.method}'; known: {', '.join(sorted(STAIN_METHODS))}"
         )
-    files = sorted(p for p in target.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".tif", ".tiff"}) \
-        if target.is_dir() else [target]  # fmt: skip
+    if target.is_dir():
+        files = sorted(p for p in target.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    else:
+        files = [target]
     if not files:
         raise PipelineError(f"{target}: no images to fit to")
     normalizer = make_normalizer(cfg.method)
