@@ -62,7 +62,7 @@ class StainNormalizer:
 
     method = "base"
     works_on_uint8 = False  # normalize_batch takes uint8 (else float in [0, 1])
-    chunk_pixels = 1 << 20  # pixels per normalize_batch call; large tensors are slower on CPU
+    chunk_pixels = 1 << 20  # pixels per normalize_batch call on CPU
 
     def __init__(self) -> None:
         self.passthrough = 0  # tiles returned unchanged (too little tissue)
@@ -101,7 +101,8 @@ class StainNormalizer:
         if x.shape[0] == 0:
             return images
         per_image = x.shape[2] * x.shape[3]
-        step = max(1, self.chunk_pixels // per_image)  # cache-sized chunks: faster on CPU
+        # cache-sized chunks on CPU (large tensors are slower there); one call on accelerators
+        step = max(1, self.chunk_pixels // per_image) if x.device.type == "cpu" else len(x)
         outs, dones = zip(*(self.normalize_batch(x[i : i + step]) for i in range(0, len(x), step)),
                           strict=True)  # fmt: skip
         out, done = torch.cat(outs), torch.cat(dones)
