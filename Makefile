@@ -37,6 +37,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/preprocess_speed.py
 	$(BIN)/python benchmarks/tile_reading.py
 	$(BIN)/python benchmarks/stain_speed.py
+	$(BIN)/python benchmarks/ssl_speed.py
+	$(BIN)/python benchmarks/extract_speed.py
 
 clean-demo:
 	rm -rf data/demo runs/demo

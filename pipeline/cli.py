@@ -35,13 +35,47 @@ def build_parser() -> tuple[ArgumentParser, dict[str, tuple[type, object]]]:
     return parser, loaded
 
 
+class _DropNoise(logging.Filter):
+    NOISE = ("litlogger", "`weights_only` was not set", "TPU available", "GPU available: False")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(n in record.getMessage() for n in self.NOISE)
+
+
+def quiet_lightning() -> None:
+    """One line per Lightning message (its own handler, not also ours), without sales tips."""
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        logger.propagate = False
+        logger.addFilter(_DropNoise())
+        for handler in logger.handlers:
+            handler.addFilter(_DropNoise())
+
+
+def positional_to_options(args: list[str], stage: str, config_cls: type) -> list[str]:
+    """``cpath pretrain export CKPT`` -> ``cpath pretrain --action export --ckpt_path CKPT``:
+    bare words right after the stage fill the config's ``positional`` fields in order."""
+    names = getattr(config_cls, "positional", ())
+    at = args.index(stage) + 1
+    words = []
+    while at + len(words) < len(args) and not args[at + len(words)].startswith("-"):
+        words.append(args[at + len(words)])
+    if not words or len(words) > len(names):
+        return args
+    options = [x for name, word in zip(names, words, strict=False) for x in (f"--{name}", word)]
+    return args[:at] + options + args[at + len(words) :]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cpath`` console script; returns the exit code."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")  # fmt: skip
+    quiet_lightning()
     parser, loaded = build_parser()
     args = list(sys.argv[1:] if argv is None else argv)
     stage = next((a for a in args if a in loaded), None)
+    if stage:
+        args = positional_to_options(args, stage, loaded[stage][0])
     args = normalize_argv(args, bool_keys(loaded[stage][0]) if stage else set())
     namespace = parser.parse_args(args)  # prints usage and exits 2 on a bad key or value
     name = namespace.stage

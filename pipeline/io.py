@@ -49,3 +49,29 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def shard_suffix(index: int, count: int) -> str:
+    """``""`` for a single process, else ``".shard-<i>-of-<n>"`` (per-shard output names)."""
+    return "" if count == 1 else f".shard-{index}-of-{count}"
+
+
+def write_manifest(path: str | os.PathLike, rows: list[dict], fields: list[str]) -> Path:
+    """Per-slide status rows as CSV, sorted by ``slide_id``, written atomically."""
+    import csv
+
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(sorted(rows, key=lambda r: r["slide_id"]))
+    return Path(path)
+
+
+def remove_temporaries(path: str | os.PathLike) -> int:
+    """Delete temporary files of ``path`` (``.<name>.<pid>.tmp``) left by killed runs. Call it
+    only from the one process that owns ``path``. Returns the number removed."""
+    path = Path(path)
+    stale = list(path.parent.glob(f".{path.name}.*.tmp"))
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return len(stale)

@@ -32,3 +32,14 @@ def tiny_cohort(tmp_path_factory, sources) -> Path:
     make_cohort(out, n_slides=6, seed=3, size_scale=0.35, workers=2, cache_dir=CACHE,
                 progress=False)  # fmt: skip
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_prep(tmp_path_factory, tiny_cohort) -> Path:
+    """The tiny cohort preprocessed at 0.5 mpp into 128-px tiles (the run folder)."""
+    from pipeline.wsi.preprocess import PreprocessConfig, run
+
+    out = tmp_path_factory.mktemp("tiny_prep")
+    assert run(PreprocessConfig(slides=str(tiny_cohort / "slides"), out=out, tile_size=128,
+                                workers=2)) == 0  # fmt: skip
+    return out

@@ -49,6 +49,22 @@ def test_print_config_shows_resolved_values():
 
 
 def test_planned_stage_fails_with_clear_message():
-    proc = _cpath("extract", "--batch-size", "8")
+    proc = _cpath("train-mil", "--folds", "3")
     assert proc.returncode == 1
     assert "is not available in cpath-pipeline" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_positional_words_fill_the_action_fields():
+    from pipeline.cli import positional_to_options
+    from pipeline.ssl.pretrain import PretrainConfig
+    from pipeline.stain.cli import StainConfig
+
+    args = ["pretrain", "export", "run/last.ckpt", "--out", "x"]
+    assert positional_to_options(args, "pretrain", PretrainConfig) == [
+        "pretrain", "--action", "export", "--ckpt_path", "run/last.ckpt", "--out", "x"]  # fmt: skip
+    assert positional_to_options(["stain", "fit", "--method", "macenko"], "stain", StainConfig) == [
+        "stain", "--action", "fit", "--method", "macenko"]  # fmt: skip
+    proc = _cpath("pretrain", "export", "--out", "nowhere")
+    assert proc.returncode == 1 and "needs a checkpoint" in proc.stderr
+    proc = _cpath("pretrain", "export", "missing.ckpt")
+    assert proc.returncode == 1 and "missing.ckpt: checkpoint not found" in proc.stderr

@@ -467,3 +467,44 @@ def describe_cohort(records: list[dict]) -> str:
         f"{len(small)} tumor slides whose tumour is under 0.2 mm^2",
     ]
     return "\n".join(lines)
+
+
+def tile_labels(coords_dir: str | os.PathLike, demo_dir: str | os.PathLike,
+                per_slide: int | None = None, seed: int = 0) -> list[dict]:  # fmt: skip
+    """Tumour / normal labels of preprocessed demo tiles from the ground-truth masks.
+
+    A tile is ``tumor`` when at least 90% of it lies in the tumour mask and ``normal``
+    when none of it (nor a one-mask-pixel margin) does, on any slide; tiles in between
+    are left out. Rows: ``coords`` (file), ``index`` (row), ``slide_id``, ``label``.
+    ``per_slide`` caps the tiles of each class per slide (a seeded sample).
+    """
+    from pipeline.wsi.coords import list_coords_files, read_coords
+
+    rng = np.random.default_rng(seed)
+    truth = Path(demo_dir) / "ground_truth"
+    rows = []
+    for path in list_coords_files(coords_dir):
+        table = read_coords(path)
+        slide_id = table.attrs.get("slide_id") or path.stem
+        facts_file = truth / f"{slide_id}.json"
+        if not facts_file.is_file():
+            continue
+        down = json.loads(facts_file.read_text())["mask_downsample"]
+        tumor = np.array(Image.open(truth / f"{slide_id}_tumor.png")) > 0
+        size = table.patch_size_level0
+        by_label: dict[str, list[int]] = {"tumor": [], "normal": []}
+        for i, (x, y) in enumerate(table.coords):
+            x0, y0 = int(x // down), int(y // down)
+            x1, y1 = int(-(-(x + size) // down)), int(-(-(y + size) // down))
+            inside = tumor[y0:y1, x0:x1]
+            margin = tumor[max(0, y0 - 1) : y1 + 1, max(0, x0 - 1) : x1 + 1]
+            if inside.size and inside.mean() >= 0.9:
+                by_label["tumor"].append(i)
+            elif not margin.any():
+                by_label["normal"].append(i)
+        for label, indices in by_label.items():
+            if per_slide is not None and len(indices) > per_slide:
+                indices = sorted(rng.choice(indices, per_slide, replace=False).tolist())
+            rows += [{"coords": str(path.resolve()), "index": int(i), "slide_id": slide_id, "label": label}
+                     for i in indices]  # fmt: skip
+    return rows

@@ -1,24 +1,63 @@
-"""``cpath pretrain``: DINOv2-style self-supervised pretraining on tiles read from slides."""
+"""``cpath pretrain``: DINOv2-style self-supervised pretraining on tiles read from slides.
+
+    cpath pretrain --config configs/pretrain/tiny-cpu.yaml --data.coords runs/prep/coords
+    cpath pretrain --config configs/pretrain/vitb16.yaml --trainer.devices 8 --trainer.num_nodes 4
+    cpath pretrain ... --ckpt_path last          # resume (also on another number of devices)
+    cpath pretrain export CKPT [--out DIR]       # export the teacher backbone of a checkpoint
+
+Outputs under ``out``: ``checkpoints/last.ckpt`` (replaced every ``ckpt_every_n_steps``),
+``logs/metrics.csv`` (or TensorBoard events), ``config.yaml`` and, at the end,
+``encoder/model.safetensors`` + ``encoder/config.json``. Multi-GPU and multi-node runs
+use Lightning's launchers: ``--trainer.devices N`` on one machine, ``srun`` under SLURM
+or ``torchrun`` across nodes (``--trainer.num_nodes``).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar, Literal
 
-from pipeline.planned import not_available
+from pipeline.ssl.config import (
+    DataConfig,
+    LossConfig,
+    ModelConfig,
+    MonitorConfig,
+    OptimConfig,
+    TrainerConfig,
+)
 
 
 @dataclass
 class PretrainConfig:
-    """Self-supervised pretraining of a timm ViT on tiles read online from slides."""
+    """Self-supervised pretraining (DINO + iBOT + KoLeo/KDE) of a timm ViT on slide tiles.
 
-    coords: Path | None = None  # folder of coords h5 files from `cpath preprocess`
-    arch: str = "vit_small_patch16_224"
+    Args:
+        action: train, or export (the teacher backbone of --ckpt_path to OUT/encoder).
+        out: run folder (checkpoints, logs, config, exported encoder).
+        ckpt_path: checkpoint to resume from ("last": the run's latest; none there: start).
+        model: backbone and heads.
+        data: tiles and multi-crop views.
+        loss: objectives and teacher targets.
+        optim: optimiser and schedules.
+        trainer: devices, strategy, precision, steps, checkpoints.
+        monitor: probes during training.
+    """
+
+    positional: ClassVar[tuple[str, ...]] = ("action", "ckpt_path")
+
+    action: Literal["train", "export"] = "train"
     out: Path = Path("models/pretrain")
-    max_steps: int = 1000
-    batch_size: int = 64
     ckpt_path: str | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
 
-def run(cfg: PretrainConfig) -> None:
-    raise not_available("pretrain")
+def run(cfg: PretrainConfig) -> Path:
+    from pipeline.ssl.train import export_action, train
+
+    return export_action(cfg) if cfg.action == "export" else train(cfg)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -39,6 +39,8 @@ class StainConfig:
         tiles_per_slide: report: tiles sampled per slide.
         device: cpu or cuda.
     """
+
+    positional: ClassVar[tuple[str, ...]] = ("action",)
 
     action: Literal["fit", "apply", "report"] = "fit"
     method: str = "macenko"

@@ -111,3 +111,28 @@ def read_coords(path: str | os.PathLike) -> Coords:
             "cannot tell the tile size. Rerun `cpath preprocess` on this slide."
         )
     return Coords(coords, size0, patch, None if mpp is None else float(mpp), fraction, attrs)
+
+
+def list_coords_files(source: str | os.PathLike) -> list[Path]:
+    """Coords files named by ``source``: a folder of ``.h5`` files (``cpath preprocess``'s
+    ``coords/``), one ``.h5`` file, or a text file listing one path per line."""
+    source = Path(source)
+    if source.is_dir():
+        files = sorted(source.glob("*.h5"))
+    elif source.suffix == ".h5" and source.is_file():
+        files = [source]
+    elif source.is_file():
+        lines = [line.strip() for line in source.read_text().splitlines()]
+        files = [Path(line) if Path(line).is_absolute() else source.parent / line
+                 for line in lines if line and not line.startswith("#")]  # fmt: skip
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise PipelineError(f"{source}: listed coords files not found: {', '.join(missing[:5])}")
+    else:
+        raise PipelineError(
+            f"{source}: no such coords folder or file; run `cpath preprocess` first and pass "
+            "its coords/ folder."
+        )
+    if not files:
+        raise PipelineError(f"{source}: no coords files (*.h5); run `cpath preprocess` first.")
+    return files

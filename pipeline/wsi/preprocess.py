@@ -18,7 +18,6 @@ and never stops the others.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import multiprocessing
@@ -35,7 +34,7 @@ from tqdm.auto import tqdm
 import pipeline
 from pipeline.config import save_config
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.io import atomic_path, atomic_write_text
+from pipeline.io import atomic_path, atomic_write_text, shard_suffix, write_manifest
 from pipeline.wsi.contours import mask_polygons, polygons_to_geojson
 from pipeline.wsi.coords import read_coords, write_coords
 from pipeline.wsi.reader import Slide
@@ -225,17 +224,6 @@ def process_slide(entry: SlideEntry, cfg: PreprocessConfig) -> dict:
     return row
 
 
-def _manifest_name(index: int, count: int) -> str:
-    return "manifest.csv" if count == 1 else f"manifest.shard-{index}-of-{count}.csv"
-
-
-def write_manifest(path: Path, rows: list[dict]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
-        writer.writeheader()
-        writer.writerows(sorted(rows, key=lambda r: r["slide_id"]))
-
-
 def preprocess(cfg: PreprocessConfig, progress: bool = True) -> list[dict]:
     """Run preprocessing; returns the manifest rows of this run's shard."""
     cfg.validate()
@@ -243,7 +231,7 @@ def preprocess(cfg: PreprocessConfig, progress: bool = True) -> list[dict]:
     entries = shard_slides(list_slides(cfg.slides, cfg.level0_mpp), index, count)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    suffix = "" if count == 1 else f".shard-{index}-of-{count}"
+    suffix = shard_suffix(index, count)
     save_config(cfg, out, f"config{suffix}.yaml")
     log.info("preprocess: %d slides (shard %d/%d) -> %s", len(entries), index, count, out)
 
@@ -270,7 +258,7 @@ def preprocess(cfg: PreprocessConfig, progress: bool = True) -> list[dict]:
             for fut in as_completed(futures):
                 collect(fut.result())
     bar.close()
-    write_manifest(out / _manifest_name(index, count), rows)
+    write_manifest(out / f"manifest{suffix}.csv", rows, MANIFEST_FIELDS)
     return rows
 
 

@@ -92,7 +92,8 @@ def parse_shard(shard: str | None, env: os._Environ | dict | None = None) -> tup
 
     From ``shard`` ("i/n", 0-based) when given, else from a SLURM job array
     (``SLURM_ARRAY_TASK_ID``, ``SLURM_ARRAY_TASK_COUNT``, ``SLURM_ARRAY_TASK_MIN``), else
-    from torchrun (``RANK``, ``WORLD_SIZE``), else ``(0, 1)``.
+    from torchrun (``RANK``, ``WORLD_SIZE``), else from ``srun`` tasks (``SLURM_PROCID``,
+    ``SLURM_NTASKS``), else ``(0, 1)``.
     """
     env = os.environ if env is None else env
     if shard:
@@ -105,6 +106,8 @@ def parse_shard(shard: str | None, env: os._Environ | dict | None = None) -> tup
         count = int(env["SLURM_ARRAY_TASK_COUNT"])
     elif "RANK" in env and "WORLD_SIZE" in env:
         index, count = int(env["RANK"]), int(env["WORLD_SIZE"])
+    elif int(env.get("SLURM_NTASKS", 1)) > 1 and "SLURM_PROCID" in env:  # srun, one task per GPU
+        index, count = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
     else:
         index, count = 0, 1
     if not 0 <= index < count:

@@ -9,7 +9,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from pipeline.data.demo import generate_slide, load_textures, make_cohort, plan_cohort
+from pipeline.data.demo import generate_slide, load_textures, make_cohort, plan_cohort, tile_labels
 from tests.conftest import CACHE
 
 
@@ -118,3 +118,17 @@ def test_plan_balances_classes_and_sizes():
         assert 2000 <= max(p.width, p.height) <= 20000
         assert p.mask_downsample * p.mpp == pytest.approx(8.0, rel=0.05)
     assert math.isclose(min(p.mpp for p in plans), 0.25)
+
+
+def test_tile_labels_follow_the_ground_truth_tumour_masks(tiny_prep, tiny_cohort):
+    rows = tile_labels(tiny_prep / "coords", tiny_cohort)
+    with open(tiny_cohort / "labels.csv") as f:
+        slide_label = {r["slide_id"]: r["label"] for r in csv.DictReader(f)}
+    tumour_slides = {r["slide_id"] for r in rows if r["label"] == "tumor"}
+    assert tumour_slides and all(slide_label[s] == "tumor" for s in tumour_slides)
+    assert {r["label"] for r in rows} == {"tumor", "normal"}
+    capped = tile_labels(tiny_prep / "coords", tiny_cohort, per_slide=5)
+    per = {}
+    for r in capped:
+        per[(r["slide_id"], r["label"])] = per.get((r["slide_id"], r["label"]), 0) + 1
+    assert max(per.values()) <= 5

@@ -1,0 +1,200 @@
+"""Frozen encoders by name: exported pretraining folders, timm models, Hugging Face Hub models.
+
+``load_encoder(spec)`` returns an :class:`Encoder`: the model (images -> ``B x D``
+embeddings, in eval mode) plus what a caller needs to feed it: input size and the
+normalisation mean/std, the embedding size, and the SHA-256 of the weights. ``spec`` is
+
+- a folder written by ``cpath pretrain`` (``model.safetensors`` + ``config.json``),
+- ``timm:<architecture>`` (random init, or local weights with ``weights=FILE``),
+- ``hf-hub:<org>/<name>`` through timm's own hub loader (needs network access).
+
+A new source is one function registered with :func:`register_encoder_source`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.io import sha256_file
+
+ENCODER_SOURCES: dict[str, Callable[..., Encoder]] = {}
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Encoder:
+    """A frozen encoder and how to feed it."""
+
+    model: nn.Module
+    name: str
+    embed_dim: int
+    input_size: int
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    weights_sha256: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    channels_last: bool = False
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """``B x 3 x H x W`` uint8 -> float at the encoder's input size, normalised with its
+        mean and std (tiles of another size are resized, antialiased)."""
+        x = images.float() / 255
+        if x.shape[-2:] != (self.input_size, self.input_size):
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
+                              antialias=True, align_corners=False).clamp_(0, 1)  # fmt: skip
+        mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def embed(self, images: torch.Tensor, pooling: str = "cls") -> torch.Tensor:
+        """``B x D`` embeddings of ``B x 3 x H x W`` uint8 tiles (call under inference_mode).
+
+        ``cls``: the model's own pooled output (the class token for timm ViTs); ``mean``:
+        the mean of the patch tokens; ``cls+mean``: both, concatenated (``B x 2D``).
+        """
+        x = self.normalize(images)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if pooling == "cls":
+            return self.model(x)
+        if not hasattr(self.model, "num_prefix_tokens"):
+            raise ConfigError(f"--pooling {pooling} needs a ViT; {self.name} has no patch tokens")
+        tokens = self.model.forward_features(x)  # B x T x D
+        mean = tokens[:, self.model.num_prefix_tokens :].mean(dim=1)  # B x D
+        if pooling == "mean":
+            return mean
+        if pooling == "cls+mean":
+            return torch.cat([tokens[:, 0], mean], dim=-1)
+        raise ConfigError(f"unknown pooling '{pooling}': cls, mean or cls+mean")
+
+    def output_dim(self, pooling: str = "cls") -> int:
+        return self.embed_dim * (2 if pooling == "cls+mean" else 1)
+
+
+def register_encoder_source(prefix: str) -> Callable:
+    def add(fn: Callable) -> Callable:
+        ENCODER_SOURCES[prefix] = fn
+        return fn
+
+    return add
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from safetensors or a torch file (``state_dict``/``model`` keys unwrapped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: weights file not found")
+    try:
+        if ".safetensors" in path.name:
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # safetensors and torch raise many types for corrupt files
+        raise PipelineError(
+            f"{path}: cannot read the weights ({type(exc).__name__}: {exc})"
+        ) from exc
+    for key in ("state_dict", "model", "teacher"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return state
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a state dict strictly, with an error naming the mismatch and the file."""
+    state = read_state_dict(path)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[:4]
+        raise PipelineError(
+            f"{path}: weights do not match the architecture ({' '.join(first)}); check that "
+            "the encoder name matches the weights."
+        ) from exc
+
+
+def _timm_encoder(name: str, model: nn.Module, weights: str | None = None, **config) -> Encoder:
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    size = config.pop("input_size", None) or (cfg.get("input_size") or (3, 224, 224))[-1]
+    return Encoder(
+        model=model.eval(), name=name, embed_dim=int(model.num_features), input_size=int(size),
+        mean=tuple(config.pop("mean", None) or cfg.get("mean") or IMAGENET_MEAN),
+        std=tuple(config.pop("std", None) or cfg.get("std") or IMAGENET_STD),
+        weights_sha256=sha256_file(weights) if weights else None, config=config,
+    )  # fmt: skip
+
+
+@register_encoder_source("timm")
+def _from_timm(name: str, weights: str | os.PathLike | None = None, **kwargs) -> Encoder:
+    from pipeline.ssl.models import create_vit_or_any
+
+    model = create_vit_or_any(name, **kwargs)
+    if weights:
+        load_weights(model, weights)
+    return _timm_encoder(f"timm:{name}", model, str(weights) if weights else None)
+
+
+@register_encoder_source("hf-hub")
+def _from_hub(name: str, weights: str | os.PathLike | None = None, **kwargs) -> Encoder:
+    import timm
+
+    try:
+        model = timm.create_model(f"hf-hub:{name}", pretrained=True, num_classes=0, **kwargs)
+    except Exception as exc:  # network, authentication, missing repo
+        raise PipelineError(
+            f"hf-hub:{name}: cannot load from the Hugging Face Hub ({type(exc).__name__}: "
+            f"{exc}); check network access and HF_TOKEN, or download the weights and use "
+            "timm:<arch> with --encoder_weights FILE."
+        ) from exc
+    return _timm_encoder(f"hf-hub:{name}", model)
+
+
+def load_exported(folder: str | os.PathLike) -> Encoder:
+    """An encoder folder written by ``cpath pretrain`` (``config.json`` + ``model.safetensors``)."""
+    import timm
+
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        arch, model_args = config["architecture"], dict(config.get("model_args", {}))
+    except (OSError, json.JSONDecodeError, KeyError) as exc:
+        raise PipelineError(f"{folder}: not an exported encoder (config.json: {exc})") from exc
+    weights = folder / "model.safetensors"
+    model = timm.create_model(arch, pretrained=False, **model_args)
+    load_weights(model, weights)
+    return _timm_encoder(
+        str(folder), model, str(weights), input_size=config.get("input_size"),
+        mean=config.get("mean"), std=config.get("std"), **{"export": config},
+    )  # fmt: skip
+
+
+def load_encoder(spec: str | os.PathLike, weights: str | os.PathLike | None = None,
+                 device: str | torch.device = "cpu", **kwargs) -> Encoder:  # fmt: skip
+    """The encoder named by ``spec`` (see the module docstring), in eval mode on ``device``."""
+    text = os.fspath(spec)
+    prefix, sep, name = text.partition(":")
+    if sep and prefix in ENCODER_SOURCES:
+        encoder = ENCODER_SOURCES[prefix](name, weights=weights, **kwargs)
+    elif Path(text).is_dir():
+        encoder = load_exported(text)
+    else:
+        known = ", ".join(f"{p}:<name>" for p in sorted(ENCODER_SOURCES))
+        raise ConfigError(
+            f"unknown encoder '{text}': expected an exported folder (with config.json) or "
+            f"one of {known}"
+        )
+    encoder.model.to(device).requires_grad_(False)
+    if torch.device(device).type == "cuda":
+        encoder.model.to(memory_format=torch.channels_last)
+        encoder.channels_last = True
+    return encoder

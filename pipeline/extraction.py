@@ -1,0 +1,193 @@
+"""The extraction loop behind ``cpath extract`` (see :mod:`pipeline.extract`)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from pipeline.config import save_config
+from pipeline.encoders import Encoder, load_encoder
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.extract import MANIFEST_FIELDS, ExtractConfig, resolve_device, state_sha256
+from pipeline.features import FeatureWriter, is_complete
+from pipeline.io import remove_temporaries, sha256_file, shard_suffix, write_manifest
+from pipeline.stain.base import load_normalizer
+from pipeline.wsi.coords import Coords, list_coords_files, read_coords
+from pipeline.wsi.reader import Slide
+from pipeline.wsi.slides import parse_shard
+
+log = logging.getLogger(__name__)
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Job:
+    """One slide to extract."""
+
+    slide_id: str
+    coords_file: Path
+    table: Coords
+    out: Path
+    attrs: dict
+
+
+class SlideBatches(Dataset):
+    """Item ``i`` is batch ``i``: up to ``batch_size`` consecutive tiles of one slide, read
+    in a worker. A read error is returned (not raised) so that the slide fails alone."""
+
+    def __init__(self, jobs: list[Job], batch_size: int):
+        self.jobs = jobs
+        self.batches = [(j, s, min(s + batch_size, len(job.table)))
+                        for j, job in enumerate(jobs) for s in range(0, len(job.table), batch_size)]  # fmt: skip
+        self._slide: tuple[int, Slide] | None = None
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> dict:
+        j, start, stop = self.batches[i]
+        job = self.jobs[j]
+        try:
+            if self._slide is None or self._slide[0] != j:
+                if self._slide is not None:
+                    self._slide[1].close()
+                path = job.table.slide_path
+                if not path:
+                    raise PipelineError(f"{job.coords_file}: coords do not name their slide")
+                self._slide = (j, Slide(path, level0_mpp=job.table.attrs.get("level0_mpp")))
+            slide, t = self._slide[1], job.table
+            size0, size = t.patch_size_level0, t.patch_size
+            tiles = [slide.read_tile_chw((int(x), int(y)), (size0, size0), (size, size))
+                     for x, y in t.coords[start:stop]]  # fmt: skip
+            images = torch.from_numpy(np.stack(tiles))  # b x 3 x H x W uint8
+            return {"job": j, "start": start, "n": stop - start, "images": images, "error": None}
+        except Exception as exc:  # any unreadable slide or region fails its slide only
+            self._slide = None
+            error = f"{type(exc).__name__}: {exc}"
+            return {"job": j, "start": start, "n": stop - start, "images": None, "error": error}
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_slide": None}
+
+
+def plan(
+    cfg: ExtractConfig, encoder: Encoder, weights_sha: str, out: Path
+) -> tuple[list[Job], list[dict]]:
+    """Jobs of this shard, and manifest rows of the slides already done."""
+    files = list_coords_files(cfg.coords)
+    index, count = parse_shard(cfg.shard)
+    files = sorted(files, key=lambda p: p.stem)[index::count]
+    jobs, skipped = [], []
+    transform = {"input_size": encoder.input_size, "mean": list(encoder.mean),
+                 "std": list(encoder.std)}  # fmt: skip
+    for path in files:
+        table = read_coords(path)
+        slide_id = str(table.attrs.get("slide_id") or path.stem)
+        target = out / f"{slide_id}.h5"
+        attrs = {
+            "slide_id": slide_id, "slide_path": str(table.slide_path or ""),
+            "encoder": encoder.name, "encoder_sha256": weights_sha, "pooling": cfg.pooling,
+            "precision": cfg.precision, "dtype": cfg.dtype, "transform": transform,
+            "target_mpp": table.target_mpp if table.target_mpp is not None else -1.0,
+            "patch_size": table.patch_size, "patch_size_level0": table.patch_size_level0,
+            "coords_sha256": sha256_file(path), "coords_file": str(path.resolve()),
+            "stain_norm": str(cfg.stain_norm or ""),
+        }  # fmt: skip
+        if not cfg.overwrite and is_complete(target, attrs):
+            skipped.append({"slide_id": slide_id, "status": "skipped", "n_tiles": len(table),
+                            "seconds": 0.0, "path": str(target), "error": ""})  # fmt: skip
+            continue
+        remove_temporaries(target)  # this shard owns the slide: leftovers are a killed run's
+        jobs.append(Job(slide_id, path, table, target, attrs))
+    return jobs, skipped
+
+
+def extract(cfg: ExtractConfig) -> list[dict]:
+    """Extract features of this shard's slides; returns the manifest rows."""
+    if cfg.coords is None:
+        raise ConfigError(
+            "extract needs --coords OUT/coords (the coords folder of `cpath preprocess`)"
+        )
+    if cfg.batch_size < 1:
+        raise ConfigError("--batch_size must be at least 1")
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)  # random-init encoders are reproducible
+    encoder = load_encoder(cfg.encoder, weights=cfg.encoder_weights, device=device)
+    weights_sha = encoder.weights_sha256 or state_sha256(encoder.model)
+    stain = load_normalizer(cfg.stain_norm, device=device) if cfg.stain_norm else None
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    index, count = parse_shard(cfg.shard)
+    save_config(cfg, out, f"config{shard_suffix(index, count)}.yaml")
+    jobs, rows = plan(cfg, encoder, weights_sha, out)
+    dim = encoder.output_dim(cfg.pooling)
+    log.info("extract: %d slides to do, %d done before (shard %d/%d), %s on %s -> %s", len(jobs),
+             len(rows), index, count, encoder.name, device, out)  # fmt: skip
+
+    for job in [j for j in jobs if len(j.table) == 0]:  # empty slides: valid files with N = 0
+        FeatureWriter(job.out, 0, dim, job.table.coords, job.attrs, cfg.dtype).close()
+        rows.append(_row(job, "done", 0.0))
+    jobs = [j for j in jobs if len(j.table)]
+    dataset = SlideBatches(jobs, cfg.batch_size)
+    loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=cfg.workers,
+                        pin_memory=device.type == "cuda",
+                        prefetch_factor=4 if cfg.workers > 0 else None)  # fmt: skip
+    autocast = torch.autocast(device.type, dtype=AUTOCAST.get(cfg.precision, torch.float32),
+                              enabled=cfg.precision in AUTOCAST)  # fmt: skip
+    total = sum(len(j.table) for j in jobs)
+    bar = tqdm(total=total, unit="tile", desc="extract", disable=not cfg.progress, smoothing=0.1)
+    writers: dict[int, FeatureWriter] = {}
+    started: dict[int, float] = {}
+    clock: float | None = None  # end of the previous slide (or arrival of the first batch)
+    failed: dict[int, str] = {}
+    try:
+        for item in loader:
+            clock = time.perf_counter() if clock is None else clock
+            j = item["job"]
+            job = jobs[j]
+            if j in failed:
+                bar.update(item["n"])
+                continue
+            if item["error"] is not None:
+                failed[j] = item["error"]
+                if j in writers:
+                    writers.pop(j).abort()
+                log.warning("%s failed: %s", job.slide_id, item["error"])
+                rows.append(_row(job, "failed", 0.0, item["error"]))
+                bar.update(item["n"])
+                continue
+            images = item["images"].to(device, non_blocking=True)  # b x 3 x H x W uint8
+            with torch.inference_mode(), autocast:
+                if stain is not None:
+                    images = stain(images)
+                feats = encoder.embed(images, cfg.pooling).float()  # b x D
+            if j not in writers:
+                started[j] = clock
+                writers[j] = FeatureWriter(job.out, len(job.table), dim, job.table.coords, job.attrs,
+                                           cfg.dtype)  # fmt: skip
+            writer = writers[j]
+            writer.write(feats.cpu().numpy(), item["start"])
+            bar.update(len(feats))
+            if writer.written == writer.n_tiles:
+                writers.pop(j).close()
+                clock = time.perf_counter()
+                rows.append(_row(job, "done", clock - started[j]))
+                bar.set_postfix(done=len(rows) - len(failed), failed=len(failed))
+    finally:
+        for writer in writers.values():  # interrupted: no partial file under a final name
+            writer.abort()
+        bar.close()
+    write_manifest(out / f"manifest{shard_suffix(index, count)}.csv", rows, MANIFEST_FIELDS)
+    return rows
+
+
+def _row(job: Job, status: str, seconds: float, error: str = "") -> dict:
+    return {"slide_id": job.slide_id, "status": status, "n_tiles": len(job.table),
+            "seconds": round(seconds, 3), "path": str(job.out), "error": error}  # fmt: skip

@@ -1,0 +1,207 @@
+"""Configuration of ``cpath pretrain``: one dataclass per group, defaults of the DINOv2 recipe.
+
+Every value can be set in YAML (``configs/pretrain/*.yaml``) or on the command line as
+``--group.key value`` (``--data.coords runs/prep/coords --trainer.devices 8``).
+Step counts replace DINOv2's "epochs" of 1,250 iterations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+@dataclass
+class ModelConfig:
+    """Backbone and heads.
+
+    Args:
+        arch: any timm ViT (vit_small_patch16_224, vit_base_patch16_224, vit_large_patch16_224,
+            vit_small_patch14_reg4_dinov2, ...).
+        arch_kwargs: extra timm arguments (img_size, depth, embed_dim, reg_tokens, ...).
+        drop_path_rate: stochastic depth of the student.
+        prototypes: DINO head output size (65,536 in DINOv2; small for tiny models).
+        head_hidden: hidden width of the head MLP.
+        head_bottleneck: bottleneck width before the prototypes.
+        head_layers: MLP layers of the head.
+        separate_ibot_head: an own head for iBOT instead of sharing the DINO head.
+        init_weights: optional state dict (safetensors or torch) to start the backbone from.
+    """
+
+    arch: str = "vit_small_patch16_224"
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    drop_path_rate: float = 0.1
+    prototypes: int = 65536
+    head_hidden: int = 2048
+    head_bottleneck: int = 256
+    head_layers: int = 3
+    separate_ibot_head: bool = False
+    init_weights: Path | None = None
+
+
+@dataclass
+class DataConfig:
+    """Tiles read online from slides by their coords files, and the multi-crop views.
+
+    Args:
+        coords: coords folder of `cpath preprocess` (or one .h5, or a text list of them).
+        batch_size: images per device per step.
+        workers: DataLoader worker processes per device.
+        global_size: side of the 2 global crops (px).
+        local_size: side of the local crops (px).
+        local_crops: number of local crops (0 for none).
+        global_scale: area share range of the tile a global crop covers.
+        local_scale: area share range of a local crop.
+        stain_augment: HED and HSV stain jitter on every crop.
+        hed_sigma: HED jitter scale range (+-).
+        hed_bias: HED jitter shift range (+-).
+        hsv_hue: hue rotation range (+- turns).
+        hsv_saturation: saturation scale range (+-).
+        hsv_value: brightness scale range (+-).
+        blur: probability of a Gaussian blur per crop.
+        solarize: probability of solarization of the second global crop (0: off).
+        stain_norm: stain normalizer JSON (`cpath stain --action fit`) applied to tiles first.
+        max_background: tiles with a larger share of near-white pixels are skipped.
+        max_tiles_per_slide: sample at most this many tiles of each slide (None: all).
+        mean: normalisation mean of the encoder input.
+        std: normalisation std of the encoder input.
+        seed: seed of the tile order and augmentations.
+    """
+
+    coords: Path | None = None
+    batch_size: int = 64
+    workers: int = 8
+    global_size: int = 224
+    local_size: int = 96
+    local_crops: int = 8
+    global_scale: tuple[float, float] = (0.32, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.32)
+    stain_augment: bool = True
+    hed_sigma: float = 0.05
+    hed_bias: float = 0.05
+    hsv_hue: float = 0.02
+    hsv_saturation: float = 0.1
+    hsv_value: float = 0.1
+    blur: float = 0.2
+    solarize: float = 0.0
+    stain_norm: Path | None = None
+    max_background: float = 0.7
+    max_tiles_per_slide: int | None = None
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    seed: int = 0
+
+
+@dataclass
+class LossConfig:
+    """Objectives, each switched on by a weight above 0.
+
+    Args:
+        dino_weight: DINO image-level loss.
+        ibot_weight: iBOT masked-patch loss.
+        koleo_weight: KoLeo uniformity term (DINOv2).
+        kde_weight: KDE uniformity term (Midnight); usually instead of KoLeo.
+        kde_concentration: von Mises-Fisher kernel concentration of the KDE term.
+        teacher_targets: sinkhorn (DINOv2) or centering (DINO).
+        center_momentum: EMA momentum of the centre (centering only).
+        student_temp: student softmax temperature.
+        teacher_temp: teacher temperature after warm-up.
+        teacher_temp_start: teacher temperature at step 0.
+        teacher_temp_warmup_steps: steps of linear teacher-temperature warm-up.
+        mask_probability: share of the global crops masked for iBOT.
+        mask_ratio: range of the share of patches masked in a masked crop.
+    """
+
+    dino_weight: float = 1.0
+    ibot_weight: float = 1.0
+    koleo_weight: float = 0.1
+    kde_weight: float = 0.0
+    kde_concentration: float = 4.0
+    teacher_targets: Literal["sinkhorn", "centering"] = "sinkhorn"
+    center_momentum: float = 0.9
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07
+    teacher_temp_start: float = 0.04
+    teacher_temp_warmup_steps: int = 37500
+    mask_probability: float = 0.5
+    mask_ratio: tuple[float, float] = (0.1, 0.5)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with the DINOv2 schedules (all indexed by optimizer step).
+
+    Args:
+        base_lr: learning rate for a global batch of 1024; scaled by sqrt(batch / 1024).
+        min_lr: final learning rate of the cosine.
+        warmup_steps: linear lr warm-up steps.
+        weight_decay: weight decay at step 0.
+        weight_decay_end: weight decay at the end (cosine ramp).
+        momentum_teacher: teacher EMA momentum at step 0.
+        momentum_teacher_end: teacher EMA momentum at the end (cosine towards 1).
+        layer_decay: layer-wise lr decay (1: off).
+        patch_embed_lr_mult: lr multiplier of the patch embedding.
+        freeze_last_layer_steps: prototypes frozen for this many steps.
+        clip_grad: gradient-norm clipping (0: off).
+        betas: AdamW betas.
+    """
+
+    base_lr: float = 0.004
+    min_lr: float = 1.0e-6
+    warmup_steps: int = 12500
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.2
+    momentum_teacher: float = 0.992
+    momentum_teacher_end: float = 1.0
+    layer_decay: float = 0.9
+    patch_embed_lr_mult: float = 0.2
+    freeze_last_layer_steps: int = 1250
+    clip_grad: float = 3.0
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning Trainer settings (devices, nodes, strategy, precision, checkpoints, logs).
+
+    Args:
+        accelerator: auto, cpu, gpu/cuda.
+        devices: devices per node (int) or "auto".
+        num_nodes: nodes (SLURM or torchrun set the ranks).
+        strategy: auto, ddp, ddp_spawn, fsdp.
+        precision: bf16-mixed, 16-mixed, 32-true.
+        max_steps: optimizer steps to train for.
+        ckpt_every_n_steps: checkpoint interval (last.ckpt is replaced each time).
+        keep_checkpoints: also keep a step-numbered checkpoint at every interval.
+        log_every_n_steps: metric logging interval.
+        logger: csv or tensorboard.
+        progress_bar: show a progress bar.
+    """
+
+    accelerator: str = "auto"
+    devices: int | str = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "bf16-mixed"
+    max_steps: int = 125000
+    ckpt_every_n_steps: int = 1000
+    keep_checkpoints: bool = False
+    log_every_n_steps: int = 10
+    logger: Literal["csv", "tensorboard"] = "csv"
+    progress_bar: bool = True
+
+
+@dataclass
+class MonitorConfig:
+    """Optional tile-level probe of the teacher during training.
+
+    Args:
+        probe: CSV of labelled tiles (coords,index,label) for a kNN probe; None: off.
+        probe_every_n_steps: probe interval.
+        rankme_every_n_steps: RankMe (collapse detector) interval.
+    """
+
+    probe: Path | None = None
+    probe_every_n_steps: int = 500
+    rankme_every_n_steps: int = 10

@@ -1,0 +1,237 @@
+"""The DINOv2 training step as a LightningModule: student, EMA teacher, losses, schedules.
+
+Oquab et al., "DINOv2: Learning Robust Visual Features without Supervision", TMLR 2024:
+DINO image-level loss (Caron et al., 2021) on the class tokens of 2 global + N local
+crops, iBOT masked-patch loss (Zhou et al., 2022) on the global crops, KoLeo (or the
+KDE term of Midnight) on the student's global class tokens; the teacher is an EMA of
+the student and sees the global crops only.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict
+
+import lightning as L
+import torch
+from torch import nn
+
+from pipeline.encoders import load_weights
+from pipeline.errors import PipelineError
+from pipeline.ssl.config import LossConfig, ModelConfig, OptimConfig
+from pipeline.ssl.losses import (
+    TeacherTargets,
+    dino_loss,
+    entropy,
+    ibot_loss,
+    kde_loss,
+    koleo_loss,
+    rankme,
+)
+from pipeline.ssl.models import SSLNetwork
+from pipeline.ssl.schedules import Cosine, Linear, scaled_lr
+
+NO_DECAY = (".bias", "norm", "gamma", "ls1", "ls2")
+
+
+def build_network(model: ModelConfig, drop_path: bool) -> SSLNetwork:
+    kwargs = dict(model.arch_kwargs)
+    if drop_path and model.drop_path_rate > 0:
+        kwargs["drop_path_rate"] = model.drop_path_rate
+    head = {"prototypes": model.prototypes, "hidden": model.head_hidden,
+            "bottleneck": model.head_bottleneck, "layers": model.head_layers}  # fmt: skip
+    return SSLNetwork(model.arch, kwargs, head, model.separate_ibot_head)
+
+
+def layer_id(name: str, depth: int) -> int:
+    """0 for embeddings, ``i + 1`` for block ``i``, ``depth + 1`` for the rest (norm, heads)."""
+    if any(k in name for k in ("patch_embed", "pos_embed", "cls_token", "reg_token", "mask_token")):
+        return 0
+    if ".blocks." in name:
+        return int(name.split(".blocks.")[1].split(".")[0]) + 1
+    return depth + 1
+
+
+class DINOv2Module(L.LightningModule):
+    """Student and teacher :class:`SSLNetwork`, trained by the DINOv2 objectives.
+
+    ``global_batch`` (images per optimizer step over all devices) sets the lr by square-root
+    scaling; it is taken from the trainer when training starts.
+    """
+
+    def __init__(self, model: dict, loss: dict, optim: dict, max_steps: int,
+                 rankme_every: int = 10, data: dict | None = None):  # fmt: skip
+        super().__init__()
+        self.save_hyperparameters()
+        self.model_cfg, self.loss_cfg = ModelConfig(**model), LossConfig(**loss)
+        self.optim_cfg, self.max_steps, self.rankme_every = (
+            OptimConfig(**optim),
+            max_steps,
+            rankme_every,
+        )
+        self.student = build_network(self.model_cfg, drop_path=True)
+        self.teacher = build_network(self.model_cfg, drop_path=False)
+        if self.model_cfg.init_weights:
+            load_weights(self.student.backbone.vit, self.model_cfg.init_weights)
+        self.teacher.load_state_dict(self.student.state_dict())
+        self.teacher.requires_grad_(False)
+        k = self.model_cfg.prototypes
+        self.dino_targets = TeacherTargets(
+            k, self.loss_cfg.teacher_targets, self.loss_cfg.center_momentum
+        )
+        self.ibot_targets = TeacherTargets(
+            k, self.loss_cfg.teacher_targets, self.loss_cfg.center_momentum
+        )
+        self.samples_seen = 0
+        self._last_time: float | None = None
+        o, s = self.optim_cfg, self.loss_cfg
+        self.wd = Cosine(o.weight_decay, o.weight_decay_end, max_steps)
+        self.momentum = Cosine(o.momentum_teacher, o.momentum_teacher_end, max_steps)
+        self.teacher_temp = Linear(
+            s.teacher_temp_start, s.teacher_temp, s.teacher_temp_warmup_steps
+        )
+
+    # -- optimisation -------------------------------------------------------------
+    @property
+    def global_batch(self) -> int:
+        dm = self.trainer.datamodule
+        return int(dm.cfg.batch_size * self.trainer.world_size)
+
+    def lr_schedule(self) -> Cosine:
+        o = self.optim_cfg
+        peak = scaled_lr(o.base_lr, self.global_batch)
+        return Cosine(peak, o.min_lr, self.max_steps, warmup=o.warmup_steps)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        depth = len(self.student.backbone.vit.blocks)
+        o = self.optim_cfg
+        groups: dict[tuple, dict] = {}
+        for name, p in self.student.named_parameters():
+            if not p.requires_grad:
+                continue
+            lid = layer_id("student." + name, depth)
+            lr_mult = o.layer_decay ** (depth + 1 - lid)
+            if "patch_embed" in name:
+                lr_mult *= o.patch_embed_lr_mult
+            wd_mult = 0.0 if (p.ndim == 1 or any(k in name for k in NO_DECAY)) else 1.0
+            last = name.endswith("last_layer.weight")
+            key = (lr_mult, wd_mult, last)
+            group = groups.setdefault(key, {"params": [], "lr_mult": lr_mult, "wd_mult": wd_mult,
+                                             "last_layer": last})  # fmt: skip
+            group["params"].append(p)
+        return torch.optim.AdamW(list(groups.values()), lr=0.0, betas=tuple(o.betas))
+
+    def _set_schedules(self, step: int) -> dict[str, float]:
+        lr, wd = self.lr_schedule()(step), self.wd(step)
+        for group in self.optimizers().optimizer.param_groups:
+            group["lr"] = lr * group["lr_mult"]
+            group["weight_decay"] = wd * group["wd_mult"]
+        return {"lr": lr, "wd": wd, "momentum": self.momentum(step),
+                "teacher_temp": self.teacher_temp(step)}  # fmt: skip
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.global_step < self.optim_cfg.freeze_last_layer_steps:
+            for group in optimizer.param_groups:
+                if group["last_layer"]:
+                    for p in group["params"]:
+                        p.grad = None
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        """The optimizer step, then the teacher's EMA update (before any checkpoint callback
+        runs, so that a checkpoint holds a consistent student, teacher and sample count)."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self.update_teacher(self._momentum)
+        self.samples_seen += self.global_batch
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._last_time is not None:
+            rate = self.global_batch / max(now - self._last_time, 1e-9)
+            self.log("images_per_s", rate, prog_bar=True, on_step=True, rank_zero_only=True)
+        self._last_time = now
+
+    # -- the step -----------------------------------------------------------------
+    def ssl_losses(
+        self, batch: dict, teacher_temp: float
+    ) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """The weighted loss terms of one batch, the teacher's DINO targets ``2B x K`` and
+        class tokens ``2B x D``."""
+        s, student, teacher = self.loss_cfg, self.student, self.teacher
+        images, local, masks = batch["global"], batch["local"], batch["masks"]  # 2B x 3 x G x G
+        use_ibot = s.ibot_weight > 0 and bool(masks.any())
+        with torch.no_grad():
+            t_cls, t_patch = teacher.backbone(images)  # 2B x D, 2B x N x D
+            t_targets = self.dino_targets(teacher.dino_head(t_cls), teacher_temp)  # 2B x K
+            if use_ibot:
+                t_patch_logits = teacher.patch_head()(t_patch[masks])  # M x K
+                t_patch_targets = self.ibot_targets(t_patch_logits, teacher_temp)
+        s_cls, s_patch = student.backbone(images, masks if use_ibot else None)
+        views = list(student.dino_head(s_cls).chunk(2))  # 2 x (B x K)
+        if local.numel():
+            l_cls, _ = student.backbone(local)  # nB x D
+            views += list(student.dino_head(l_cls).chunk(local.shape[0] // (images.shape[0] // 2)))
+        terms = {}
+        if s.dino_weight > 0:
+            terms["dino"] = s.dino_weight * dino_loss(
+                views, list(t_targets.chunk(2)), s.student_temp
+            )
+        if use_ibot:
+            s_patch_logits = student.patch_head()(s_patch[masks])  # M x K
+            terms["ibot"] = s.ibot_weight * ibot_loss(s_patch_logits, t_patch_targets, masks,
+                                                      s.student_temp)  # fmt: skip
+        if s.koleo_weight > 0:
+            terms["koleo"] = s.koleo_weight * sum(koleo_loss(c) for c in s_cls.chunk(2)) / 2
+        if s.kde_weight > 0:
+            kde = sum(kde_loss(c, s.kde_concentration) for c in s_cls.chunk(2)) / 2
+            terms["kde"] = s.kde_weight * kde
+        return terms, t_targets, t_cls
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """EMA: ``teacher = m * teacher + (1 - m) * student``, all tensors in one fused call."""
+        student = [p.detach() for p in self.student.parameters()]
+        teacher = list(self.teacher.parameters())
+        torch._foreach_mul_(teacher, momentum)
+        torch._foreach_add_(teacher, student, alpha=1 - momentum)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        sched = self._set_schedules(self.global_step)
+        self._momentum = sched["momentum"]
+        terms, t_targets, t_cls = self.ssl_losses(batch, sched["teacher_temp"])
+        total = sum(terms.values())
+        if not torch.isfinite(total):
+            values = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+            raise PipelineError(f"non-finite loss at step {self.global_step} ({values}); lower "
+                                "--optim.base_lr or check the tiles")  # fmt: skip
+        logs = {f"loss/{k}": v.detach() for k, v in terms.items()}
+        logs.update({f"schedule/{k}": v for k, v in sched.items()})
+        logs["teacher_entropy"] = entropy(t_targets) / math.log(t_targets.shape[1])
+        self.log_dict(logs, on_step=True)
+        self.log("loss", total.detach(), prog_bar=True, on_step=True)
+        if self.rankme_every and self.global_step % self.rankme_every == 0:
+            self.log("rankme", rankme(t_cls), on_step=True)
+        return total
+
+    # -- checkpoint state beyond parameters ---------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["samples_seen"] = self.samples_seen
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.samples_seen = int(checkpoint.get("samples_seen", 0))
+
+    @classmethod
+    def from_configs(cls, model: ModelConfig, loss: LossConfig, optim: OptimConfig,
+                     max_steps: int, rankme_every: int = 10, data=None) -> DINOv2Module:  # fmt: skip
+        data = _plain(data) if data is not None else None
+        return cls(_plain(model), _plain(loss), _plain(optim), max_steps, rankme_every, data)
+
+
+def _plain(cfg) -> dict:
+    out = asdict(cfg)
+    return {k: (str(v) if hasattr(v, "__fspath__") else list(v) if isinstance(v, tuple) else v)
+            for k, v in out.items()}  # fmt: skip
+
+
+def teacher_backbone(module: nn.Module) -> nn.Module:
+    return module.teacher.backbone.vit

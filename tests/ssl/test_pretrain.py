@@ -1,0 +1,173 @@
+"""End to end on the tiny cohort: 2-process DDP (gloo) pretraining, kill, resume, export."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from pipeline.data.demo import tile_labels
+from pipeline.encoders import load_encoder
+from pipeline.ssl.probe import embed, knn_probe, linear_probe
+from pipeline.ssl.train import read_metrics
+from pipeline.wsi.coords import write_coords
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "configs" / "pretrain" / "tiny-cpu.yaml"
+STEPS = 36  # killed after the first checkpoint (step 6), resumed to the end
+
+
+def pretrain_cmd(coords, out, *extra):
+    return [sys.executable, "-m", "pipeline", "pretrain", "--config", str(TINY),
+            "--data.coords", str(coords), "--out", str(out), "--data.batch_size", "8",
+            "--data.workers", "1",
+            "--trainer.progress_bar", "false", *extra]  # fmt: skip
+
+
+def metrics(out):
+    return [r for r in read_metrics(out) if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, tiny_prep, tiny_cohort):
+    """Two CPU processes (DDP, gloo): killed after a checkpoint, then resumed to the end;
+    a kNN probe on labelled demo tiles runs every 12 steps."""
+    out = tmp_path_factory.mktemp("pretrain")
+    rows = tile_labels(tiny_prep / "coords", tiny_cohort, per_slide=20)
+    probe = out / "probe_tiles.csv"
+    with open(probe, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    ddp = ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", str(STEPS),
+           "--trainer.ckpt_every_n_steps", "6", "--trainer.log_every_n_steps", "1",
+           "--monitor.probe", str(probe), "--monitor.probe_every_n_steps", "12"]  # fmt: skip
+    cmd = pretrain_cmd(tiny_prep / "coords", out, *ddp)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)  # fmt: skip
+    last = out / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
+    log = proc.communicate()[0].decode()
+    assert last.exists(), log[-3000:]
+    killed_step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    assert not (out / "encoder").exists()
+    resumed = subprocess.run(cmd + ["--ckpt_path", "last"], env=env, capture_output=True, text=True,
+                             timeout=400)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return {"out": out, "killed_step": killed_step, "stderr": resumed.stderr}
+
+
+def test_ddp_run_resumes_with_the_same_step_count(ddp_run):
+    out = ddp_run["out"]
+    assert 6 <= ddp_run["killed_step"] < STEPS
+    final = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert final["global_step"] == STEPS
+    assert final["samples_seen"] == STEPS * 16  # 2 ranks x 8, counted across the restart
+    rows = metrics(out)
+    steps = [int(r["step"]) for r in rows]
+    assert (
+        steps[0] == 0 and max(steps) == STEPS - 1 and set(steps) == set(range(STEPS))
+    )  # both runs
+    assert "resuming" in ddp_run["stderr"]
+
+
+def test_loss_falls_and_rankme_does_not_collapse(ddp_run):
+    rows = metrics(ddp_run["out"])
+    loss = np.array([float(r["loss"]) for r in rows])
+    assert loss[-4:].mean() < loss[:4].mean() - 0.05
+    ranks = [r["rankme"] for r in rows if "rankme" in r]
+    assert ranks and ranks[-1] > 3.0  # 16 teacher embeddings per rank; collapse gives ~1
+    probes = [r["probe/knn_bacc"] for r in read_metrics(ddp_run["out"]) if "probe/knn_bacc" in r]
+    assert len(probes) == 3 and all(0.0 <= p <= 1.0 for p in probes)  # steps 12, 24, 36
+
+
+def test_exported_encoder_loads_both_ways_with_identical_outputs(ddp_run):
+    folder = ddp_run["out"] / "encoder"
+    encoder = load_encoder(folder)
+    cfg = encoder.config["export"]
+    plain = timm.create_model(cfg["architecture"], pretrained=True, **cfg["model_args"],
+                              pretrained_cfg_overlay={"file": str(folder / "model.safetensors"),
+                                                      "num_classes": 0}).eval()  # fmt: skip
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        a, b = encoder.model(x), plain(x)
+    assert a.shape == (3, 192) and torch.equal(a, b)
+    fresh = timm.create_model(cfg["architecture"], **cfg["model_args"]).eval()
+    assert not torch.allclose(fresh(x), a)  # the weights are the trained ones
+
+
+def test_export_action_reproduces_the_encoder(ddp_run, tmp_path):
+    ckpt = ddp_run["out"] / "checkpoints" / "last.ckpt"
+    done = subprocess.run([sys.executable, "-m", "pipeline", "pretrain", "export", str(ckpt),
+                           "--out", str(tmp_path)], capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    a = (tmp_path / "encoder" / "model.safetensors").read_bytes()
+    assert a == (ddp_run["out"] / "encoder" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            ["--model.arch", "vit_tiny_patch17_224"],
+            "unknown timm architecture 'vit_tiny_patch17_224'",
+        ),
+        (["--data.global_size", "256"], "larger than the tiles"),
+        (["--data.coords", "EMPTY"], "zero tiles found"),
+        (["--data.coords", "MISSING"], "no such coords folder"),
+    ],
+)
+def test_bad_configs_fail_with_clear_messages(tmp_path, tiny_prep, override, message):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    write_coords(empty / "blank.h5", np.zeros((0, 2)), np.zeros(0), {"slide_id": "blank",
+                 "slide_path": "blank.svs", "patch_size_level0": 256, "patch_size": 128})  # fmt: skip
+    override = [
+        {"EMPTY": str(empty), "MISSING": str(tmp_path / "nope")}.get(o, o) for o in override
+    ]
+    done = subprocess.run(pretrain_cmd(tiny_prep / "coords", tmp_path / "run", *override),
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert message in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_prep):
+    """The tiny-cpu preset as shipped (300 steps of 16 tiles, one process) on the tiny cohort."""
+    out = tmp_path_factory.mktemp("tiny_run")
+    cmd = [sys.executable, "-m", "pipeline", "pretrain", "--config", str(TINY), "--data.coords",
+           str(tiny_prep / "coords"), "--out", str(out), "--trainer.progress_bar", "false"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def test_pretrained_encoder_beats_random_init_on_tile_probes(tiny_run, texture_probe):
+    """Tumour vs normal tiles of the demo's real textures (192 tiles, folds by image quarter):
+    the pretrained encoder against the same architecture at three random inits."""
+    images, labels, groups = texture_probe
+    pretrained = load_encoder(tiny_run / "encoder")
+    export = pretrained.config["export"]
+    random = {"linear": [], "knn": []}
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = load_encoder(f"timm:{export['architecture']}", **export["model_args"])
+        feats = embed(model.model, images, model.mean, model.std)
+        random["linear"].append(linear_probe(feats, labels, groups))
+        random["knn"].append(knn_probe(feats, labels, groups))
+    feats = embed(pretrained.model, images, pretrained.mean, pretrained.std)
+    ours = {"linear": linear_probe(feats, labels, groups), "knn": knn_probe(feats, labels, groups)}
+    print(f"balanced accuracy: pretrained {ours}, random init {random}")
+    assert ours["linear"] > np.mean(random["linear"]) + 0.02
+    assert ours["knn"] > np.mean(random["knn"]) + 0.02

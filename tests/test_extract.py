@@ -1,0 +1,169 @@
+"""Feature extraction on the tiny demo cohort with a small exported encoder."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import timm
+import torch
+
+from pipeline.encoders import load_encoder
+from pipeline.extract import ExtractConfig
+from pipeline.extraction import extract
+from pipeline.features import is_complete, read_features
+from pipeline.ssl.export import save_encoder
+from pipeline.wsi.coords import read_coords, write_coords
+from pipeline.wsi.reader import Slide
+
+TINY = {"num_classes": 0, "img_size": 64, "patch_size": 16, "depth": 2, "embed_dim": 48,
+        "num_heads": 2}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", **TINY)
+    return save_encoder(model.state_dict(), "vit_tiny_patch16_224", TINY,
+                        tmp_path_factory.mktemp("enc") / "encoder", input_size=64)  # fmt: skip
+
+
+def config(coords, out, encoder, **kw):
+    base = {"coords": coords, "out": out, "encoder": str(encoder), "batch_size": 32, "workers": 1,
+            "precision": "fp32", "dtype": "float32", "progress": False}  # fmt: skip
+    return ExtractConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory, tiny_prep, encoder_dir):
+    out = tmp_path_factory.mktemp("feats")
+    rows = extract(config(tiny_prep / "coords", out, encoder_dir))
+    return {"out": out, "rows": rows}
+
+
+def test_every_slide_has_features_aligned_with_its_coords(extracted, tiny_prep, encoder_dir):
+    assert {r["status"] for r in extracted["rows"]} == {"done"}
+    encoder = load_encoder(encoder_dir)
+    for coords_file in sorted((tiny_prep / "coords").glob("*.h5")):
+        table = read_coords(coords_file)
+        feats, coords, attrs = read_features(extracted["out"] / coords_file.name)
+        assert feats.shape == (len(table), 48) and np.array_equal(coords, table.coords)
+        assert attrs["encoder_sha256"] == encoder.weights_sha256 and attrs["complete"]
+        assert attrs["target_mpp"] == 0.5 and attrs["patch_size"] == 128
+        with h5py.File(extracted["out"] / coords_file.name) as f:  # CLAM-style datasets
+            assert set(f) == {"features", "coords"}
+    # a tile's feature equals the encoder applied to that tile read by hand
+    table = read_coords(sorted((tiny_prep / "coords").glob("*.h5"))[1])
+    feats, _, _ = read_features(extracted["out"] / f"{table.attrs['slide_id']}.h5")
+    slide = Slide(table.slide_path)
+    for row in (0, len(table) // 2, len(table) - 1):
+        x, y = table.coords[row]
+        tile = slide.read_tile_chw((int(x), int(y)), (table.patch_size_level0,) * 2, (128, 128))
+        with torch.inference_mode():
+            expected = encoder.embed(torch.from_numpy(tile)[None])[0].numpy()
+        np.testing.assert_allclose(feats[row], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_rerun_skips_done_slides_and_redoes_a_truncated_file(
+    extracted, tiny_prep, encoder_dir, tmp_path
+):
+    out = extracted["out"]
+    victim = sorted(out.glob("*.h5"))[0]
+    victim.write_bytes(victim.read_bytes()[:2000])  # truncated by hand under the final name
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.h5") if p != victim}
+    rows = extract(config(tiny_prep / "coords", out, encoder_dir))
+    status = {r["slide_id"]: r["status"] for r in rows}
+    assert status.pop(victim.stem) == "done" and set(status.values()) == {"skipped"}
+    assert all(p.stat().st_mtime_ns == mtimes[p.name] for p in out.glob("*.h5") if p != victim)
+    assert read_features(victim)[0].shape[0] == len(read_coords(tiny_prep / "coords" / victim.name))
+    shutil.copytree(out, tmp_path / "copy")
+    other = extract(config(tiny_prep / "coords", tmp_path / "copy", encoder_dir, pooling="mean"))
+    assert {r["status"] for r in other} == {"done"}  # another pooling is other features
+
+
+def test_one_and_two_processes_write_identical_features(
+    extracted, tiny_prep, encoder_dir, tmp_path
+):
+    for shard in ("0/2", "1/2"):
+        extract(config(tiny_prep / "coords", tmp_path, encoder_dir, shard=shard))
+    for path in extracted["out"].glob("*.h5"):
+        a, b = read_features(path)[0], read_features(tmp_path / path.name)[0]
+        assert np.array_equal(a, b), path.name
+    assert (tmp_path / "manifest.shard-0-of-2.csv").is_file()
+
+
+def test_pooling_variants_and_dtype(tiny_prep, encoder_dir, tmp_path):
+    coords = sorted((tiny_prep / "coords").glob("*.h5"))[0]
+    extract(
+        config(coords, tmp_path, encoder_dir, pooling="cls+mean", dtype="float16", precision="bf16")
+    )
+    feats, _, attrs = read_features(tmp_path / coords.name)
+    assert feats.dtype == np.float16 and feats.shape[1] == 96 and attrs["pooling"] == "cls+mean"
+
+
+def test_killed_run_leaves_no_partial_file_and_resumes(tiny_prep, encoder_dir, tmp_path):
+    cmd = [sys.executable, "-m", "pipeline", "extract", "--coords", str(tiny_prep / "coords"),
+           "--encoder", str(encoder_dir), "--out", str(tmp_path), "--batch-size", "4",
+           "--workers", "1", "--precision", "fp32", "--progress", "false"]  # fmt: skip
+    proc = subprocess.Popen(cmd, start_new_session=True, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("*.h5")) and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finals = list(tmp_path.glob("*.h5"))
+    assert 1 <= len(finals) < 6
+    for path in finals:
+        assert is_complete(path, {})
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert len(list(tmp_path.glob("*.h5"))) == 6 and not list(tmp_path.glob(".*.tmp"))
+    assert "skipped" in done.stdout
+
+
+def test_bad_inputs_give_clear_errors_and_other_slides_finish(tiny_prep, encoder_dir, tmp_path):
+    def cpath(*args):
+        return subprocess.run([sys.executable, "-m", "pipeline", "extract", "--progress", "false",
+                               "--workers", "0", *args], capture_output=True, text=True, timeout=300)  # fmt: skip
+
+    missing = cpath("--coords", str(tmp_path / "nope"), "--encoder", str(encoder_dir))
+    assert missing.returncode == 1 and "no such coords folder" in missing.stderr
+    wrong = cpath("--coords", str(tiny_prep / "coords"), "--encoder", "timm:vit_tiny_patch17_224")
+    assert (
+        wrong.returncode == 1 and "unknown timm architecture 'vit_tiny_patch17_224'" in wrong.stderr
+    )
+    assert "Traceback" not in missing.stderr + wrong.stderr
+    weights = encoder_dir / "model.safetensors"
+    mismatch = cpath("--coords", str(tiny_prep / "coords"), "--encoder", "timm:vit_small_patch16_224",
+                     "--encoder_weights", str(weights))  # fmt: skip
+    assert mismatch.returncode == 1 and "weights do not match the architecture" in mismatch.stderr
+    unknown = cpath("--coords", str(tiny_prep / "coords"), "--encoder", "myenc")
+    assert unknown.returncode == 1 and "unknown encoder 'myenc'" in unknown.stderr
+
+    # one unreadable slide and one slide without tiles among good ones
+    coords = tmp_path / "coords"
+    shutil.copytree(tiny_prep / "coords", coords)
+    first = sorted(coords.glob("*.h5"))[0]
+    table = read_coords(first)
+    broken_slide = tmp_path / "broken.svs"
+    broken_slide.write_bytes(Path(table.slide_path).read_bytes()[:5000])
+    attrs = {**table.attrs, "slide_id": "broken", "slide_path": str(broken_slide)}
+    write_coords(coords / "broken.h5", table.coords, table.tissue_fraction, attrs)
+    write_coords(
+        coords / "empty.h5", np.zeros((0, 2)), np.zeros(0), {**table.attrs, "slide_id": "empty"}
+    )
+    out = tmp_path / "feats"
+    done = subprocess.run([sys.executable, "-m", "pipeline", "extract", "--coords", str(coords),
+                           "--encoder", str(encoder_dir), "--out", str(out), "--workers", "1",
+                           "--progress", "false"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 1
+    assert "failed broken" in done.stdout and "7 done" in done.stdout and "1 failed" in done.stdout
+    assert not (out / "broken.h5").exists() and len(list(out.glob("demo_*.h5"))) == 6
+    feats, coords_read, _ = read_features(out / "empty.h5")
+    assert feats.shape == (0, 48) and coords_read.shape == (0, 2)
