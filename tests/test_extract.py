@@ -14,6 +14,7 @@ import pytest
 import timm
 import torch
 
+from pipeline.cli import main
 from pipeline.encoders import load_encoder
 from pipeline.extract import ExtractConfig
 from pipeline.extraction import extract
@@ -24,6 +25,14 @@ from pipeline.wsi.reader import Slide
 
 TINY = {"num_classes": 0, "img_size": 64, "patch_size": 16, "depth": 2, "embed_dim": 48,
         "num_heads": 2}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def carcinoma_tile(sources):
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(sources["carcinoma"]).convert("RGB"))[:256, :256]
+    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
 
 
 @pytest.fixture(scope="module")
@@ -90,12 +99,31 @@ def test_rerun_skips_done_slides_and_redoes_a_truncated_file(
 def test_one_and_two_processes_write_identical_features(
     extracted, tiny_prep, encoder_dir, tmp_path
 ):
-    for shard in ("0/2", "1/2"):
-        extract(config(tiny_prep / "coords", tmp_path, encoder_dir, shard=shard))
+    """Two concurrent processes with torchrun's RANK / WORLD_SIZE split the slides."""
+    cmd = [sys.executable, "-m", "pipeline", "extract", "--coords", str(tiny_prep / "coords"),
+           "--encoder", str(encoder_dir), "--out", str(tmp_path), "--batch-size", "32",
+           "--workers", "1", "--precision", "fp32", "--dtype", "float32", "--progress", "false"]  # fmt: skip
+    procs = [subprocess.Popen(cmd, env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in range(2)]  # fmt: skip
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
     for path in extracted["out"].glob("*.h5"):
         a, b = read_features(path)[0], read_features(tmp_path / path.name)[0]
         assert np.array_equal(a, b), path.name
     assert (tmp_path / "manifest.shard-0-of-2.csv").is_file()
+    assert (tmp_path / "manifest.shard-1-of-2.csv").is_file()
+
+
+def test_stain_normalization_on_the_device(tiny_prep, encoder_dir, carcinoma_tile, tmp_path):
+    from pipeline.stain import make_normalizer
+
+    make_normalizer("macenko").fit(carcinoma_tile).save(tmp_path / "stain.json")
+    coords = sorted((tiny_prep / "coords").glob("*.h5"))[0]
+    extract(config(coords, tmp_path / "plain", encoder_dir))
+    extract(config(coords, tmp_path / "norm", encoder_dir, stain_norm=tmp_path / "stain.json"))
+    plain, _, _ = read_features(tmp_path / "plain" / coords.name)
+    normed, _, attrs = read_features(tmp_path / "norm" / coords.name)
+    assert attrs["stain_norm"].endswith("stain.json") and plain.shape == normed.shape
+    assert not np.allclose(plain, normed, atol=1e-3)
 
 
 def test_pooling_variants_and_dtype(tiny_prep, encoder_dir, tmp_path):
@@ -127,10 +155,13 @@ def test_killed_run_leaves_no_partial_file_and_resumes(tiny_prep, encoder_dir, t
     assert "skipped" in done.stdout
 
 
-def test_bad_inputs_give_clear_errors_and_other_slides_finish(tiny_prep, encoder_dir, tmp_path):
+def test_bad_inputs_give_clear_errors_and_other_slides_finish(
+    tiny_prep, encoder_dir, tmp_path, capsys
+):
     def cpath(*args):
-        return subprocess.run([sys.executable, "-m", "pipeline", "extract", "--progress", "false",
-                               "--workers", "0", *args], capture_output=True, text=True, timeout=300)  # fmt: skip
+        code = main(["extract", "--progress", "false", "--workers", "0", *args])
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, captured.out, captured.err)
 
     missing = cpath("--coords", str(tmp_path / "nope"), "--encoder", str(encoder_dir))
     assert missing.returncode == 1 and "no such coords folder" in missing.stderr
@@ -159,9 +190,7 @@ def test_bad_inputs_give_clear_errors_and_other_slides_finish(tiny_prep, encoder
         coords / "empty.h5", np.zeros((0, 2)), np.zeros(0), {**table.attrs, "slide_id": "empty"}
     )
     out = tmp_path / "feats"
-    done = subprocess.run([sys.executable, "-m", "pipeline", "extract", "--coords", str(coords),
-                           "--encoder", str(encoder_dir), "--out", str(out), "--workers", "1",
-                           "--progress", "false"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = cpath("--coords", str(coords), "--encoder", str(encoder_dir), "--out", str(out))
     assert done.returncode == 1
     assert "failed broken" in done.stdout and "7 done" in done.stdout and "1 failed" in done.stdout
     assert not (out / "broken.h5").exists() and len(list(out.glob("demo_*.h5"))) == 6

@@ -1,1 +1,1 @@
-"""Multiple-instance learning aggregators and slide-level training."""
+"""Slide-level multiple-instance learning: aggregators by name (``pipeline.mil.base.make_mil``)."""

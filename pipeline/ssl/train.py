@@ -45,6 +45,12 @@ def _check(cfg: PretrainConfig) -> None:
         )
     if cfg.loss.mask_ratio[0] > cfg.loss.mask_ratio[1] or not 0 <= cfg.loss.mask_probability <= 1:
         raise ConfigError("--loss.mask_ratio must be (low, high) and mask_probability in [0, 1]")
+    if t.logger == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise ConfigError("--trainer.logger tensorboard needs `pip install tensorboard`; "
+                              "the default csv logger needs nothing") from None  # fmt: skip
     if t.strategy.startswith("fsdp") and t.accelerator == "cpu":
         raise ConfigError("FSDP needs GPUs; use --trainer.strategy ddp on CPU")
 

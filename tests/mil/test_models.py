@@ -1,0 +1,116 @@
+import pytest
+import torch
+
+from pipeline.errors import ConfigError
+from pipeline.mil.base import load_models, make_mil
+
+MODELS = sorted(load_models())
+SMALL = {"abmil": {"hidden": 32, "attn_dim": 16}, "clam_sb": {"hidden": 32, "attn_dim": 16},
+         "clam_mb": {"hidden": 32, "attn_dim": 16}, "transmil": {"hidden": 32, "heads": 4, "landmarks": 8},
+         "dsmil": {"q_dim": 16}, "mean": {"hidden": 32}, "max": {"hidden": 32}}  # fmt: skip
+D, C = 24, 3
+
+
+def model(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return make_mil(name, D, C, **SMALL[name]).eval()
+
+
+def test_every_aggregator_is_registered():
+    assert set(MODELS) == {"abmil", "clam_sb", "clam_mb", "transmil", "dsmil", "mean", "max"}
+    with pytest.raises(ConfigError, match="unknown MIL model 'abmill'"):
+        make_mil("abmill", D, C)
+    with pytest.raises(ConfigError, match="abmil"):
+        make_mil("abmil", D, C, hiden=3)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_padding_is_ignored_and_outputs_are_finite(name):
+    m = model(name)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 40, D, generator=g)
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    mask[1, 25:] = False  # bag 1 has 25 instances
+    noisy = x.clone()
+    noisy[1, 25:] = 1e3 * torch.randn(15, D, generator=g)  # garbage in the padding
+    with torch.no_grad():
+        a, b = m(x, mask), m(noisy, mask)
+    assert a["logits"].shape == (2, C) and torch.isfinite(a["logits"]).all()
+    assert torch.allclose(a["logits"], b["logits"], atol=1e-5)
+    if "attention" in a:
+        att = a["attention"]
+        assert att.shape[:2] == (2, 40) and (att[1, 25:] == 0).all()
+    if name != "transmil":  # TransMIL's grid and landmarks depend on the padded length
+        with torch.no_grad():
+            alone = m(x[1:, :25], mask[1:, :25])["logits"]
+        assert torch.allclose(alone, a["logits"][1:], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["abmil", "clam_sb", "mean", "max", "dsmil"])
+def test_order_of_instances_does_not_matter(name):
+    m = model(name)
+    x = torch.randn(1, 30, D)
+    mask = torch.ones(1, 30, dtype=torch.bool)
+    perm = torch.randperm(30)
+    with torch.no_grad():
+        assert torch.allclose(m(x, mask)["logits"], m(x[:, perm], mask)["logits"], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_empty_bags_and_gradients(name):
+    m = model(name).train()
+    x = torch.randn(2, 12, D, requires_grad=True)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[0] = False  # an empty bag in the batch
+    out = m(x, mask, labels=torch.tensor([0, 2]))
+    loss = out["logits"].sum() + out.get("aux_loss", 0.0)
+    loss.backward()
+    assert torch.isfinite(out["logits"]).all() and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("name", ["abmil", "clam_sb"])
+def test_attention_is_a_distribution_over_real_instances(name):
+    m = model(name)
+    mask = torch.ones(3, 20, dtype=torch.bool)
+    mask[2, 5:] = False
+    with torch.no_grad():
+        att = m(torch.randn(3, 20, D), mask)["attention"]
+    assert torch.allclose(att.sum(1), torch.ones(3), atol=1e-5)
+
+
+def test_clam_instance_loss_uses_top_and_bottom_instances():
+    for name, subtyping in (("clam_sb", False), ("clam_mb", True)):
+        m = make_mil(name, D, C, hidden=32, attn_dim=16, k_sample=4, subtyping=subtyping).train()
+        out = m(
+            torch.randn(2, 30, D), torch.ones(2, 30, dtype=torch.bool), labels=torch.tensor([1, 0])
+        )
+        assert out["aux_loss"].ndim == 0 and out["aux_loss"] > 0
+        # bags smaller than 2 instances have nothing to pseudo-label: zero, not an error
+        tiny = m(torch.randn(1, 1, D), torch.ones(1, 1, dtype=torch.bool), labels=torch.tensor([0]))
+        assert tiny["aux_loss"] == 0
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_each_aggregator_learns_a_witness_instance_task(name):
+    """Positive bags hold a few instances shifted along one direction (the 'tumour' tiles)."""
+    g = torch.Generator().manual_seed(0)
+    n_bags, n = 32, 16
+    x = torch.randn(n_bags, n, D, generator=g)
+    y = torch.arange(n_bags) % 2
+    direction = torch.randn(D, generator=g)
+    for i in torch.nonzero(y).flatten():
+        x[i, :3] += 3 * direction / direction.norm()
+    mask = torch.ones(n_bags, n, dtype=torch.bool)
+    torch.manual_seed(0)
+    m = make_mil(name, D, 2, **SMALL[name]).train()
+    opt = torch.optim.AdamW(m.parameters(), lr=5e-3)
+    for _ in range(40):
+        out = m(x, mask, labels=y)
+        loss = torch.nn.functional.cross_entropy(out["logits"], y) + out.get("aux_loss", 0.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.eval()
+    with torch.no_grad():
+        accuracy = (m(x, mask)["logits"].argmax(1) == y).float().mean()
+    assert accuracy > 0.9
