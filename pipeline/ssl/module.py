@@ -15,7 +15,6 @@ from dataclasses import asdict
 
 import lightning as L
 import torch
-from torch import nn
 
 from pipeline.encoders import load_weights
 from pipeline.errors import PipelineError
@@ -231,7 +230,3 @@ def _plain(cfg) -> dict:
     out = asdict(cfg)
     return {k: (str(v) if hasattr(v, "__fspath__") else list(v) if isinstance(v, tuple) else v)
             for k, v in out.items()}  # fmt: skip
-
-
-def teacher_backbone(module: nn.Module) -> nn.Module:
-    return module.teacher.backbone.vit

@@ -127,7 +127,9 @@ def list_coords_files(source: str | os.PathLike) -> list[Path]:
                  for line in lines if line and not line.startswith("#")]  # fmt: skip
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
-            raise PipelineError(f"{source}: listed coords files not found: {', '.join(missing[:5])}")
+            raise PipelineError(
+                f"{source}: listed coords files not found: {', '.join(missing[:5])}"
+            )
     else:
         raise PipelineError(
             f"{source}: no such coords folder or file; run `cpath preprocess` first and pass "
