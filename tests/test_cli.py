@@ -49,7 +49,7 @@ def test_print_config_shows_resolved_values():
 
 
 def test_planned_stage_fails_with_clear_message():
-    proc = _cpath("train-mil", "--folds", "3")
+    proc = _cpath("evaluate", "--out", "nowhere")
     assert proc.returncode == 1
     assert "is not available in cpath-pipeline" in proc.stderr and "Traceback" not in proc.stderr
 

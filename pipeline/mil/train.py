@@ -1,25 +1,85 @@
-"""``cpath train-mil``: slide-level MIL training with cross-validation."""
+"""``cpath train-mil``: slide-level MIL training with patient-grouped cross-validation.
+
+    cpath train-mil --features runs/feats --labels labels.csv --model abmil --folds 5 --out runs/mil
+    cpath train-mil --features runs/feats --labels labels.csv --task survival --survival_loss nll
+
+Outputs under ``out``: ``splits.csv`` (reused when present), ``fold_<k>/model.ckpt`` (the
+best epoch by validation loss), ``predictions.csv`` (out-of-fold: slide_id, case_id, fold,
+label, per-class probabilities or risk), ``metrics.json`` (per fold, mean +- std, and a
+bootstrap 95% CI on the pooled out-of-fold predictions) and ``config.yaml``.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
-
-from pipeline.planned import not_available
+from typing import Any, Literal
 
 
 @dataclass
 class TrainMILConfig:
-    """Train a MIL aggregator on per-slide features with k-fold cross-validation."""
+    """Train a MIL aggregator on per-slide features with k-fold cross-validation.
+
+    Args:
+        features: folder of feature files (<slide_id>.h5) from `cpath extract`.
+        labels: CSV with slide_id, case_id and label (classification) or time, event (survival).
+        model: abmil, clam_sb, clam_mb, transmil, dsmil, mean or max.
+        model_args: constructor arguments of the model (hidden, dropout, ...).
+        task: classification or survival.
+        folds: cross-validation folds (grouped by case_id, stratified by label or event).
+        val_share: share of each fold's training patients used for early stopping.
+        splits: a splits.csv to reuse (default: OUT/splits.csv if present, else new).
+        out: run folder.
+        epochs: most training epochs per fold.
+        patience: epochs without validation improvement before stopping.
+        lr: AdamW learning rate (cosine schedule).
+        weight_decay: AdamW weight decay.
+        batch_size: bags per step (zero-padded, masked).
+        max_instances: random instances kept per training bag (None: all).
+        balanced: sample training bags with class-balanced weights.
+        bag_weight: weight of the bag loss against CLAM/DSMIL auxiliary losses.
+        survival_loss: nll (discrete time) or cox.
+        time_bins: discrete-time bins (quantiles of event times) for the nll loss.
+        ordinal: labels are ordered (adds quadratic weighted kappa).
+        bootstrap: bootstrap resamples for the confidence intervals.
+        seed: seed of splits, sampling and initialisation.
+        device: auto, cpu or cuda.
+        progress: show progress bars.
+    """
 
     features: Path | None = None
     labels: Path | None = None
     model: str = "abmil"
+    model_args: dict[str, Any] = field(default_factory=dict)
     task: Literal["classification", "survival"] = "classification"
     folds: int = 5
+    val_share: float = 0.2
+    splits: Path | None = None
     out: Path = Path("runs/mil")
+    epochs: int = 30
+    patience: int = 8
+    lr: float = 2.0e-4
+    weight_decay: float = 1.0e-2
+    batch_size: int = 1
+    max_instances: int | None = 4096
+    balanced: bool = True
+    bag_weight: float = 0.7
+    survival_loss: Literal["nll", "cox"] = "nll"
+    time_bins: int = 4
+    ordinal: bool = False
+    bootstrap: int = 1000
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = True
 
 
-def run(cfg: TrainMILConfig) -> None:
-    raise not_available("train-mil")
+def run(cfg: TrainMILConfig) -> int:
+    from pipeline.mil.training import train_cv
+
+    metrics = train_cv(cfg)
+    summary = metrics["pooled"]
+    text = ", ".join(
+        f"{k} {v['value']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]" for k, v in summary.items()
+    )
+    print(f"train-mil {cfg.model} ({cfg.task}, {cfg.folds} folds): {text} -> {cfg.out}")
+    return 0

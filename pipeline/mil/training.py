@@ -1,0 +1,329 @@
+"""The work behind ``cpath train-mil`` (see :mod:`pipeline.mil.train`): one Lightning module
+per fold, patient-grouped cross-validation, out-of-fold predictions and metrics."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader, WeightedRandomSampler
+
+from pipeline.config import config_to_dict, save_config
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.io import atomic_path, atomic_write_text
+from pipeline.mil.bags import BagStore, collate
+from pipeline.mil.base import make_mil
+from pipeline.mil.metrics import bootstrap_ci, classification_metrics, concordance_index
+from pipeline.mil.splits import fold_members, make_splits, read_splits, write_splits
+from pipeline.mil.train import TrainMILConfig
+
+log = logging.getLogger(__name__)
+
+
+def nll_survival_loss(
+    logits: torch.Tensor, bins: torch.Tensor, event: torch.Tensor
+) -> torch.Tensor:
+    """Discrete-time survival negative log-likelihood (Zadeh and Schmid, 2020): hazards
+    ``sigmoid(logits)`` (``B x K``), survival ``S_k = prod_{j<=k} (1 - h_j)``."""
+    hazards = torch.sigmoid(logits.float()).clamp(1e-7, 1 - 1e-7)
+    surv = torch.cat([torch.ones_like(hazards[:, :1]), torch.cumprod(1 - hazards, dim=1)], dim=1)
+    b = bins.long().unsqueeze(1)
+    observed = -(torch.log(surv.gather(1, b)) + torch.log(hazards.gather(1, b))).squeeze(1)
+    censored = -torch.log(surv.gather(1, b + 1)).squeeze(1)
+    return torch.where(event > 0, observed, censored).mean()
+
+
+def cox_loss(risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor) -> torch.Tensor:
+    """Negative Cox partial log-likelihood over the batch (Breslow, no tie correction)."""
+    order = torch.argsort(time, descending=True)
+    risk, event = risk.float()[order], event.float()[order]
+    at_risk = torch.logcumsumexp(risk, dim=0)  # log sum over t_j >= t_i
+    return -((risk - at_risk) * event).sum() / event.sum().clamp_min(1)
+
+
+def survival_risk(logits: torch.Tensor, loss: str) -> torch.Tensor:
+    """Higher = earlier expected death: ``-sum(S)`` (discrete time) or the Cox log-risk."""
+    if loss == "cox":
+        return logits[:, 0].float()
+    surv = torch.cumprod(1 - torch.sigmoid(logits.float()), dim=1)
+    return -surv.sum(1)
+
+
+class MILModule(L.LightningModule):
+    """A registered aggregator trained with AdamW + cosine, bag loss plus auxiliary loss."""
+
+    def __init__(self, model: str, in_dim: int, n_out: int, model_args: dict, task: str,
+                 lr: float, weight_decay: float, epochs: int, bag_weight: float,
+                 survival_loss: str, class_weights: list[float] | None = None):  # fmt: skip
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = make_mil(model, in_dim, n_out, **model_args)
+        self.weights = torch.tensor(class_weights) if class_weights else None
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, labels=None) -> dict:
+        return self.model(x, mask, labels=labels)
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        hp = self.hparams
+        labels = batch["y"] if hp.task == "classification" else None
+        out = self(batch["x"], batch["mask"], labels=labels)
+        if hp.task == "classification":
+            w = self.weights.to(self.device) if self.weights is not None else None
+            loss = F.cross_entropy(out["logits"].float(), batch["y"], weight=w)
+        elif hp.survival_loss == "cox":
+            loss = cox_loss(out["logits"][:, 0], batch["time"], batch["event"])
+        else:
+            loss = nll_survival_loss(out["logits"], batch["bin"], batch["event"])
+        if "aux_loss" in out:
+            loss = hp.bag_weight * loss + (1 - hp.bag_weight) * out["aux_loss"]
+        return loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch)
+        self.log("train_loss", loss, on_epoch=True, on_step=False, batch_size=len(batch["y"]))
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.log("val_loss", self.loss(batch), on_epoch=True, batch_size=len(batch["y"]))
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        return {
+            "optimizer": opt,
+            "lr_scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(opt, hp.epochs),
+        }
+
+
+def read_labels(path: Path, task: str) -> list[dict]:
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as exc:
+        raise PipelineError(f"{path}: cannot read the labels ({exc})") from exc
+    need = {"slide_id", "label"} if task == "classification" else {"slide_id", "time", "event"}
+    missing = need - set(rows[0] if rows else {})
+    if missing:
+        raise PipelineError(f"{path}: missing columns {sorted(missing)} for --task {task}")
+    for r in rows:
+        r.setdefault("case_id", r["slide_id"])
+        r["case_id"] = r["case_id"] or r["slide_id"]
+        if task == "survival":
+            r["time"], r["event"] = float(r["time"]), int(float(r["event"]))
+            r.setdefault("label", str(r["event"]))
+    return rows
+
+
+class Targets:
+    """Per-slide tensors of the training targets."""
+
+    def __init__(self, rows: list[dict], task: str, classes: list[str], time_bins: int):
+        self.task, self.classes = task, classes
+        self.by_id = {r["slide_id"]: r for r in rows}
+        if task == "survival":
+            times = (
+                np.array([r["time"] for r in rows if r["event"]])
+                if any(r["event"] for r in rows)
+                else np.array([r["time"] for r in rows])
+            )
+            self.edges = np.quantile(times, np.linspace(0, 1, time_bins + 1))[1:-1]
+
+    def batch(self, ids: list[str]) -> dict:
+        rows = [self.by_id[s] for s in ids]
+        if self.task == "classification":
+            return {"y": torch.tensor([self.classes.index(r["label"]) for r in rows])}
+        time = np.array([r["time"] for r in rows])
+        return {"y": torch.zeros(len(rows)), "time": torch.tensor(time, dtype=torch.float32),
+                "event": torch.tensor([r["event"] for r in rows], dtype=torch.float32),
+                "bin": torch.from_numpy(np.searchsorted(self.edges, time, side="right"))}  # fmt: skip
+
+
+def _loader(ids, store, targets, cfg, train: bool, generator) -> DataLoader:
+    def collate_fn(batch_ids):
+        x, mask = collate(store, batch_ids, cfg.max_instances if train else None, generator)
+        return {"x": x, "mask": mask, "ids": batch_ids, **targets.batch(batch_ids)}
+
+    sampler = None
+    if train and cfg.balanced and cfg.task == "classification":
+        labels = [targets.by_id[s]["label"] for s in ids]
+        counts = {c: labels.count(c) for c in set(labels)}
+        weights = torch.tensor([1.0 / counts[c] for c in labels])
+        sampler = WeightedRandomSampler(weights, len(ids), replacement=True, generator=generator)
+    # evaluation: one bag per step, or all bags at once for the Cox loss (it compares bags)
+    size = (
+        cfg.batch_size
+        if train
+        else (len(ids) if cfg.survival_loss == "cox" and cfg.task == "survival" else 1)
+    )
+    return DataLoader(ids, batch_size=max(1, size), sampler=sampler,
+                      shuffle=train and sampler is None, collate_fn=collate_fn, generator=generator)  # fmt: skip
+
+
+def _predict(module: MILModule, ids, store, targets, cfg) -> list[np.ndarray]:
+    module.eval()
+    outs = []
+    with torch.inference_mode():
+        for slide_id in ids:
+            x, mask = collate(store, [slide_id])
+            logits = module(x.to(module.device), mask.to(module.device))["logits"]
+            if cfg.task == "classification":
+                outs.append(torch.softmax(logits.float(), -1)[0].cpu().numpy())
+            else:
+                outs.append(survival_risk(logits, cfg.survival_loss).cpu().numpy())
+    return outs
+
+
+def train_cv(cfg: TrainMILConfig) -> dict:
+    """Cross-validate ``cfg.model``; writes the run folder and returns the metrics."""
+    if cfg.features is None or cfg.labels is None:
+        raise ConfigError(
+            "train-mil needs --features FEATS (from `cpath extract`) and --labels labels.csv"
+        )
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = read_labels(Path(cfg.labels), cfg.task)
+    available = {p.stem for p in Path(cfg.features).glob("*.h5")}
+    if not available:
+        raise PipelineError(f"{cfg.features}: no feature files; run `cpath extract` first")
+    dropped = [r["slide_id"] for r in rows if r["slide_id"] not in available]
+    rows = [r for r in rows if r["slide_id"] in available]
+    if dropped:
+        log.warning(
+            "%d labelled slides have no features and are left out: %s",
+            len(dropped),
+            ", ".join(dropped[:5]),
+        )
+    classes = sorted({r["label"] for r in rows}) if cfg.task == "classification" else []
+    splits_file = Path(cfg.splits) if cfg.splits else out / "splits.csv"
+    if splits_file.is_file():
+        splits = read_splits(splits_file)
+    else:
+        stratify = "label" if cfg.task == "classification" else "event"
+        splits = make_splits(rows, cfg.folds, cfg.val_share, cfg.seed, stratify=stratify)
+        write_splits(out / "splits.csv", splits)
+    folds = sum(1 for k in splits[0] if k.startswith("fold_"))
+    config_text = json.dumps(config_to_dict(cfg), sort_keys=True, default=str)
+    previous = out / ".config.json"
+    if previous.is_file() and previous.read_text() != config_text:  # other settings: start over
+        for fold_dir in out.glob("fold_*"):
+            shutil.rmtree(fold_dir)
+    atomic_write_text(previous, config_text)
+    save_config(cfg, out)
+    store = BagStore(cfg.features, [r["slide_id"] for r in rows])
+    targets = Targets(rows, cfg.task, classes, cfg.time_bins)
+    n_out = (
+        len(classes)
+        if cfg.task == "classification"
+        else (1 if cfg.survival_loss == "cox" else cfg.time_bins)
+    )
+    known = set(targets.by_id)
+    predictions = []
+    for k in range(folds):
+        fold_dir = out / f"fold_{k}"
+        done = fold_dir / "predictions.csv"
+        roles = {
+            role: [s for s in fold_members(splits, k, role) if s in known]
+            for role in ("train", "val", "test")
+        }
+        if not done.is_file():
+            _train_fold(cfg, k, fold_dir, roles, store, targets, n_out, classes)
+        with open(done, newline="") as f:
+            predictions += list(csv.DictReader(f))
+    return _write_results(cfg, out, predictions, classes, targets)
+
+
+def _train_fold(cfg, k, fold_dir, roles, store, targets, n_out, classes) -> None:
+    if fold_dir.exists():
+        shutil.rmtree(fold_dir)
+    fold_dir.mkdir(parents=True)
+    L.seed_everything(cfg.seed + k, verbose=False)
+    generator = torch.Generator().manual_seed(cfg.seed + k)
+    module = MILModule(cfg.model, store.dim, n_out, dict(cfg.model_args), cfg.task, cfg.lr,
+                       cfg.weight_decay, cfg.epochs, cfg.bag_weight, cfg.survival_loss)  # fmt: skip
+    monitor = "val_loss" if roles["val"] else "train_loss"
+    ckpt = ModelCheckpoint(
+        dirpath=fold_dir,
+        filename="model",
+        monitor=monitor,
+        save_top_k=1,
+        enable_version_counter=False,
+    )
+    cuda = torch.cuda.is_available() and cfg.device != "cpu"
+    trainer = L.Trainer(max_epochs=cfg.epochs, accelerator="gpu" if cuda else "cpu", devices=1,
+                        precision="bf16-mixed" if cuda else "32-true", logger=CSVLogger(fold_dir, name="", version=""),
+                        callbacks=[ckpt, EarlyStopping(monitor, patience=cfg.patience)],
+                        enable_progress_bar=cfg.progress, enable_model_summary=False,
+                        log_every_n_steps=10, num_sanity_val_steps=0)  # fmt: skip
+    train = _loader(roles["train"], store, targets, cfg, True, generator)
+    val = _loader(roles["val"], store, targets, cfg, False, generator) if roles["val"] else None
+    trainer.fit(module, train, val)
+    best = MILModule.load_from_checkpoint(
+        ckpt.best_model_path or ckpt.last_model_path, map_location="cpu"
+    )
+    outs = _predict(best, roles["test"], store, targets, cfg)
+    with atomic_path(fold_dir / "predictions.csv") as tmp, open(tmp, "w", newline="") as f:
+        fields = ["slide_id", "case_id", "fold", "label"]
+        fields += (
+            [f"prob_{c}" for c in classes]
+            if cfg.task == "classification"
+            else ["time", "event", "risk"]
+        )
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for slide_id, value in zip(roles["test"], outs, strict=True):
+            r = targets.by_id[slide_id]
+            row = {"slide_id": slide_id, "case_id": r["case_id"], "fold": k, "label": r["label"]}
+            if cfg.task == "classification":
+                row.update({f"prob_{c}": f"{p:.6f}" for c, p in zip(classes, value, strict=True)})
+            else:
+                row.update(
+                    {"time": r["time"], "event": r["event"], "risk": f"{float(value[0]):.6f}"}
+                )
+            writer.writerow(row)
+
+
+def _scores(cfg, rows: list[dict], classes: list[str]) -> dict[str, float]:
+    if cfg.task == "classification":
+        y = np.array([classes.index(r["label"]) for r in rows])
+        probs = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in rows])
+        return classification_metrics(y, probs, cfg.ordinal)
+    t, e, risk = (np.array([float(r[k]) for r in rows]) for k in ("time", "event", "risk"))
+    return {"c_index": concordance_index(t, e, risk)}
+
+
+def _write_results(cfg, out: Path, predictions: list[dict], classes, targets) -> dict:
+    folds = sorted({int(r["fold"]) for r in predictions})
+    per_fold = [
+        _scores(cfg, [r for r in predictions if int(r["fold"]) == k], classes) for k in folds
+    ]
+    names = list(per_fold[0]) if per_fold else []
+    pooled_values = _scores(cfg, predictions, classes)
+    pooled = {}
+    for name in names:
+
+        def metric(idx, name=name):
+            return _scores(cfg, [predictions[i] for i in idx], classes)[name]
+
+        ci = bootstrap_ci(metric, np.arange(len(predictions)), n=cfg.bootstrap, seed=cfg.seed)
+        pooled[name] = {"value": pooled_values[name], "ci": list(ci)}
+    metrics = {
+        "model": cfg.model, "task": cfg.task, "folds": per_fold,
+        "mean": {n: float(np.nanmean([f[n] for f in per_fold])) for n in names},
+        "std": {n: float(np.nanstd([f[n] for f in per_fold])) for n in names},
+        "pooled": pooled, "n_slides": len(predictions), "classes": classes,
+    }  # fmt: skip
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
+    with atomic_path(out / "predictions.csv") as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(predictions[0]))
+        writer.writeheader()
+        writer.writerows(predictions)
+    return metrics

@@ -1,0 +1,130 @@
+"""Cross-validated MIL training on feature files with a planted signal."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.cli import main
+from pipeline.features import FeatureWriter
+from pipeline.mil.metrics import bootstrap_ci, classification_metrics, concordance_index
+from pipeline.mil.train import TrainMILConfig
+from pipeline.mil.training import cox_loss, nll_survival_loss, survival_risk, train_cv
+
+D = 16
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """40 slides of 30 patients: tumour slides hold 4-8 instances shifted along one direction;
+    survival time falls with the number of shifted instances."""
+    root = tmp_path_factory.mktemp("planted")
+    rng = np.random.default_rng(0)
+    direction = rng.normal(size=D)
+    direction /= np.linalg.norm(direction)
+    rows = []
+    for i in range(40):
+        case = f"case_{min(i, 29):02d}" if i < 30 else f"case_{i - 30:02d}"
+        tumour = i % 2 == 1
+        n = int(rng.integers(20, 60))
+        feats = rng.normal(size=(n, D)).astype(np.float32)
+        k = int(rng.integers(4, 9)) if tumour else 0
+        feats[:k] += 4.0 * direction
+        writer = FeatureWriter(
+            root / "feats" / f"s{i:02d}.h5", n, D, np.zeros((n, 2)), {}, "float32"
+        )
+        writer.write(feats, 0)
+        writer.close()
+        time = float(np.clip(60 - 6 * k + rng.normal(0, 3), 1, None))
+        rows.append({"slide_id": f"s{i:02d}", "case_id": case, "label": "tumor" if tumour else "normal",
+                     "time": round(time, 1), "event": int(rng.random() < 0.8)})  # fmt: skip
+    with open(root / "labels.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+def cfg(planted, out, **kw):
+    base = {"features": planted / "feats", "labels": planted / "labels.csv", "out": out, "folds": 3,
+            "epochs": 8, "patience": 8, "lr": 2e-3, "progress": False, "bootstrap": 200,
+            "model_args": {"hidden": 64, "attn_dim": 32}}  # fmt: skip
+    return TrainMILConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def classified(planted, tmp_path_factory):
+    out = tmp_path_factory.mktemp("abmil")
+    return out, train_cv(cfg(planted, out))
+
+
+def test_classification_cross_validation_finds_the_planted_signal(classified):
+    out, metrics = classified
+    assert metrics["pooled"]["auc"]["value"] > 0.9
+    lo, hi = metrics["pooled"]["auc"]["ci"]
+    assert lo <= metrics["pooled"]["auc"]["value"] <= hi
+    with open(out / "predictions.csv") as f:
+        preds = list(csv.DictReader(f))
+    assert len(preds) == 40 and {"prob_normal", "prob_tumor", "fold", "case_id"} <= set(preds[0])
+    with open(out / "splits.csv") as f:
+        splits = list(csv.DictReader(f))
+    for k in range(3):  # no patient on both sides of a fold
+        test = {r["case_id"] for r in splits if r[f"fold_{k}"] == "test"}
+        train = {r["case_id"] for r in splits if r[f"fold_{k}"] != "test"}
+        assert not test & train
+    assert all((out / f"fold_{k}" / "model.ckpt").is_file() for k in range(3))
+    saved = json.loads((out / "metrics.json").read_text())
+    assert len(saved["folds"]) == 3 and set(saved["mean"]) == {"auc", "balanced_accuracy", "f1"}
+
+
+def test_rerun_reuses_finished_folds_and_splits(planted, classified):
+    out, metrics = classified
+    stamp = (out / "fold_0" / "model.ckpt").stat().st_mtime_ns
+    assert train_cv(cfg(planted, out)) == metrics
+    assert (out / "fold_0" / "model.ckpt").stat().st_mtime_ns == stamp
+    train_cv(cfg(planted, out, epochs=1, patience=1))  # other settings: folds are trained again
+    assert (out / "fold_0" / "model.ckpt").stat().st_mtime_ns != stamp
+
+
+def test_survival_ranks_patients_by_the_planted_risk(planted, tmp_path):
+    metrics = train_cv(cfg(planted, tmp_path, task="survival", survival_loss="cox", batch_size=8,
+                           epochs=20, patience=20, lr=5e-3, val_share=0.0))  # fmt: skip
+    assert metrics["pooled"]["c_index"]["value"] > 0.7
+    with open(tmp_path / "predictions.csv") as f:
+        assert {"time", "event", "risk"} <= set(next(csv.DictReader(f)))
+
+
+def test_discrete_time_nll_matches_its_formula():
+    logits = torch.tensor([[0.0, 1.0, -1.0], [2.0, 0.0, 0.0]], requires_grad=True)
+    bins, event = torch.tensor([1, 0]), torch.tensor([1.0, 0.0])
+    h = torch.sigmoid(logits.detach())
+    observed = -(torch.log(1 - h[0, 0]) + torch.log(h[0, 1]))  # survived bin 0, died in bin 1
+    censored = -torch.log(1 - h[1, 0])  # alive at the end of bin 0
+    loss = nll_survival_loss(logits, bins, event)
+    assert loss.item() == pytest.approx(((observed + censored) / 2).item(), rel=1e-5)
+    loss.backward()
+    assert logits.grad[0, 1] < 0 and logits.grad[1, 0] > 0  # raise the death bin's hazard
+    risk = survival_risk(torch.tensor([[3.0, 3.0, 3.0], [-3.0, -3.0, -3.0]]), "nll")
+    assert risk[0] > risk[1]
+    assert cox_loss(
+        torch.tensor([2.0, 0.0]), torch.tensor([1.0, 5.0]), torch.tensor([1.0, 1.0])
+    ) < cox_loss(torch.tensor([0.0, 2.0]), torch.tensor([1.0, 5.0]), torch.tensor([1.0, 1.0]))
+
+
+def test_metrics_against_known_values():
+    assert concordance_index([1, 2, 3], [1, 1, 1], [3, 2, 1]) == 1.0
+    assert concordance_index([1, 2, 3], [1, 1, 1], [1, 2, 3]) == 0.0
+    assert np.isnan(concordance_index([1, 2, 3], [0, 0, 0], [1, 2, 3]))  # no comparable pair
+    m = classification_metrics(
+        np.array([0, 1, 1, 0]), np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.7, 0.3]])
+    )
+    assert m["auc"] == 1.0 and m["balanced_accuracy"] == 0.75
+    lo, hi = bootstrap_ci(lambda x: float(np.mean(x)), np.arange(100.0), n=300)
+    assert lo < 49.5 < hi and hi - lo < 25
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert main(["train-mil", "--labels", str(tmp_path / "x.csv")]) == 1
+    assert "needs --features" in capsys.readouterr().err
