@@ -146,7 +146,7 @@ def test_killed_run_leaves_no_partial_file_and_resumes(tiny_prep, encoder_dir, t
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     finals = list(tmp_path.glob("*.h5"))
-    assert 1 <= len(finals) < 6
+    assert len(finals) in range(1, 6)  # killed mid-run: some slides done, not all
     for path in finals:
         assert is_complete(path, {})
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
