@@ -37,6 +37,8 @@ STAGES = {
               "ExtractConfig"),
         Stage("train-mil", "slide-level MIL training and cross-validation",
               "pipeline.mil.train", "TrainMILConfig"),
+        Stage("heatmap", "MIL attention over a slide thumbnail, top tiles", "pipeline.mil.heatmap",
+              "HeatmapConfig"),
         Stage("evaluate", "encoder benchmarks and reports", "pipeline.eval.evaluate",
               "EvaluateConfig"),
         Stage("demo", "the whole pipeline on the demo cohort", "pipeline.demo", "DemoConfig"),

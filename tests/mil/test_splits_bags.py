@@ -1,15 +1,11 @@
 import numpy as np
 import pytest
-import timm
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.extract import ExtractConfig
-from pipeline.extraction import extract
 from pipeline.features import read_features
 from pipeline.mil.bags import BagStore, collate
 from pipeline.mil.splits import fold_members, make_splits, read_splits, write_splits
-from pipeline.ssl.export import save_encoder
 
 
 def cohort(n_cases=30, seed=0):
@@ -58,28 +54,8 @@ def test_fixed_test_set_and_bad_inputs(tmp_path):
         read_splits(tmp_path / "bad.csv")
 
 
-@pytest.fixture(scope="module")
-def features(tmp_path_factory, tiny_prep):
-    tiny = {
-        "num_classes": 0,
-        "img_size": 32,
-        "patch_size": 16,
-        "depth": 1,
-        "embed_dim": 16,
-        "num_heads": 2,
-    }
-    torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", **tiny)
-    root = tmp_path_factory.mktemp("bags")
-    enc = save_encoder(
-        model.state_dict(), "vit_tiny_patch16_224", tiny, root / "enc", input_size=32
-    )
-    extract(ExtractConfig(coords=tiny_prep / "coords", encoder=str(enc), out=root / "feats",
-                          batch_size=64, workers=0, precision="fp32", dtype="float32", progress=False))  # fmt: skip
-    return root / "feats"
-
-
-def test_bag_store_holds_each_slide_once_and_batches_pad_with_masks(features):
+def test_bag_store_holds_each_slide_once_and_batches_pad_with_masks(tiny_features):
+    features = tiny_features
     ids = sorted(p.stem for p in features.glob("*.h5"))
     store = BagStore(features, ids)
     for slide_id in ids:
