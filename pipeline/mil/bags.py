@@ -36,6 +36,14 @@ class BagStore:
         if missing:
             raise PipelineError(f"{folder}: no features for {len(missing)} slides "
                                 f"({', '.join(missing[:5])}); run `cpath extract` for them")  # fmt: skip
+        dims = {f.shape[1] for f in feats}
+        if len(dims) > 1:
+            by_dim = {
+                d: [s for s, f in zip(slide_ids, feats, strict=True) if f.shape[1] == d][:3]
+                for d in dims
+            }
+            raise PipelineError(f"{folder}: feature files of different sizes {by_dim}; extract all "
+                                "slides with one encoder and pooling")  # fmt: skip
         self.slide_ids = list(slide_ids)
         self.index = {s: i for i, s in enumerate(self.slide_ids)}
         self.lengths = torch.tensor([len(f) for f in feats])

@@ -42,6 +42,7 @@ class TrainMILConfig:
         time_bins: discrete-time bins (quantiles of event times) for the nll loss.
         ordinal: labels are ordered (adds quadratic weighted kappa).
         bootstrap: bootstrap resamples for the confidence intervals.
+        missing: labelled slides without a feature file: error, or skip them.
         seed: seed of splits, sampling and initialisation.
         device: auto, cpu or cuda.
         progress: show progress bars.
@@ -68,6 +69,7 @@ class TrainMILConfig:
     time_bins: int = 4
     ordinal: bool = False
     bootstrap: int = 1000
+    missing: Literal["error", "skip"] = "error"
     seed: int = 0
     device: str = "auto"
     progress: bool = True

@@ -195,14 +195,21 @@ def train_cv(cfg: TrainMILConfig) -> dict:
     if not available:
         raise PipelineError(f"{cfg.features}: no feature files; run `cpath extract` first")
     dropped = [r["slide_id"] for r in rows if r["slide_id"] not in available]
-    rows = [r for r in rows if r["slide_id"] in available]
+    if dropped and cfg.missing == "error":
+        raise PipelineError(f"{cfg.labels}: {len(dropped)} labelled slides have no feature file in "
+                            f"{cfg.features} ({', '.join(dropped[:5])}); extract them or pass "
+                            "--missing skip")  # fmt: skip
     if dropped:
-        log.warning(
-            "%d labelled slides have no features and are left out: %s",
-            len(dropped),
-            ", ".join(dropped[:5]),
-        )
+        log.warning("%d labelled slides have no features and are left out: %s", len(dropped),
+                    ", ".join(dropped[:5]))  # fmt: skip
+    rows = [r for r in rows if r["slide_id"] in available]
+    unlabelled = available - {r["slide_id"] for r in rows}
+    if unlabelled:
+        log.info("%d feature files have no label and are not used", len(unlabelled))
     classes = sorted({r["label"] for r in rows}) if cfg.task == "classification" else []
+    if cfg.task == "classification" and len(classes) < 2:
+        raise PipelineError(f"{cfg.labels}: only one class ({', '.join(classes) or 'none'}) among "
+                            "the slides with features; classification needs two or more")  # fmt: skip
     splits_file = Path(cfg.splits) if cfg.splits else out / "splits.csv"
     if splits_file.is_file():
         splits = read_splits(splits_file)
@@ -219,6 +226,10 @@ def train_cv(cfg: TrainMILConfig) -> dict:
     atomic_write_text(previous, config_text)
     save_config(cfg, out)
     store = BagStore(cfg.features, [r["slide_id"] for r in rows])
+    empty = [s for s, n in zip(store.slide_ids, store.lengths.tolist(), strict=True) if n == 0]
+    if empty:
+        raise PipelineError(f"{len(empty)} slides have no tiles ({', '.join(empty[:5])}): their bags are "
+                            "empty; remove them from the labels or check the tissue detection")  # fmt: skip
     targets = Targets(rows, cfg.task, classes, cfg.time_bins)
     n_out = (
         len(classes)

@@ -47,7 +47,7 @@ def planted(tmp_path_factory):
     return root
 
 
-def cfg(planted, out, **kw):
+def cfg(planted, out=None, **kw):
     base = {"features": planted / "feats", "labels": planted / "labels.csv", "out": out, "folds": 3,
             "epochs": 8, "patience": 8, "lr": 2e-3, "progress": False, "bootstrap": 200,
             "model_args": {"hidden": 64, "attn_dim": 32}}  # fmt: skip
@@ -128,3 +128,34 @@ def test_metrics_against_known_values():
 def test_cli_errors(tmp_path, capsys):
     assert main(["train-mil", "--labels", str(tmp_path / "x.csv")]) == 1
     assert "needs --features" in capsys.readouterr().err
+
+
+def test_bad_inputs_give_clear_errors(planted, tmp_path):
+    import shutil
+
+    from pipeline.errors import PipelineError
+
+    feats = tmp_path / "feats"
+    shutil.copytree(planted / "feats", feats)
+    labels = (planted / "labels.csv").read_text()
+    base = {"features": feats, "out": tmp_path / "run"}
+
+    (tmp_path / "extra.csv").write_text(labels + "ghost,case_x,tumor,10,1\n")
+    with pytest.raises(PipelineError, match="1 labelled slides have no feature file.*ghost"):
+        train_cv(cfg(planted, **base, labels=tmp_path / "extra.csv"))
+
+    one = "\n".join(line for line in labels.splitlines() if ",tumor," not in line) + "\n"
+    (tmp_path / "one.csv").write_text(one)
+    with pytest.raises(PipelineError, match="only one class"):
+        train_cv(cfg(planted, **base, labels=tmp_path / "one.csv"))
+
+    writer = FeatureWriter(feats / "s00.h5", 0, D, np.zeros((0, 2)), {}, "float32")
+    writer.close()  # s00 now has no tiles
+    with pytest.raises(PipelineError, match="1 slides have no tiles.*s00"):
+        train_cv(cfg(planted, **base, labels=planted / "labels.csv"))
+
+    writer = FeatureWriter(feats / "s00.h5", 5, 2 * D, np.zeros((5, 2)), {}, "float32")
+    writer.write(np.zeros((5, 2 * D), np.float32), 0)
+    writer.close()  # s00 now has features of another size
+    with pytest.raises(PipelineError, match="feature files of different sizes"):
+        train_cv(cfg(planted, **base, labels=planted / "labels.csv"))
