@@ -6,7 +6,9 @@ normalisation mean/std, the embedding size, and the SHA-256 of the weights. ``sp
 
 - a folder written by ``cpath pretrain`` (``model.safetensors`` + ``config.json``),
 - ``timm:<architecture>`` (random init, or local weights with ``weights=FILE``),
-- ``hf-hub:<org>/<name>`` through timm's own hub loader (needs network access).
+- ``hf-hub:<org>/<name>`` through timm's own hub loader (needs network access),
+- ``random:<exported folder>``: the same architecture and input at random init (seed 0),
+  the baseline a pretrained encoder is compared with.
 
 A new source is one function registered with :func:`register_encoder_source`.
 """
@@ -159,8 +161,9 @@ def _from_hub(name: str, weights: str | os.PathLike | None = None, **kwargs) -> 
     return _timm_encoder(f"hf-hub:{name}", model)
 
 
-def load_exported(folder: str | os.PathLike) -> Encoder:
-    """An encoder folder written by ``cpath pretrain`` (``config.json`` + ``model.safetensors``)."""
+def load_exported(folder: str | os.PathLike, random_init: bool = False) -> Encoder:
+    """An encoder folder written by ``cpath pretrain`` (``config.json`` + ``model.safetensors``);
+    with ``random_init``, its architecture with fresh weights (seed 0) instead."""
     import timm
 
     folder = Path(folder)
@@ -169,13 +172,24 @@ def load_exported(folder: str | os.PathLike) -> Encoder:
         arch, model_args = config["architecture"], dict(config.get("model_args", {}))
     except (OSError, json.JSONDecodeError, KeyError) as exc:
         raise PipelineError(f"{folder}: not an exported encoder (config.json: {exc})") from exc
-    weights = folder / "model.safetensors"
-    model = timm.create_model(arch, pretrained=False, **model_args)
-    load_weights(model, weights)
+    weights = None if random_init else folder / "model.safetensors"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = timm.create_model(arch, pretrained=False, **model_args)
+    if weights is not None:
+        load_weights(model, weights)
     return _timm_encoder(
-        str(folder), model, str(weights), input_size=config.get("input_size"),
+        f"random:{folder}" if random_init else str(folder), model,
+        str(weights) if weights else None, input_size=config.get("input_size"),
         mean=config.get("mean"), std=config.get("std"), **{"export": config},
     )  # fmt: skip
+
+
+@register_encoder_source("random")
+def _random_like(folder: str, weights: str | os.PathLike | None = None, **kwargs) -> Encoder:
+    if weights:
+        raise ConfigError("random:<folder> takes no weights")
+    return load_exported(folder, random_init=True)
 
 
 def load_encoder(spec: str | os.PathLike, weights: str | os.PathLike | None = None,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,4 +44,18 @@ def tiny_prep(tmp_path_factory, tiny_cohort) -> Path:
     out = tmp_path_factory.mktemp("tiny_prep")
     assert run(PreprocessConfig(slides=str(tiny_cohort / "slides"), out=out, tile_size=128,
                                 workers=2)) == 0  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_prep) -> Path:
+    """The tiny-cpu pretraining preset (here 200 steps of 16 tiles, one process) on the tiny
+    cohort; its exported encoder is ``tiny_run / "encoder"``."""
+    out = tmp_path_factory.mktemp("tiny_run")
+    cmd = [sys.executable, "-m", "pipeline", "pretrain", "--config",
+           str(ROOT / "configs" / "pretrain" / "tiny-cpu.yaml"), "--data.coords",
+           str(tiny_prep / "coords"), "--out", str(out), "--trainer.progress_bar", "false",
+           "--trainer.max_steps", "200"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
     return out

@@ -48,10 +48,10 @@ def test_print_config_shows_resolved_values():
     assert "n_slides: 7" in proc.stdout
 
 
-def test_planned_stage_fails_with_clear_message():
+def test_evaluate_without_encoders_fails_with_clear_message():
     proc = _cpath("evaluate", "--out", "nowhere")
     assert proc.returncode == 1
-    assert "is not available in cpath-pipeline" in proc.stderr and "Traceback" not in proc.stderr
+    assert "no encoders" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_positional_words_fill_the_action_fields():

@@ -71,6 +71,8 @@ def collate(store: BagStore, slide_ids: list[str], max_instances: int | None = N
             keep = torch.randperm(len(bag), generator=generator)[:max_instances]
             bag = bag[keep.sort().values]
         bags.append(bag)
+    if len(bags) == 1 and len(bags[0]):  # one bag: a view, nothing to pad or copy
+        return bags[0][None], torch.ones(1, len(bags[0]), dtype=torch.bool)
     n = max((len(b) for b in bags), default=0)
     features = torch.zeros(len(bags), max(n, 1), store.dim)
     mask = torch.zeros(len(bags), max(n, 1), dtype=torch.bool)

@@ -45,6 +45,7 @@ class TrainMILConfig:
         missing: labelled slides without a feature file: error, or skip them.
         seed: seed of splits, sampling and initialisation.
         device: auto, cpu or cuda.
+        precision: auto (bf16-mixed on a GPU, else 32-true), 32-true or bf16-mixed.
         progress: show progress bars.
     """
 
@@ -72,6 +73,7 @@ class TrainMILConfig:
     missing: Literal["error", "skip"] = "error"
     seed: int = 0
     device: str = "auto"
+    precision: Literal["auto", "32-true", "bf16-mixed"] = "auto"
     progress: bool = True
 
 

@@ -147,7 +147,9 @@ class Targets:
                 "bin": torch.from_numpy(np.searchsorted(self.edges, time, side="right"))}  # fmt: skip
 
 
-def _loader(ids, store, targets, cfg, train: bool, generator) -> DataLoader:
+def bag_loader(ids, store, targets, cfg, train: bool, generator) -> DataLoader:
+    """Batches of bags: subsampled and class-balanced for training, whole for evaluation."""
+
     def collate_fn(batch_ids):
         x, mask = collate(store, batch_ids, cfg.max_instances if train else None, generator)
         return {"x": x, "mask": mask, "ids": batch_ids, **targets.batch(batch_ids)}
@@ -168,7 +170,8 @@ def _loader(ids, store, targets, cfg, train: bool, generator) -> DataLoader:
                       shuffle=train and sampler is None, collate_fn=collate_fn, generator=generator)  # fmt: skip
 
 
-def _predict(module: MILModule, ids, store, targets, cfg) -> list[np.ndarray]:
+def predict_bags(module: MILModule, ids, store, targets, cfg) -> list[np.ndarray]:
+    """Per whole bag: class probabilities (C) or the survival risk (1)."""
     module.eval()
     outs = []
     with torch.inference_mode():
@@ -252,6 +255,16 @@ def train_cv(cfg: TrainMILConfig) -> dict:
     return _write_results(cfg, out, predictions, classes, targets)
 
 
+def mil_trainer(cfg: TrainMILConfig, **kwargs) -> L.Trainer:
+    """One-device Lightning trainer: GPU with bf16 autocast when present, else CPU."""
+    cuda = torch.cuda.is_available() and cfg.device != "cpu"
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16-mixed" if cuda else "32-true")
+    return L.Trainer(max_epochs=cfg.epochs, accelerator="gpu" if cuda else "cpu", devices=1,
+                     precision=precision, enable_progress_bar=cfg.progress,
+                     enable_model_summary=False, log_every_n_steps=10, num_sanity_val_steps=0,
+                     **kwargs)  # fmt: skip
+
+
 def _train_fold(cfg, k, fold_dir, roles, store, targets, n_out, classes) -> None:
     if fold_dir.exists():
         shutil.rmtree(fold_dir)
@@ -268,19 +281,15 @@ def _train_fold(cfg, k, fold_dir, roles, store, targets, n_out, classes) -> None
         save_top_k=1,
         enable_version_counter=False,
     )
-    cuda = torch.cuda.is_available() and cfg.device != "cpu"
-    trainer = L.Trainer(max_epochs=cfg.epochs, accelerator="gpu" if cuda else "cpu", devices=1,
-                        precision="bf16-mixed" if cuda else "32-true", logger=CSVLogger(fold_dir, name="", version=""),
-                        callbacks=[ckpt, EarlyStopping(monitor, patience=cfg.patience)],
-                        enable_progress_bar=cfg.progress, enable_model_summary=False,
-                        log_every_n_steps=10, num_sanity_val_steps=0)  # fmt: skip
-    train = _loader(roles["train"], store, targets, cfg, True, generator)
-    val = _loader(roles["val"], store, targets, cfg, False, generator) if roles["val"] else None
+    trainer = mil_trainer(cfg, logger=CSVLogger(fold_dir, name="", version=""),
+                          callbacks=[ckpt, EarlyStopping(monitor, patience=cfg.patience)])  # fmt: skip
+    train = bag_loader(roles["train"], store, targets, cfg, True, generator)
+    val = bag_loader(roles["val"], store, targets, cfg, False, generator) if roles["val"] else None
     trainer.fit(module, train, val)
     best = MILModule.load_from_checkpoint(
         ckpt.best_model_path or ckpt.last_model_path, map_location="cpu"
     )
-    outs = _predict(best, roles["test"], store, targets, cfg)
+    outs = predict_bags(best, roles["test"], store, targets, cfg)
     with atomic_path(fold_dir / "predictions.csv") as tmp, open(tmp, "w", newline="") as f:
         fields = ["slide_id", "case_id", "fold", "label"]
         fields += (

@@ -39,33 +39,48 @@ class NystromAttention(nn.Module):
                               groups=heads, bias=False)  # fmt: skip
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``B x N x D`` -> (``B x N x D``, ``B x N`` attention of token 0 over all tokens)."""
+        """``B x N x D`` -> (``B x N x D``, ``B x N`` attention of token 0 over all tokens).
+
+        Sequences no longer than the landmark count get exact attention (cheaper there)."""
         b, n, _ = x.shape
         m = self.landmarks
-        pad = (m - n % m) % m
+        pad = (m - n % m) % m if n > m else 0
         if pad:  # front padding to a multiple of the landmark count
             x = F.pad(x, (0, 0, pad, 0))
             mask = F.pad(mask, (pad, 0), value=False)
-        q, k, v = self.qkv(x).chunk(3, dim=-1)  # B x n' x hd each
+        with torch.autocast(x.device.type, enabled=False):  # the pseudo-inverse needs fp32
+            out, first = self._attend(self.qkv(x).float(), mask, b, m, pad)
+        return self.out(out), first
+
+    def _attend(self, qkv: torch.Tensor, mask: torch.Tensor, b: int, m: int, pad: int):
+        q, k, v = qkv.chunk(3, dim=-1)  # B x n' x hd each
         q, k, v = (t.reshape(b, -1, self.heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
         keep = mask[:, None, :, None].to(q.dtype)  # B x 1 x n' x 1
         q, k, v = q * keep, k * keep, v * keep
         q = q / math.sqrt(self.head_dim)
-        seg = q.shape[2] // m
-        counts = keep.reshape(b, 1, m, seg).sum(-1, keepdim=True).clamp_min(1)  # B x 1 x m x 1
-        q_l = q.reshape(b, self.heads, m, seg, -1).sum(3) / counts  # B x h x m x d
-        k_l = k.reshape(b, self.heads, m, seg, -1).sum(3) / counts
         neg = torch.finfo(q.dtype).min
         key_mask = ~mask[:, None, None, :]  # B x 1 x 1 x n'
-        attn1 = torch.softmax(q @ k_l.transpose(-1, -2), dim=-1)  # B x h x n' x m
-        attn2 = torch.softmax(q_l @ k_l.transpose(-1, -2), dim=-1)  # B x h x m x m
+        if q.shape[2] <= m:  # exact
+            attn = torch.softmax((q @ k.transpose(-1, -2)).masked_fill(key_mask, neg), dim=-1)
+            out = attn @ v + self.conv(v)  # B x h x n x d
+            out = out.transpose(1, 2).reshape(b, -1, self.heads * self.head_dim)
+            return out, attn[:, :, 0].mean(1)  # B x N
+        seg = q.shape[2] // m
+        counts = keep.reshape(b, 1, m, seg).sum(-1, keepdim=True)  # B x 1 x m x 1
+        empty = (counts == 0).transpose(-1, -2)  # B x 1 x 1 x m: landmarks of padding only
+        q_l = q.reshape(b, self.heads, m, seg, -1).sum(3) / counts.clamp_min(1)  # B x h x m x d
+        k_l = k.reshape(b, self.heads, m, seg, -1).sum(3) / counts.clamp_min(1)
+        attn1 = torch.softmax((q @ k_l.transpose(-1, -2)).masked_fill(empty, neg), dim=-1)  # n' x m
+        attn2 = torch.softmax(
+            (q_l @ k_l.transpose(-1, -2)).masked_fill(empty, neg), dim=-1
+        )  # m x m
         attn3 = torch.softmax((q_l @ k.transpose(-1, -2)).masked_fill(key_mask, neg), dim=-1)
         middle = attn1 @ iterative_pinv(attn2, self.iterations)  # B x h x n' x m
         out = middle @ (attn3 @ v)  # B x h x n' x d
         out = out + self.conv(v)
         out = out.transpose(1, 2).reshape(b, -1, self.heads * self.head_dim)[:, pad:]
         first = (middle[:, :, pad : pad + 1] @ attn3).mean(1)[:, 0, pad:]  # B x N
-        return self.out(out), first
+        return out, first
 
 
 class TransLayer(nn.Module):

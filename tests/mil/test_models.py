@@ -1,5 +1,7 @@
 import pytest
 import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
 
 from pipeline.errors import ConfigError
 from pipeline.mil.base import load_models, make_mil
@@ -92,25 +94,29 @@ def test_clam_instance_loss_uses_top_and_bottom_instances():
 
 @pytest.mark.parametrize("name", MODELS)
 def test_each_aggregator_learns_a_witness_instance_task(name):
-    """Positive bags hold a few instances shifted along one direction (the 'tumour' tiles)."""
+    """Positive bags hold a few instances shifted along one direction (the 'tumour' tiles);
+    after a few epochs every model ranks held-out bags with AUC >= 0.95."""
     g = torch.Generator().manual_seed(0)
-    n_bags, n = 32, 16
+    n_bags, n = 700, 16
     x = torch.randn(n_bags, n, D, generator=g)
     y = torch.arange(n_bags) % 2
     direction = torch.randn(D, generator=g)
     for i in torch.nonzero(y).flatten():
-        x[i, :3] += 3 * direction / direction.norm()
+        k = int(torch.randint(2, 5, (1,), generator=g))
+        x[i, torch.randperm(n, generator=g)[:k]] += 3 * direction / direction.norm()
     mask = torch.ones(n_bags, n, dtype=torch.bool)
+    test = slice(500, None)  # trained on the first 500 bags
     torch.manual_seed(0)
     m = make_mil(name, D, 2, **SMALL[name]).train()
-    opt = torch.optim.AdamW(m.parameters(), lr=5e-3)
-    for _ in range(40):
-        out = m(x, mask, labels=y)
-        loss = torch.nn.functional.cross_entropy(out["logits"], y) + out.get("aux_loss", 0.0)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    opt = torch.optim.AdamW(m.parameters(), lr=2e-3)
+    for _ in range(4):  # epochs of 63 batches of 8 bags
+        for b in range(0, 500, 8):
+            out = m(x[b : b + 8], mask[b : b + 8], labels=y[b : b + 8])
+            loss = F.cross_entropy(out["logits"], y[b : b + 8]) + out.get("aux_loss", 0.0)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
     m.eval()
     with torch.no_grad():
-        accuracy = (m(x, mask)["logits"].argmax(1) == y).float().mean()
-    assert accuracy > 0.9
+        scores = torch.softmax(m(x[test], mask[test])["logits"], -1)[:, 1]
+    assert roc_auc_score(y[test].numpy(), scores.numpy()) >= 0.95

@@ -157,18 +157,6 @@ def test_bad_configs_fail_with_clear_messages(tmp_path, tiny_prep, override, mes
     assert message in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_prep):
-    """The tiny-cpu preset (here 200 steps of 16 tiles, one process) on the tiny cohort."""
-    out = tmp_path_factory.mktemp("tiny_run")
-    cmd = [sys.executable, "-m", "pipeline", "pretrain", "--config", str(TINY), "--data.coords",
-           str(tiny_prep / "coords"), "--out", str(out), "--trainer.progress_bar", "false",
-           "--trainer.max_steps", "200"]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out
-
-
 def test_pretrained_encoder_beats_random_init_on_tile_probes(tiny_run, texture_probe):
     """Tumour vs normal tiles of the demo's real textures (192 tiles, folds by image quarter):
     the pretrained encoder against the same architecture at three random inits."""

@@ -1,0 +1,173 @@
+"""Outputs of ``cpath evaluate``: ``results.json``, ``leaderboard.csv`` (encoders x task
+columns and the mean rank, as pathology foundation-model papers report it),
+``report.md`` and ``report.html`` (tables plus the figures of each task)."""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import rankdata
+
+from pipeline.io import atomic_path, atomic_write_text
+
+
+def _plain(value):
+    """JSON-ready: numpy scalars and arrays to Python, NaN to None."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _plain(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def leaderboard(results: dict) -> tuple[list[str], list[dict]]:
+    """``(columns, rows)``: one row per encoder with each task column's value, its rank
+    (1 = best, ties share the mean rank) and the mean rank over the columns."""
+    encoders = list(results["encoders"])
+    columns, values = [], {}
+    for task, r in results["tasks"].items():
+        if r.get("status") != "ok":
+            continue
+        for col in r["columns"]:
+            got = {e: (r["scores"][col].get(e) or {}).get("value") for e in encoders}
+            if all(v is not None and np.isfinite(v) for v in got.values()):
+                columns.append(f"{task}/{col}")
+                values[columns[-1]] = got
+    rows = [{"encoder": e} for e in encoders]
+    ranks = {e: [] for e in encoders}
+    for col in columns:
+        order = rankdata([-values[col][e] for e in encoders], method="average")
+        for row, e, rank in zip(rows, encoders, order, strict=True):
+            row[col] = values[col][e]
+            ranks[e].append(float(rank))
+    for row in rows:
+        row["mean_rank"] = float(np.mean(ranks[row["encoder"]])) if columns else None
+    rows.sort(key=lambda r: (r["mean_rank"] is None, r["mean_rank"]))
+    return columns, rows
+
+
+def _fmt(v, digits: int = 3) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def _ci(entry: dict) -> str:
+    lo, hi = entry.get("ci") or (None, None)
+    return f"{_fmt(entry.get('value'))} [{_fmt(lo)}, {_fmt(hi)}]"
+
+
+def _task_tables(name: str, r: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, rows) tables of one finished task."""
+    tables = []
+    header = ["encoder"] + [
+        f"{col} ({meta['metric']}, 95% CI)" for col, meta in r["columns"].items()
+    ]
+    encoders = list(next(iter(r["scores"].values()))) if r["scores"] else []
+    rows = [[e] + [_ci(r["scores"][col].get(e, {})) for col in r["columns"]] for e in encoders]
+    tables.append((f"{name}", header, rows))
+    comparisons = [[col, c["a"], c["b"], _fmt(c["difference"]), f"[{_fmt(c['ci'][0])}, {_fmt(c['ci'][1])}]",
+                    _fmt(c["p_value"])] for col, cs in r.get("comparisons", {}).items() for c in cs]  # fmt: skip
+    if comparisons:
+        tables.append((f"{name}: paired bootstrap (a - b)",
+                       ["column", "a", "b", "difference", "95% CI", "p"], comparisons))  # fmt: skip
+    if r.get("fewshot"):
+        ks = sorted({int(k) for v in r["fewshot"].values() for k in v})
+        rows = [[e] + [f"{v[k]['mean']:.3f} +- {v[k]['std']:.3f}" if k in v else "n/a" for k in ks]
+                for e, v in ((e, {int(k): x for k, x in v.items()}) for e, v in r["fewshot"].items())]  # fmt: skip
+        tables.append((f"{name}: few-shot balanced accuracy (mean +- std over episodes)",
+                       ["encoder"] + [f"k={k}" for k in ks], rows))  # fmt: skip
+    if r.get("robustness"):
+        rows = []
+        for e, rob in r["robustness"].items():
+            leak, shift = rob.get("leakage", {}), rob.get("stain_shift", {})
+            rows.append([e, f"{leak.get('target', '')}: {_fmt(leak.get('slide_probe_accuracy'))} "
+                            f"(chance {_fmt(leak.get('chance'))}, silhouette "
+                            f"{_fmt(leak.get('silhouette'))})" if leak else "n/a",
+                         _fmt(shift.get("clean")), _fmt(shift.get("shifted")), _fmt(shift.get("drop"))])  # fmt: skip
+        tables.append((f"{name}: robustness",
+                       ["encoder", "slide/site predicted from features (accuracy)",
+                        "linear clean", "linear stain-shifted", "drop"], rows))  # fmt: skip
+    return tables
+
+
+def _md_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+class Html(str):
+    """Markup that a table cell takes as it is (everything else is escaped)."""
+
+
+def _cell(c) -> str:
+    return c if isinstance(c, Html) else html.escape(str(c))
+
+
+def _html_table(header: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_cell(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+table{border-collapse:collapse;margin:.6em 0 1.2em}td,th{border:1px solid #ccc;padding:.25em .6em;
+font-size:.9em;text-align:left}th{background:#f3f3f3}img{max-width:100%;margin:.3em .3em .3em 0;
+border:1px solid #eee}.failed{color:#a00}figure{display:inline-block;margin:0}"""
+# Counts the figures that loaded: a headless browser reads it from the rendered DOM.
+LOAD_CHECK = """<script>window.addEventListener('load',function(){var im=document.images,ok=0;
+for(var i=0;i<im.length;i++){if(im[i].complete&&im[i].naturalWidth>0){ok++;}}
+document.body.setAttribute('data-images-loaded',ok+'/'+im.length);});</script>"""
+
+
+def write_outputs(results: dict, out: Path) -> None:
+    """``results.json``, ``leaderboard.csv``, ``report.md`` and ``report.html`` in ``out``."""
+    results = _plain(results)
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1))
+    columns, rows = leaderboard(results)
+    with atomic_path(out / "leaderboard.csv") as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["encoder", *columns, "mean_rank"])
+        writer.writeheader()
+        writer.writerows(rows)
+    board = (["encoder", *columns, "mean rank"],
+             [[r["encoder"], *(_fmt(r[c]) for c in columns), _fmt(r["mean_rank"], 2)] for r in rows])  # fmt: skip
+    encoders = ", ".join(f"{k} = {v}" for k, v in results["encoders"].items())
+    md = ["# Encoder evaluation", "", f"Encoders: {encoders}", "", "## Leaderboard", "",
+          _md_table(*board), ""]  # fmt: skip
+    parts = [f"<h1>Encoder evaluation</h1><p>Encoders: {html.escape(encoders)}</p>",
+             "<h2>Leaderboard</h2>", _html_table(*board)]  # fmt: skip
+    for name, r in results["tasks"].items():
+        md += [f"## {name} ({r.get('kind')})", ""]
+        parts.append(f"<h2>{html.escape(name)} ({html.escape(str(r.get('kind')))})</h2>")
+        if r.get("status") != "ok":
+            md += [f"**Failed**: {r.get('error')}", ""]
+            parts.append(f"<p class='failed'><b>Failed</b>: {html.escape(str(r.get('error')))}</p>")
+            continue
+        facts = f"{r.get('n_items')} items" + (
+            f" from {r['n_slides']} slides" if r.get("n_slides") else ""
+        )
+        md += [facts, ""]
+        parts.append(f"<p>{html.escape(facts)}</p>")
+        for title, header, trows in _task_tables(name, r):
+            md += [f"### {title}", "", _md_table(header, trows), ""]
+            parts += [f"<h3>{html.escape(title)}</h3>", _html_table(header, trows)]
+        for key, figure in r.get("figures", {}).items():
+            rel = os.path.relpath(figure, out)
+            md += [f"![{key}]({rel})", ""]
+            parts.append(
+                f"<figure><img src='{html.escape(rel)}' alt='{html.escape(key)}'></figure>"
+            )
+    atomic_write_text(out / "report.md", "\n".join(md))
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>Encoder evaluation</title>"
+            f"<style>{STYLE}</style>{LOAD_CHECK}</head><body>{''.join(parts)}</body></html>")  # fmt: skip
+    atomic_write_text(out / "report.html", page)

@@ -1,0 +1,138 @@
+"""Slide-level tasks of a benchmark suite: MIL cross-validation per encoder, over seeds.
+
+Every encoder of a task is trained on the same splits (one ``splits_seed<s>.csv`` per
+seed, grouped by patient), with :func:`pipeline.mil.training.train_cv`; finished folds
+are reused on a rerun. Per encoder, the out-of-fold predictions of the seeds are
+averaged per slide, and the metrics, their bootstrap CI and the paired comparisons
+are computed on those averages.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from pipeline.errors import PipelineError
+from pipeline.mil.metrics import classification_metrics, concordance_index
+from pipeline.mil.splits import make_splits, write_splits
+from pipeline.mil.train import TrainMILConfig
+from pipeline.mil.training import read_labels, train_cv
+
+
+def feature_folders(template: str, encoders: list[str]) -> dict[str, Path]:
+    """``{encoder: folder}`` from a ``features`` path with ``{encoder}`` in it."""
+    if len(encoders) > 1 and "{encoder}" not in template:
+        raise PipelineError(f"features '{template}' must contain {{encoder}} to tell the encoders' "
+                            "feature folders apart")  # fmt: skip
+    folders = {e: Path(template.format(encoder=e)) for e in encoders}
+    for e, folder in folders.items():
+        if not folder.is_dir() or not any(folder.glob("*.h5")):
+            raise PipelineError(f"{folder}: no feature files for encoder '{e}'; run "
+                                f"`cpath extract --encoder ... --out {folder}` first")  # fmt: skip
+    return folders
+
+
+def _tile_set(path: Path) -> tuple[int, str]:
+    with h5py.File(path, "r") as f:
+        return int(f["coords"].shape[0]), str(f.attrs.get("coords_sha256", ""))
+
+
+def check_same_tiles(folders: dict[str, Path], slide_ids: list[str]) -> list[str]:
+    """The labelled slides every encoder has features for; an error when the encoders
+    cover different slides or different tiles of a slide (compare like with like)."""
+    have = {e: {p.stem for p in f.glob("*.h5")} & set(slide_ids) for e, f in folders.items()}
+    first, common = next(iter(have)), set.intersection(*have.values())
+    for e, ids in have.items():
+        if ids != have[first]:
+            differ = sorted(ids ^ have[first])[:5]
+            raise PipelineError(f"encoders '{first}' and '{e}' have features for different slides "
+                                f"({', '.join(differ)}); extract the same slides for every encoder")  # fmt: skip
+    for slide in sorted(common):
+        sets = {e: _tile_set(folders[e] / f"{slide}.h5") for e in folders}
+        if len({n for n, _ in sets.values()}) > 1 or len({h for _, h in sets.values() if h}) > 1:
+            raise PipelineError(f"slide {slide}: the encoders' feature files hold different tile sets "
+                                f"({ {e: n for e, (n, _) in sets.items()} } tiles); extract every encoder "
+                                "from the same coords")  # fmt: skip
+    if not common:
+        raise PipelineError("no labelled slide has features")
+    return [s for s in slide_ids if s in common]
+
+
+def run_slide_task(task: dict, encoders: list[str], out: Path, progress: bool = False) -> dict:
+    """Train and score every encoder on one slide task; returns per-encoder results."""
+    kind = task.get("task", "classification")
+    labels = Path(task["labels"]) if task.get("labels") else None
+    if labels is None or not labels.is_file():
+        raise PipelineError(f"labels file '{labels}' not found")
+    folders = feature_folders(str(task["features"]), encoders)
+    rows = read_labels(labels, kind)
+    slides = check_same_tiles(folders, [r["slide_id"] for r in rows])
+    rows = [r for r in rows if r["slide_id"] in set(slides)]
+    if kind == "classification" and len({r["label"] for r in rows}) < 2:
+        raise PipelineError(f"{labels}: one class among the slides with features")
+    seeds = list(task.get("seeds", [0]))
+    folds = int(task.get("folds", 5))
+    out.mkdir(parents=True, exist_ok=True)
+    kept = out / "labels.csv"  # the slides every encoder has, for train_cv
+    fields = list(rows[0])
+    with open(kept, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    for s in seeds:
+        split_file = out / f"splits_seed{s}.csv"
+        if not split_file.is_file():
+            stratify = "label" if kind == "classification" else "event"
+            write_splits(split_file, make_splits(rows, folds, float(task.get("val_share", 0.2)), s,
+                                                 stratify=stratify))  # fmt: skip
+    results = {}
+    for e in encoders:
+        runs = []
+        for s in seeds:
+            cfg = TrainMILConfig(**{**task.get("mil", {}), "features": folders[e], "labels": kept,
+                                    "model": task.get("model", "abmil"), "task": kind, "folds": folds,
+                                    "seed": s, "splits": out / f"splits_seed{s}.csv",
+                                    "out": out / e / f"seed_{s}", "bootstrap": 0, "progress": progress})  # fmt: skip
+            train_cv(cfg)
+            with open(cfg.out / "predictions.csv", newline="") as f:
+                runs.append(list(csv.DictReader(f)))
+        results[e] = seed_average(runs, kind)
+    return results
+
+
+def seed_average(runs: list[list[dict]], kind: str) -> dict:
+    """Per-slide mean of the seeds' out-of-fold predictions, and their metrics."""
+    ids = sorted(r["slide_id"] for r in runs[0])
+    by_run = [{r["slide_id"]: r for r in run} for run in runs]
+    first = by_run[0]
+    if kind == "classification":
+        classes = [k[5:] for k in runs[0][0] if k.startswith("prob_")]
+        y = np.array([classes.index(first[s]["label"]) for s in ids])
+        preds = np.mean(
+            [[[float(run[s][f"prob_{c}"]) for c in classes] for s in ids] for run in by_run], 0
+        )
+        per_seed = [classification_metrics(y, np.array([[float(run[s][f"prob_{c}"]) for c in classes]
+                                                        for s in ids])) for run in by_run]  # fmt: skip
+        return {"kind": kind, "slide_ids": ids, "y": y, "preds": preds, "classes": classes,
+                "per_seed": per_seed}  # fmt: skip
+    time = np.array([float(first[s]["time"]) for s in ids])
+    event = np.array([float(first[s]["event"]) for s in ids])
+    risk = np.mean([[float(run[s]["risk"]) for s in ids] for run in by_run], 0)
+    per_seed = [{"c_index": concordance_index(time, event, np.array([float(run[s]["risk"]) for s in ids]))}
+                for run in by_run]  # fmt: skip
+    return {"kind": kind, "slide_ids": ids, "y": np.stack([time, event], 1), "preds": risk,
+            "per_seed": per_seed}  # fmt: skip
+
+
+def slide_metric(kind: str, name: str):
+    """``metric(idx, preds)`` over items ``idx`` (for bootstrap and paired tests)."""
+
+    def metric(y, idx, preds) -> float:
+        if kind == "classification":
+            return classification_metrics(y[idx], preds[idx])[name]
+        return concordance_index(y[idx, 0], y[idx, 1], preds[idx])
+
+    return metric

@@ -1,0 +1,256 @@
+"""The work behind ``cpath evaluate`` (see :mod:`pipeline.eval.evaluate`): each task of a
+suite for every encoder, statistics, then the leaderboard and report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import traceback
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import balanced_accuracy_score
+
+from pipeline.config import save_config
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.eval.evaluate import EvaluateConfig, selected_encoders
+from pipeline.eval.protocols import Folds, cross_validate, few_shot
+from pipeline.eval.slides import run_slide_task, slide_metric
+from pipeline.eval.stats import bootstrap_ci, paired_bootstrap
+from pipeline.eval.tiles import STAIN_SHIFT, cached_features, embed_tiles, read_tile_set
+from pipeline.mil.metrics import classification_metrics
+from pipeline.stain.report import slide_clustering
+
+log = logging.getLogger(__name__)
+TILE_METRIC = "balanced_accuracy"  # the leaderboard metric of tile protocols
+
+
+def score(name: str, y: np.ndarray, probs: np.ndarray) -> float:
+    """One classification metric of ``probs`` (N x C) against class indices ``y``."""
+    if name == "balanced_accuracy":  # the common case, without the other metrics' cost
+        return float(balanced_accuracy_score(y, probs.argmax(1)))
+    return classification_metrics(y, probs)[name]
+
+
+def _scored(y: np.ndarray, probs: np.ndarray, metric: str, cfg: EvaluateConfig) -> dict:
+    ci = bootstrap_ci(lambda a, p: score(metric, a, p), y, probs, n=cfg.bootstrap, seed=cfg.seed)
+    return {"value": score(metric, y, probs), "ci": list(ci),
+            "metrics": classification_metrics(y, probs)}  # fmt: skip
+
+
+def _compare(preds: dict[str, np.ndarray], metric, cfg: EvaluateConfig) -> list[dict]:
+    """Paired bootstrap of every pair of encoders on the same items."""
+    names, out = list(preds), []
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            test = paired_bootstrap(metric, preds[a], preds[b], n=cfg.bootstrap, seed=cfg.seed)
+            out.append({"a": a, "b": b, **test})
+    return out
+
+
+def leakage_probe(x: np.ndarray, target: np.ndarray, seed: int = 0) -> dict | None:
+    """How well tiles' slide or site is predictable from their features (see
+    :func:`pipeline.stain.report.slide_clustering`): values well above ``chance`` mean the
+    features carry slide or site identity (batch effects) besides the tissue."""
+    _, counts = np.unique(target, return_counts=True)
+    if len(counts) < 2 or counts.min() < 2:
+        return None
+    return slide_clustering(x, target, seed=seed)
+
+
+def tile_task(name: str, task: dict, encoders: dict[str, str], cfg: EvaluateConfig, out: Path,
+              get_encoder, device) -> dict:  # fmt: skip
+    from pipeline.eval import plots
+    from pipeline.extract import state_sha256
+
+    tiles = read_tile_set(task.get("data"), task.get("sites"))
+    folds = Folds.make(tiles.labels, tiles.groups, tiles.split, int(task.get("folds", cfg.folds)))
+    protocols = list(task.get("protocols", ["linear", "knn", "fewshot"]))
+    classes = np.unique(tiles.labels)
+    y = np.searchsorted(classes, tiles.labels)
+    feats = {}
+    for e, spec in encoders.items():
+        encoder = get_encoder(e)
+        key = {"spec": spec, "weights": state_sha256(encoder.model), "tiles": tiles.digest(),
+               "input_size": encoder.input_size, "shift": STAIN_SHIFT if cfg.robustness else None}  # fmt: skip
+        feats[e] = cached_features(
+            out / "cache" / e / f"{name}.npz", key,
+            lambda enc=encoder: embed_tiles(enc, tiles, cfg.batch_size, cfg.workers, cfg.robustness,
+                                            device, cfg.progress),
+        )  # fmt: skip
+        if len(feats[e]["features"]) != len(tiles):
+            raise PipelineError(f"encoder '{e}': {len(feats[e]['features'])} features for "
+                                f"{len(tiles)} tiles; delete {out / 'cache' / e} and rerun")  # fmt: skip
+    result = {"kind": "tile", "data": str(task.get("data")), "n_items": len(tiles),
+              "n_slides": len(np.unique(tiles.groups)), "classes": classes.tolist(),
+              "folds": len(folds.splits), "columns": {}, "scores": {}, "comparisons": {},
+              "fewshot": {}, "robustness": {}, "figures": {}}  # fmt: skip
+    figures = out / "figures"
+    for protocol in ("linear", "knn"):
+        if protocol not in protocols:
+            continue
+        result["columns"][protocol] = {"metric": TILE_METRIC}
+        preds, scored, curves = {}, {}, {}
+        for e in encoders:
+            kwargs = (
+                {"k": cfg.knn_k, "temperature": cfg.knn_temperature} if protocol == "knn" else {}
+            )
+            items, probs, _ = cross_validate(protocol, feats[e]["features"], tiles.labels,
+                                             tiles.groups, folds, cfg.seed, **kwargs)  # fmt: skip
+            preds[e] = probs
+            scored[e] = _scored(y[items], probs, TILE_METRIC, cfg)
+            curves[e] = (y[items], probs)
+        result["scores"][protocol] = scored
+        y_items = y[folds.test_items()]
+        result["comparisons"][protocol] = _compare(
+            preds, lambda idx, p, y_items=y_items: score(TILE_METRIC, y_items[idx], p[idx]), cfg
+        )
+        result["figures"][f"{protocol}_roc"] = plots.roc_curves(
+            figures / f"{name}_{protocol}_roc.png", curves, classes, f"{name}: {protocol} probe"
+        )
+        result["figures"][f"{protocol}_confusion"] = plots.confusion_matrices(
+            figures / f"{name}_{protocol}_confusion.png", curves, classes, f"{name}: {protocol}"
+        )
+    if "fewshot" in protocols:
+        for e in encoders:
+            x = feats[e]["features"]
+            by_k: dict[int, list[float]] = {}
+            for i, (train, test) in enumerate(folds):
+                shots = few_shot(x[train], tiles.labels[train], x[test], tiles.labels[test],
+                                 tuple(cfg.shots), cfg.episodes, cfg.seed + i)  # fmt: skip
+                for k, scores in shots.items():
+                    by_k.setdefault(k, []).extend(scores)
+            result["fewshot"][e] = {
+                int(k): {"mean": float(np.mean(v)), "std": float(np.std(v)), "episodes": len(v),
+                         "q025": float(np.percentile(v, 2.5)), "q975": float(np.percentile(v, 97.5))}
+                for k, v in sorted(by_k.items())
+            }  # fmt: skip
+        common = set.intersection(*(set(v) for v in result["fewshot"].values()))
+        if common:
+            k = max(common)
+            col = f"fewshot_{k}"
+            result["columns"][col] = {"metric": TILE_METRIC}
+            result["scores"][col] = {
+                e: {"value": v[k]["mean"], "ci": [v[k]["q025"], v[k]["q975"]]}  # episode spread
+                for e, v in result["fewshot"].items()
+            }  # fmt: skip
+        result["figures"]["fewshot"] = plots.fewshot_curves(
+            figures / f"{name}_fewshot.png", result["fewshot"], f"{name}: few-shot (SimpleShot)"
+        )
+    target_name, target = "slide", tiles.groups  # what features should not encode
+    if tiles.sites is not None and len(np.unique(tiles.sites[tiles.sites != ""])) >= 2:
+        target_name, target = "site", tiles.sites
+    if cfg.robustness:
+        for e in encoders:
+            entry = {}
+            leak = leakage_probe(feats[e]["features"], target, cfg.seed)
+            if leak:
+                entry["leakage"] = {"target": target_name, **leak}
+            if "shifted" in feats[e]:
+                items, probs, _ = cross_validate("linear", feats[e]["features"], tiles.labels,
+                                                 tiles.groups, folds, cfg.seed,
+                                                 test_x=feats[e]["shifted"])  # fmt: skip
+                shifted = score("balanced_accuracy", y[items], probs)
+                clean = result["scores"].get("linear", {}).get(e, {}).get("value")
+                entry["stain_shift"] = {"shifted": shifted, "clean": clean,
+                                        "drop": None if clean is None else clean - shifted}  # fmt: skip
+            result["robustness"][e] = entry
+    result["figures"]["embedding"] = plots.embeddings(
+        figures / f"{name}_embedding.png",
+        {e: f["features"] for e, f in feats.items()},
+        tiles.labels,
+        target,
+        target_name,
+        name,
+    )
+    return result
+
+
+def slide_task(name: str, task: dict, encoders: dict[str, str], cfg: EvaluateConfig,
+               out: Path) -> dict:  # fmt: skip
+    from pipeline.eval import plots
+
+    kind = task.get("task", "classification")
+    per_encoder = run_slide_task(task, list(encoders), out / "tasks" / name, cfg.progress)
+    metric = "auc" if kind == "classification" else "c_index"
+    col = task.get("model", "abmil")
+    first = next(iter(per_encoder.values()))
+    y = first["y"]
+    fn = slide_metric(kind, metric)
+    scored = {}
+    for e, r in per_encoder.items():
+        ci = bootstrap_ci(lambda idx, r=r: fn(y, idx, r["preds"]), np.arange(len(y)),
+                          n=cfg.bootstrap, seed=cfg.seed)  # fmt: skip
+        per_seed = [s[metric] for s in r["per_seed"]]
+        scored[e] = {"value": fn(y, np.arange(len(y)), r["preds"]), "ci": list(ci),
+                     "per_seed": per_seed, "seed_mean": float(np.mean(per_seed)),
+                     "seed_std": float(np.std(per_seed)),
+                     "metrics": classification_metrics(y, r["preds"]) if kind == "classification"
+                     else {"c_index": fn(y, np.arange(len(y)), r["preds"])}}  # fmt: skip
+    result = {"kind": "slide", "task": kind, "model": col, "n_items": len(y),
+              "labels": str(task.get("labels")), "seeds": list(task.get("seeds", [0])),
+              "columns": {col: {"metric": metric}}, "scores": {col: scored},
+              "comparisons": {col: _compare({e: r["preds"] for e, r in per_encoder.items()},
+                                            lambda idx, p: fn(y, idx, p), cfg)},
+              "figures": {}}  # fmt: skip
+    if kind == "classification":
+        classes = np.array(first["classes"])
+        curves = {e: (y, r["preds"]) for e, r in per_encoder.items()}
+        result["classes"] = classes.tolist()
+        result["figures"]["roc"] = plots.roc_curves(
+            out / "figures" / f"{name}_roc.png", curves, classes, f"{name}: {col}"
+        )
+        result["figures"]["confusion"] = plots.confusion_matrices(
+            out / "figures" / f"{name}_confusion.png", curves, classes, f"{name}: {col}"
+        )
+    else:
+        result["figures"]["risk"] = plots.risk_groups(
+            out / "figures" / f"{name}_km.png",
+            {e: r["preds"] for e, r in per_encoder.items()},
+            y,
+            f"{name}: {col}",
+        )
+    return result
+
+
+def run_suite(cfg: EvaluateConfig) -> dict:
+    """Every task for every encoder; writes the outputs and returns ``results.json``'s dict."""
+    from pipeline.encoders import load_encoder
+    from pipeline.eval.report import write_outputs
+    from pipeline.extract import resolve_device
+
+    encoders = selected_encoders(cfg)
+    if not cfg.tasks:
+        raise ConfigError("the suite has no tasks; see configs/benchmarks/demo.yaml")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out)
+    device = resolve_device(cfg.device)
+    loaded: dict = {}
+
+    def get_encoder(name: str):
+        if name not in loaded:
+            loaded[name] = load_encoder(encoders[name], device=device)
+        return loaded[name]
+
+    results = {"encoders": encoders, "tasks": {}}
+    for i, task in enumerate(cfg.tasks):
+        name = str(task.get("name") or f"task{i}")
+        kind = task.get("kind", "tile")
+        log.info("task %s (%s)", name, kind)
+        try:
+            if kind == "tile":
+                result = tile_task(name, task, encoders, cfg, out, get_encoder, device)
+            elif kind == "slide":
+                result = slide_task(name, task, encoders, cfg, out)
+            else:
+                raise ConfigError(f"task {name}: unknown kind '{kind}' (tile or slide)")
+            result["status"] = "ok"
+        except Exception as exc:  # one task's failure is reported; the others still run
+            if not isinstance(exc, PipelineError | ConfigError):
+                log.error("task %s: %s", name, traceback.format_exc())
+            log.error("task %s failed: %s", name, exc)
+            result = {"kind": kind, "status": "failed", "error": f"{exc}"}
+        results["tasks"][name] = result
+        write_outputs(results, out)  # partial results survive an interruption
+    return json.loads((out / "results.json").read_text())

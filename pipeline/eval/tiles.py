@@ -1,0 +1,199 @@
+"""Labelled tile sets for the tile-level tasks, and their frozen features (cached).
+
+A tile task's ``data`` is one of
+
+- a CSV of tiles in preprocessed slides: ``coords,index,label`` plus optional
+  ``slide_id`` (folds are grouped by it), ``split`` (``train``/``test``: a fixed split
+  instead of cross-validation) and ``site`` (for the site-leakage probe);
+- a folder of images in class subfolders (``<label>/*.png``), or with ``train/`` and
+  ``test/`` above the class subfolders (the layout of CRC-100K, MHIST, BACH ...);
+- ``{coords: DIR, demo: DIR, per_slide: N}``: the demo cohort's tiles labelled tumour or
+  normal from its ground-truth masks.
+
+Features are computed once per encoder and tile set, with and without a fixed stain
+shift (for the stain-robustness test), and cached in ``EVAL/cache/<encoder>/<task>.npz``
+with a key (encoder weights, tile list, shift) that a rerun checks before reusing them.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline.data.tiles import TileDataset
+from pipeline.encoders import Encoder
+from pipeline.errors import PipelineError
+from pipeline.io import atomic_path
+from pipeline.stain.augment import HEDJitter
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+STAIN_SHIFT = {"sigma": 0.2, "bias": 0.2, "seed": 0}  # a strong, fixed H&E shift of test tiles
+
+
+@dataclass
+class TileSet:
+    """Labelled tiles: where to read them, and per tile its label, slide, split and site."""
+
+    source: list[tuple[str, str | int]]  # (coords file, row) or (image file, 0)
+    labels: np.ndarray
+    groups: np.ndarray
+    split: np.ndarray | None = None
+    sites: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def digest(self) -> str:
+        text = json.dumps([self.source, self.labels.tolist(), self.groups.tolist()], default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _from_rows(rows: list[dict], where: Path) -> TileSet:
+    def resolve(p: str) -> str:
+        return str(Path(p) if Path(p).is_absolute() else where / p)
+
+    try:
+        source = [(resolve(r["coords"]), int(r["index"])) for r in rows]
+        labels = np.array([str(r["label"]) for r in rows])
+    except (KeyError, ValueError) as exc:
+        raise PipelineError(
+            f"{where}: labelled tiles need coords,index,label columns ({exc})"
+        ) from exc
+    groups = np.array(
+        [r.get("slide_id") or Path(s).stem for r, (s, _) in zip(rows, source, strict=True)]
+    )
+    split = np.array([r["split"] for r in rows]) if rows and rows[0].get("split") else None
+    sites = np.array([r["site"] for r in rows]) if rows and rows[0].get("site") else None
+    return TileSet(source, labels, groups, split, sites)
+
+
+def _image_folder(root: Path) -> TileSet:
+    parts = [d for d in ("train", "test") if (root / d).is_dir()]
+    roots = [(root / d, d) for d in parts] if len(parts) == 2 else [(root, None)]
+    source, labels, groups, split = [], [], [], []
+    for folder, role in roots:
+        for class_dir in sorted(d for d in folder.iterdir() if d.is_dir()):
+            for image in sorted(class_dir.rglob("*")):
+                if image.suffix.lower() in IMAGE_SUFFIXES:
+                    source.append((str(image), 0))
+                    labels.append(class_dir.name)
+                    groups.append(image.stem)
+                    split.append(role)
+    return TileSet(source, np.array(labels), np.array(groups),
+                   np.array(split) if roots[0][1] else None)  # fmt: skip
+
+
+def read_tile_set(
+    data: str | os.PathLike | dict, sites: str | os.PathLike | None = None
+) -> TileSet:
+    """The tile set a task names (see the module docstring); ``sites``: a CSV with
+    ``slide_id,site`` (the slide labels file) that gives each tile its slide's site."""
+    if isinstance(data, dict):
+        from pipeline.data.demo import tile_labels
+
+        for key in ("coords", "demo"):
+            if not Path(data.get(key, "")).is_dir():
+                raise PipelineError(f"tile data {data}: '{key}' must be an existing folder")
+        rows = tile_labels(data["coords"], data["demo"], data.get("per_slide"), data.get("seed", 0))
+        tiles = _from_rows(rows, Path(data["coords"]))
+    else:
+        path = Path(data)
+        if path.is_dir():
+            tiles = _image_folder(path)
+        elif path.is_file():
+            with open(path, newline="") as f:
+                tiles = _from_rows(list(csv.DictReader(f)), path.parent)
+        else:
+            raise PipelineError(
+                f"{path}: tile data not found (a labelled-tiles CSV or an image folder)"
+            )
+    if len(tiles) == 0:
+        raise PipelineError(f"{data}: no labelled tiles")
+    if len(np.unique(tiles.labels)) < 2:
+        raise PipelineError(
+            f"{data}: only one class ({tiles.labels[0]}); a tile task needs two or more"
+        )
+    if sites is not None and tiles.sites is None:
+        with open(sites, newline="") as f:
+            by_slide = {r["slide_id"]: r.get("site", "") for r in csv.DictReader(f)}
+        tiles.sites = np.array([by_slide.get(g, "") for g in tiles.groups])
+    return tiles
+
+
+class TileImages(Dataset):
+    """``3 x size x size`` uint8 tiles of a :class:`TileSet`, resized (antialiased)."""
+
+    def __init__(self, tiles: TileSet, size: int):
+        self.tiles, self.size = tiles, size
+        coords = sorted(
+            {s for s, _ in tiles.source if Path(s).suffix.lower() not in IMAGE_SUFFIXES}
+        )
+        self.slot = {c: i for i, c in enumerate(coords)}
+        self.slides = TileDataset(coords) if coords else None
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        where, row = self.tiles.source[i]
+        if where in self.slot:
+            image = torch.from_numpy(
+                self.slides.read(int(self.slides.offsets[self.slot[where]]) + int(row))
+            )
+        else:
+            try:
+                with Image.open(where) as im:
+                    image = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+            except OSError as exc:
+                raise PipelineError(f"{where}: cannot read the image ({exc})") from exc
+        if image.shape[-1] != self.size or image.shape[-2] != self.size:
+            image = F.interpolate(image[None].float(), size=(self.size, self.size), mode="bilinear",
+                                  antialias=True)[0].round().clamp(0, 255).to(torch.uint8)  # fmt: skip
+        return image
+
+
+@torch.inference_mode()
+def embed_tiles(encoder: Encoder, tiles: TileSet, batch_size: int = 64, workers: int = 0,
+                shift: bool = True, device: str | torch.device = "cpu",
+                progress: bool = False) -> dict[str, np.ndarray]:  # fmt: skip
+    """``{"features": N x D, "shifted": N x D}`` (the second after :data:`STAIN_SHIFT`)."""
+    from tqdm import tqdm
+
+    loader = DataLoader(TileImages(tiles, encoder.input_size), batch_size=batch_size,
+                        num_workers=workers)  # fmt: skip
+    gen = torch.Generator().manual_seed(STAIN_SHIFT["seed"])
+    jitter = HEDJitter(STAIN_SHIFT["sigma"], STAIN_SHIFT["bias"], generator=gen)
+    feats, shifted = [], []
+    for images in tqdm(loader, desc=f"embed {encoder.name}", disable=not progress, unit="batch"):
+        images = images.to(device)
+        feats.append(encoder.embed(images).float().cpu())
+        if shift:
+            shifted.append(encoder.embed(jitter(images)).float().cpu())
+    out = {"features": torch.cat(feats).numpy()}
+    if shift:
+        out["shifted"] = torch.cat(shifted).numpy()
+    return out
+
+
+def cached_features(path: Path, key: dict, compute) -> dict[str, np.ndarray]:
+    """Features from ``path`` when its key matches ``key``, else ``compute()`` saved there."""
+    text = json.dumps(key, sort_keys=True, default=str)
+    if path.is_file():
+        with np.load(path) as saved:
+            if str(saved["key"]) == text:
+                return {k: saved[k] for k in saved.files if k != "key"}
+    out = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, key=np.array(text), **out)
+    return out
