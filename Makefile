@@ -34,11 +34,7 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/cpath demo --make-data
-	$(BIN)/python benchmarks/preprocess_speed.py
-	$(BIN)/python benchmarks/tile_reading.py
-	$(BIN)/python benchmarks/stain_speed.py
-	$(BIN)/python benchmarks/ssl_speed.py
-	$(BIN)/python benchmarks/extract_speed.py
+	$(BIN)/python benchmarks/run_all.py
 
 clean-demo:
 	rm -rf data/demo runs/demo

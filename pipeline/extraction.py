@@ -87,6 +87,9 @@ def plan(
     jobs, skipped = [], []
     transform = {"input_size": encoder.input_size, "mean": list(encoder.mean),
                  "std": list(encoder.std)}  # fmt: skip
+    stain_sha = (
+        sha256_file(cfg.stain_norm) if cfg.stain_norm and Path(cfg.stain_norm).is_file() else ""
+    )
     for path in files:
         table = read_coords(path)
         slide_id = str(table.attrs.get("slide_id") or path.stem)
@@ -98,7 +101,7 @@ def plan(
             "target_mpp": table.target_mpp if table.target_mpp is not None else -1.0,
             "patch_size": table.patch_size, "patch_size_level0": table.patch_size_level0,
             "coords_sha256": sha256_file(path), "coords_file": str(path.resolve()),
-            "stain_norm": str(cfg.stain_norm or ""),
+            "stain_norm": str(cfg.stain_norm or ""), "stain_norm_sha256": stain_sha,
         }  # fmt: skip
         if not cfg.overwrite and is_complete(target, attrs):
             skipped.append({"slide_id": slide_id, "status": "skipped", "n_tiles": len(table),

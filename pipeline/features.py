@@ -7,7 +7,8 @@ Layout (CLAM-compatible: ``features`` + ``coords`` datasets)::
       coords     N x 2 int64 level-0 (x, y), the coords file's rows in order
       attrs      slide_id, slide_path, encoder, encoder_sha256, embed_dim, pooling,
                  transform (JSON), precision, target_mpp, patch_size, patch_size_level0,
-                 coords_sha256, n_tiles, package_version, schema_version, complete
+                 coords_sha256, stain_norm, stain_norm_sha256, n_tiles, package_version,
+                 schema_version, complete
 
 :class:`FeatureWriter` appends rows in chunks (memory does not grow with the slide),
 writes under a temporary name and renames only when every row is in; a file under
@@ -29,7 +30,15 @@ from pipeline.errors import PipelineError
 from pipeline.io import temporary_path
 
 SCHEMA_VERSION = 1
-MATCH_KEYS = ("encoder", "encoder_sha256", "pooling", "precision", "coords_sha256", "dtype")
+MATCH_KEYS = (
+    "encoder",
+    "encoder_sha256",
+    "pooling",
+    "precision",
+    "coords_sha256",
+    "dtype",
+    "stain_norm_sha256",
+)
 
 
 class FeatureWriter:

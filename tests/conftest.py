@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -59,3 +60,16 @@ def tiny_run(tmp_path_factory, tiny_prep) -> Path:
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory, tiny_cohort, tiny_run):
+    """The demo on the tiny cohort (3 folds); pretraining reuses the 200-step tiny run."""
+    runs = tmp_path_factory.mktemp("demo_runs")
+    shutil.copytree(tiny_run, runs / "pretrain")
+    from pipeline.demo import DemoConfig, run
+
+    cfg = DemoConfig(data=tiny_cohort, cache=CACHE, runs=runs, n_slides=6, seed=3, size_scale=0.35,
+                     folds=3, progress=False)  # fmt: skip
+    run(cfg)
+    return cfg

@@ -90,3 +90,11 @@ def test_shipped_configs_parse(stage):
     assert files, f"configs/{CONFIG_FOLDERS[stage]} has no YAML"
     for path in files:
         assert isinstance(load_config(config_cls, path), config_cls)
+
+
+def test_config_reference_is_current():
+    """docs/configs.md is generated from the stage configs; regenerate it when they change:
+    `python -m pipeline.reference > docs/configs.md`."""
+    from pipeline.reference import reference
+
+    assert (ROOT / "docs" / "configs.md").read_text() == reference()

@@ -124,6 +124,15 @@ def test_stain_normalization_on_the_device(tiny_prep, encoder_dir, carcinoma_til
     normed, _, attrs = read_features(tmp_path / "norm" / coords.name)
     assert attrs["stain_norm"].endswith("stain.json") and plain.shape == normed.shape
     assert not np.allclose(plain, normed, atol=1e-3)
+    # normalized inside bf16 autocast, as on a GPU: the normalizer keeps to fp32
+    extract(config(coords, tmp_path / "bf16", encoder_dir, stain_norm=tmp_path / "stain.json",
+                   precision="bf16"))  # fmt: skip
+    assert read_features(tmp_path / "bf16" / coords.name)[0].shape == plain.shape
+    # features made without normalization are not taken for normalized ones on a rerun
+    rows = extract(
+        config(coords, tmp_path / "plain", encoder_dir, stain_norm=tmp_path / "stain.json")
+    )
+    assert [r["status"] for r in rows] == ["done"]
 
 
 def test_pooling_variants_and_dtype(tiny_prep, encoder_dir, tmp_path):

@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.mil.metrics import classification_metrics, concordance_index
+from pipeline.mil.metrics import classification_metric, classification_metrics, concordance_index
 from pipeline.mil.splits import make_splits, write_splits
 from pipeline.mil.train import TrainMILConfig
 from pipeline.mil.training import read_labels, train_cv
@@ -132,7 +132,7 @@ def slide_metric(kind: str, name: str):
 
     def metric(y, idx, preds) -> float:
         if kind == "classification":
-            return classification_metrics(y[idx], preds[idx])[name]
+            return classification_metric(name, y[idx], preds[idx])
         return concordance_index(y[idx, 0], y[idx, 1], preds[idx])
 
     return metric

@@ -9,7 +9,6 @@ import traceback
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import balanced_accuracy_score
 
 from pipeline.config import save_config
 from pipeline.errors import ConfigError, PipelineError
@@ -18,23 +17,18 @@ from pipeline.eval.protocols import Folds, cross_validate, few_shot
 from pipeline.eval.slides import run_slide_task, slide_metric
 from pipeline.eval.stats import bootstrap_ci, paired_bootstrap
 from pipeline.eval.tiles import STAIN_SHIFT, cached_features, embed_tiles, read_tile_set
-from pipeline.mil.metrics import classification_metrics
+from pipeline.mil.metrics import classification_metric, classification_metrics
 from pipeline.stain.report import slide_clustering
 
 log = logging.getLogger(__name__)
 TILE_METRIC = "balanced_accuracy"  # the leaderboard metric of tile protocols
 
 
-def score(name: str, y: np.ndarray, probs: np.ndarray) -> float:
-    """One classification metric of ``probs`` (N x C) against class indices ``y``."""
-    if name == "balanced_accuracy":  # the common case, without the other metrics' cost
-        return float(balanced_accuracy_score(y, probs.argmax(1)))
-    return classification_metrics(y, probs)[name]
-
-
 def _scored(y: np.ndarray, probs: np.ndarray, metric: str, cfg: EvaluateConfig) -> dict:
-    ci = bootstrap_ci(lambda a, p: score(metric, a, p), y, probs, n=cfg.bootstrap, seed=cfg.seed)
-    return {"value": score(metric, y, probs), "ci": list(ci),
+    ci = bootstrap_ci(
+        lambda a, p: classification_metric(metric, a, p), y, probs, n=cfg.bootstrap, seed=cfg.seed
+    )
+    return {"value": classification_metric(metric, y, probs), "ci": list(ci),
             "metrics": classification_metrics(y, probs)}  # fmt: skip
 
 
@@ -103,7 +97,11 @@ def tile_task(name: str, task: dict, encoders: dict[str, str], cfg: EvaluateConf
         result["scores"][protocol] = scored
         y_items = y[folds.test_items()]
         result["comparisons"][protocol] = _compare(
-            preds, lambda idx, p, y_items=y_items: score(TILE_METRIC, y_items[idx], p[idx]), cfg
+            preds,
+            lambda idx, p, y_items=y_items: classification_metric(
+                TILE_METRIC, y_items[idx], p[idx]
+            ),
+            cfg,
         )
         result["figures"][f"{protocol}_roc"] = plots.roc_curves(
             figures / f"{name}_{protocol}_roc.png", curves, classes, f"{name}: {protocol} probe"
@@ -150,7 +148,7 @@ def tile_task(name: str, task: dict, encoders: dict[str, str], cfg: EvaluateConf
                 items, probs, _ = cross_validate("linear", feats[e]["features"], tiles.labels,
                                                  tiles.groups, folds, cfg.seed,
                                                  test_x=feats[e]["shifted"])  # fmt: skip
-                shifted = score("balanced_accuracy", y[items], probs)
+                shifted = classification_metric("balanced_accuracy", y[items], probs)
                 clean = result["scores"].get("linear", {}).get(e, {}).get("value")
                 entry["stain_shift"] = {"shifted": shifted, "clean": clean,
                                         "drop": None if clean is None else clean - shifted}  # fmt: skip

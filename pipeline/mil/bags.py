@@ -56,6 +56,20 @@ class BagStore:
         i = self.index[slide_id]
         return self.features[self.offsets[i] : self.offsets[i + 1]]  # n x D (a view)
 
+    def statistics(self, slide_ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-feature mean and std (``D`` each) over the instances of ``slide_ids``."""
+        total = torch.zeros(self.dim, dtype=torch.float64)
+        squares = torch.zeros(self.dim, dtype=torch.float64)
+        n = 0
+        for slide_id in slide_ids:
+            bag = self.bag(slide_id).double()
+            total += bag.sum(0)
+            squares += (bag * bag).sum(0)
+            n += len(bag)
+        mean = total / max(n, 1)
+        std = (squares / max(n, 1) - mean * mean).clamp_min(0).sqrt()
+        return mean.float(), std.float().clamp_min(1e-6)
+
     def bag_coords(self, slide_id: str) -> torch.Tensor:
         i = self.index[slide_id]
         return self.coords[self.offsets[i] : self.offsets[i + 1]]

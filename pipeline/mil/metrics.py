@@ -7,26 +7,37 @@ from collections.abc import Callable
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score, cohen_kappa_score, f1_score, roc_auc_score
 
+CLASSIFICATION_METRICS = ("balanced_accuracy", "f1", "auc")
+
+
+def classification_metric(name: str, y: np.ndarray, probs: np.ndarray) -> float:
+    """One of :data:`CLASSIFICATION_METRICS` or ``qwk`` (quadratic weighted kappa, for
+    ordered labels) of ``probs`` (N x C) against class indices ``y`` (N). AUC is one-vs-rest
+    macro for more than two classes, over the classes present in ``y``."""
+    if name == "balanced_accuracy":
+        return float(balanced_accuracy_score(y, probs.argmax(1)))
+    if name == "f1":
+        return float(f1_score(y, probs.argmax(1), average="weighted"))
+    if name == "qwk":
+        return float(cohen_kappa_score(y, probs.argmax(1), weights="quadratic"))
+    if name != "auc":
+        raise ValueError(f"unknown classification metric '{name}'")
+    present = np.unique(y)
+    if len(present) < 2:
+        return float("nan")
+    if probs.shape[1] == 2:
+        return float(roc_auc_score(y, probs[:, 1]))
+    cols = probs[:, present] / probs[:, present].sum(1, keepdims=True).clip(1e-12)
+    return float(roc_auc_score(y, cols, multi_class="ovr", labels=present))
+
 
 def classification_metrics(
     y: np.ndarray, probs: np.ndarray, ordinal: bool = False
 ) -> dict[str, float]:
-    """AUC (one-vs-rest macro for more than two classes), balanced accuracy, weighted F1 and,
-    for ordered labels, quadratic weighted kappa. ``y``: N class indices; ``probs``: N x C."""
-    pred = probs.argmax(1)
-    out = {"balanced_accuracy": float(balanced_accuracy_score(y, pred)),
-           "f1": float(f1_score(y, pred, average="weighted"))}  # fmt: skip
-    present = np.unique(y)
-    if len(present) < 2:
-        out["auc"] = float("nan")
-    elif probs.shape[1] == 2:
-        out["auc"] = float(roc_auc_score(y, probs[:, 1]))
-    else:
-        cols = probs[:, present] / probs[:, present].sum(1, keepdims=True).clip(1e-12)
-        out["auc"] = float(roc_auc_score(y, cols, multi_class="ovr", labels=present))
-    if ordinal:
-        out["qwk"] = float(cohen_kappa_score(y, pred, weights="quadratic"))
-    return out
+    """Balanced accuracy, weighted F1, AUC and, for ordered labels, quadratic weighted kappa
+    (see :func:`classification_metric`). ``y``: N class indices; ``probs``: N x C."""
+    names = CLASSIFICATION_METRICS + (("qwk",) if ordinal else ())
+    return {name: classification_metric(name, y, probs) for name in names}
 
 
 def concordance_index(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
@@ -40,18 +51,25 @@ def concordance_index(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> 
     return float((higher * earlier).sum() / earlier.sum())
 
 
+def bootstrap_cis(metrics: Callable[[np.ndarray], dict[str, float]], size: int, n: int = 1000,
+                  seed: int = 0, level: float = 0.95) -> dict[str, tuple[float, float]]:  # fmt: skip
+    """Percentile intervals of every metric of ``metrics(idx)`` over ``n`` resamples (with
+    replacement) of ``size`` rows; each resample is scored once for all metrics."""
+    rng = np.random.default_rng(seed)
+    values: dict[str, list[float]] = {}
+    for _ in range(n):
+        for name, value in metrics(rng.integers(0, size, size)).items():
+            values.setdefault(name, [])
+            if np.isfinite(value):
+                values[name].append(value)
+    q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
+    return {name: tuple(float(v) for v in np.percentile(vals, q)) if vals
+            else (float("nan"), float("nan")) for name, vals in values.items()}  # fmt: skip
+
+
 def bootstrap_ci(metric: Callable[..., float], *arrays: np.ndarray, n: int = 1000, seed: int = 0,
                  level: float = 0.95) -> tuple[float, float]:  # fmt: skip
     """Percentile interval of ``metric`` over ``n`` resamples (with replacement) of the rows."""
-    rng = np.random.default_rng(seed)
-    size = len(arrays[0])
-    values = []
-    for _ in range(n):
-        idx = rng.integers(0, size, size)
-        value = metric(*(a[idx] for a in arrays))
-        if np.isfinite(value):
-            values.append(value)
-    if not values:
-        return float("nan"), float("nan")
-    lo, hi = np.percentile(values, [(1 - level) / 2 * 100, (1 + level) / 2 * 100])
-    return float(lo), float(hi)
+    cis = bootstrap_cis(lambda idx: {"m": metric(*(a[idx] for a in arrays))}, len(arrays[0]),
+                        n=n, seed=seed, level=level)  # fmt: skip
+    return cis.get("m", (float("nan"), float("nan")))

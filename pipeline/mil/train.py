@@ -27,7 +27,8 @@ class TrainMILConfig:
         model_args: constructor arguments of the model (hidden, dropout, ...).
         task: classification or survival.
         folds: cross-validation folds (grouped by case_id, stratified by label or event).
-        val_share: share of each fold's training patients used for early stopping.
+        val_share: share of each fold's training patients used for early stopping (0: none,
+            train all epochs and keep the last).
         splits: a splits.csv to reuse (default: OUT/splits.csv if present, else new).
         out: run folder.
         epochs: most training epochs per fold.
@@ -36,6 +37,7 @@ class TrainMILConfig:
         weight_decay: AdamW weight decay.
         batch_size: bags per step (zero-padded, masked).
         max_instances: random instances kept per training bag (None: all).
+        standardize: scale each feature by the mean and std of the fold's training tiles.
         balanced: sample training bags with class-balanced weights.
         bag_weight: weight of the bag loss against CLAM/DSMIL auxiliary losses.
         survival_loss: nll (discrete time) or cox.
@@ -64,6 +66,7 @@ class TrainMILConfig:
     weight_decay: float = 1.0e-2
     batch_size: int = 1
     max_instances: int | None = 4096
+    standardize: bool = True
     balanced: bool = True
     bag_weight: float = 0.7
     survival_loss: Literal["nll", "cox"] = "nll"

@@ -22,7 +22,7 @@ from pipeline.errors import ConfigError, PipelineError
 from pipeline.io import atomic_path, atomic_write_text
 from pipeline.mil.bags import BagStore, collate
 from pipeline.mil.base import make_mil
-from pipeline.mil.metrics import bootstrap_ci, classification_metrics, concordance_index
+from pipeline.mil.metrics import bootstrap_cis, classification_metrics, concordance_index
 from pipeline.mil.splits import fold_members, make_splits, read_splits, write_splits
 from pipeline.mil.train import TrainMILConfig
 
@@ -63,13 +63,19 @@ class MILModule(L.LightningModule):
 
     def __init__(self, model: str, in_dim: int, n_out: int, model_args: dict, task: str,
                  lr: float, weight_decay: float, epochs: int, bag_weight: float,
-                 survival_loss: str, class_weights: list[float] | None = None):  # fmt: skip
+                 survival_loss: str, class_weights: list[float] | None = None,
+                 standardize: bool = False):  # fmt: skip
         super().__init__()
         self.save_hyperparameters()
         self.model = make_mil(model, in_dim, n_out, **model_args)
         self.weights = torch.tensor(class_weights) if class_weights else None
+        # per-feature mean and std of the training instances (saved with the model)
+        self.register_buffer("feature_mean", torch.zeros(in_dim))
+        self.register_buffer("feature_std", torch.ones(in_dim))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, labels=None) -> dict:
+        if self.hparams.get("standardize"):
+            x = (x - self.feature_mean) / self.feature_std  # B x N x D
         return self.model(x, mask, labels=labels)
 
     def loss(self, batch: dict) -> torch.Tensor:
@@ -272,17 +278,17 @@ def _train_fold(cfg, k, fold_dir, roles, store, targets, n_out, classes) -> None
     L.seed_everything(cfg.seed + k, verbose=False)
     generator = torch.Generator().manual_seed(cfg.seed + k)
     module = MILModule(cfg.model, store.dim, n_out, dict(cfg.model_args), cfg.task, cfg.lr,
-                       cfg.weight_decay, cfg.epochs, cfg.bag_weight, cfg.survival_loss)  # fmt: skip
-    monitor = "val_loss" if roles["val"] else "train_loss"
-    ckpt = ModelCheckpoint(
-        dirpath=fold_dir,
-        filename="model",
-        monitor=monitor,
-        save_top_k=1,
-        enable_version_counter=False,
-    )
-    trainer = mil_trainer(cfg, logger=CSVLogger(fold_dir, name="", version=""),
-                          callbacks=[ckpt, EarlyStopping(monitor, patience=cfg.patience)])  # fmt: skip
+                       cfg.weight_decay, cfg.epochs, cfg.bag_weight, cfg.survival_loss,
+                       standardize=cfg.standardize)  # fmt: skip
+    if cfg.standardize:
+        module.feature_mean, module.feature_std = store.statistics(roles["train"])
+    # with a validation split: the best epoch by validation loss, and early stopping;
+    # without: the last epoch
+    monitor = "val_loss" if roles["val"] else None
+    ckpt = ModelCheckpoint(dirpath=fold_dir, filename="model", monitor=monitor, save_top_k=1,
+                           enable_version_counter=False)  # fmt: skip
+    callbacks = [ckpt] + ([EarlyStopping(monitor, patience=cfg.patience)] if monitor else [])
+    trainer = mil_trainer(cfg, logger=CSVLogger(fold_dir, name="", version=""), callbacks=callbacks)
     train = bag_loader(roles["train"], store, targets, cfg, True, generator)
     val = bag_loader(roles["val"], store, targets, cfg, False, generator) if roles["val"] else None
     trainer.fit(module, train, val)
@@ -327,14 +333,12 @@ def _write_results(cfg, out: Path, predictions: list[dict], classes, targets) ->
     ]
     names = list(per_fold[0]) if per_fold else []
     pooled_values = _scores(cfg, predictions, classes)
-    pooled = {}
-    for name in names:
-
-        def metric(idx, name=name):
-            return _scores(cfg, [predictions[i] for i in idx], classes)[name]
-
-        ci = bootstrap_ci(metric, np.arange(len(predictions)), n=cfg.bootstrap, seed=cfg.seed)
-        pooled[name] = {"value": pooled_values[name], "ci": list(ci)}
+    cis = bootstrap_cis(lambda idx: _scores(cfg, [predictions[i] for i in idx], classes),
+                        len(predictions), n=cfg.bootstrap, seed=cfg.seed)  # fmt: skip
+    pooled = {
+        name: {"value": pooled_values[name], "ci": list(cis.get(name, (np.nan, np.nan)))}
+        for name in names
+    }
     metrics = {
         "model": cfg.model, "task": cfg.task, "folds": per_fold,
         "mean": {n: float(np.nanmean([f[n] for f in per_fold])) for n in names},

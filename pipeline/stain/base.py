@@ -103,8 +103,9 @@ class StainNormalizer:
         per_image = x.shape[2] * x.shape[3]
         # cache-sized chunks on CPU (large tensors are slower there); one call on accelerators
         step = max(1, self.chunk_pixels // per_image) if x.device.type == "cpu" else len(x)
-        outs, dones = zip(*(self.normalize_batch(x[i : i + step]) for i in range(0, len(x), step)),
-                          strict=True)  # fmt: skip
+        with torch.autocast(x.device.type, enabled=False):  # stain fits need fp32 (pinv, eigh)
+            outs, dones = zip(*(self.normalize_batch(x[i : i + step]) for i in range(0, len(x), step)),
+                              strict=True)  # fmt: skip
         out, done = torch.cat(outs), torch.cat(dones)
         if not done.all():  # tiles without enough tissue come back unchanged
             out[~done] = x[~done]

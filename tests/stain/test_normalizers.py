@@ -62,6 +62,16 @@ def test_batched_equals_per_tile(method, carcinoma, skin_tiles):
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_same_result_inside_bf16_autocast(method, carcinoma, skin_tiles):
+    """Extraction runs the normalizer inside the encoder's autocast: it must stay in fp32."""
+    normalizer = STAIN_METHODS[method]().fit(carcinoma)
+    plain = normalizer(skin_tiles)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = normalizer(skin_tiles)
+    assert torch.equal(plain, mixed)
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_blank_tiles_pass_through_and_are_counted(method, carcinoma, skin_tiles):
     normalizer = STAIN_METHODS[method]().fit(carcinoma)
     white = torch.full((3, 3, 224, 224), 255, dtype=torch.uint8)
