@@ -71,6 +71,8 @@ def test_rerun_reuses_every_finished_stage(tiny_demo, capsys):
     watched = [*sorted((runs / "features" / "pretrained").glob("*.h5")),
                runs / "mil" / "pretrained" / "fold_0" / "model.ckpt",
                runs / "eval" / "cache" / "pretrained" / "tumour-tiles.npz",
+               runs / "eval" / "tasks" / "tumour-tiles" / "result.json",  # scores not recomputed
+               runs / "eval" / "tasks" / "survival" / "result.json",
                runs / "eval" / "tasks" / "tumour-slides" / "random" / "seed_0" / "fold_0" / "model.ckpt"]  # fmt: skip
     before = [p.stat().st_mtime_ns for p in watched]
     run(tiny_demo)

@@ -3,6 +3,7 @@ suite for every encoder, statistics, then the leaderboard and report."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import traceback
@@ -17,6 +18,7 @@ from pipeline.eval.protocols import Folds, cross_validate, few_shot
 from pipeline.eval.slides import run_slide_task, slide_metric
 from pipeline.eval.stats import bootstrap_ci, paired_bootstrap
 from pipeline.eval.tiles import STAIN_SHIFT, cached_features, embed_tiles, read_tile_set
+from pipeline.io import atomic_write_text
 from pipeline.mil.metrics import classification_metric, classification_metrics
 from pipeline.stain.report import slide_clustering
 
@@ -42,6 +44,40 @@ def _compare(preds: dict[str, np.ndarray], metric, cfg: EvaluateConfig) -> list[
     return out
 
 
+def _settings(cfg: EvaluateConfig) -> dict:
+    """The settings a task's scores depend on (besides the task and its inputs)."""
+    from pipeline import __version__
+
+    keys = ("folds", "shots", "episodes", "knn_k", "knn_temperature", "robustness", "bootstrap",
+            "seed")  # fmt: skip
+    return {"version": __version__, **{k: getattr(cfg, k) for k in keys}}
+
+
+def _digest(*arrays: np.ndarray) -> str:
+    """SHA-256 of arrays' dtypes, shapes and bytes."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes() if a.dtype != object else str(a.tolist()).encode())
+    return h.hexdigest()
+
+
+def cached_result(path: Path, key: dict, compute) -> dict:
+    """A task's result saved at ``path`` when it was computed for the same ``key`` (task,
+    settings, digest of its inputs) and its figures are still there, else ``compute()``
+    saved there; a rerun of an unchanged suite recomputes nothing."""
+    text = json.dumps(key, sort_keys=True, default=str)
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        figures = saved.get("result", {}).get("figures", {}).values()
+        if saved.get("key") == text and all(Path(f).is_file() for f in figures):
+            return saved["result"]
+    result = json.loads(json.dumps(compute()))  # the same types as a reused result
+    atomic_write_text(path, json.dumps({"key": text, "result": result}))
+    return result
+
+
 def leakage_probe(x: np.ndarray, target: np.ndarray, seed: int = 0) -> dict | None:
     """How well tiles' slide or site is predictable from their features (see
     :func:`pipeline.stain.report.slide_clustering`): values well above ``chance`` mean the
@@ -54,7 +90,6 @@ def leakage_probe(x: np.ndarray, target: np.ndarray, seed: int = 0) -> dict | No
 
 def tile_task(name: str, task: dict, encoders: dict[str, str], cfg: EvaluateConfig, out: Path,
               get_encoder, device) -> dict:  # fmt: skip
-    from pipeline.eval import plots
     from pipeline.extract import state_sha256
 
     tiles = read_tile_set(task.get("data"), task.get("sites"))
@@ -75,6 +110,17 @@ def tile_task(name: str, task: dict, encoders: dict[str, str], cfg: EvaluateConf
         if len(feats[e]["features"]) != len(tiles):
             raise PipelineError(f"encoder '{e}': {len(feats[e]['features'])} features for "
                                 f"{len(tiles)} tiles; delete {out / 'cache' / e} and rerun")  # fmt: skip
+    key = {"task": task, "encoders": encoders, "settings": _settings(cfg),
+           "inputs": _digest(y, tiles.groups, *(a for e in encoders for a in feats[e].values()))}  # fmt: skip
+    return cached_result(out / "tasks" / name / "result.json", key,
+                         lambda: _score_tiles(name, task, tiles, feats, folds, protocols, classes, y,
+                                              encoders, cfg, out))  # fmt: skip
+
+
+def _score_tiles(name, task, tiles, feats, folds, protocols, classes, y, encoders, cfg,
+                 out) -> dict:  # fmt: skip
+    from pipeline.eval import plots
+
     result = {"kind": "tile", "data": str(task.get("data")), "n_items": len(tiles),
               "n_slides": len(np.unique(tiles.groups)), "classes": classes.tolist(),
               "folds": len(folds.splits), "columns": {}, "scores": {}, "comparisons": {},
@@ -166,10 +212,21 @@ def tile_task(name: str, task: dict, encoders: dict[str, str], cfg: EvaluateConf
 
 def slide_task(name: str, task: dict, encoders: dict[str, str], cfg: EvaluateConfig,
                out: Path) -> dict:  # fmt: skip
-    from pipeline.eval import plots
 
     kind = task.get("task", "classification")
     per_encoder = run_slide_task(task, list(encoders), out / "tasks" / name, cfg.progress)
+    key = {"task": task, "encoders": encoders, "settings": _settings(cfg),
+           "inputs": _digest(*(a for r in per_encoder.values() for a in (r["y"], r["preds"])))}  # fmt: skip
+    return cached_result(
+        out / "tasks" / name / "result.json",
+        key,
+        lambda: _score_slides(name, task, kind, per_encoder, cfg, out),
+    )
+
+
+def _score_slides(name, task, kind, per_encoder, cfg, out) -> dict:
+    from pipeline.eval import plots
+
     metric = "auc" if kind == "classification" else "c_index"
     col = task.get("model", "abmil")
     first = next(iter(per_encoder.values()))

@@ -9,6 +9,8 @@ per bag (no per-instance Python work), optionally subsampling each bag to at mos
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -24,12 +26,14 @@ class BagStore:
 
     def __init__(self, features_dir: str | os.PathLike, slide_ids: list[str]):
         folder = Path(features_dir)
-        feats, coords, missing = [], [], []
+        feats, coords, missing, stamps = [], [], [], []
         for slide_id in slide_ids:
             path = folder / f"{slide_id}.h5"
             if not path.is_file():
                 missing.append(slide_id)
                 continue
+            stat = path.stat()
+            stamps.append((slide_id, stat.st_size, stat.st_mtime_ns))
             f, c, _ = read_features(path)
             feats.append(torch.from_numpy(np.asarray(f, np.float32)))
             coords.append(torch.from_numpy(np.asarray(c, np.int64).reshape(-1, 2)))
@@ -51,6 +55,8 @@ class BagStore:
         self.features = torch.cat(feats) if feats else torch.zeros(0, 0)  # T x D
         self.coords = torch.cat(coords) if coords else torch.zeros(0, 2, dtype=torch.long)
         self.dim = int(self.features.shape[1]) if feats else 0
+        # which files were read, as written (size, modification time): a re-extraction changes it
+        self.fingerprint = hashlib.sha256(json.dumps(stamps).encode()).hexdigest()
 
     def bag(self, slide_id: str) -> torch.Tensor:
         i = self.index[slide_id]

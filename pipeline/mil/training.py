@@ -227,14 +227,15 @@ def train_cv(cfg: TrainMILConfig) -> dict:
         splits = make_splits(rows, cfg.folds, cfg.val_share, cfg.seed, stratify=stratify)
         write_splits(out / "splits.csv", splits)
     folds = sum(1 for k in splits[0] if k.startswith("fold_"))
-    config_text = json.dumps(config_to_dict(cfg), sort_keys=True, default=str)
+    store = BagStore(cfg.features, [r["slide_id"] for r in rows])
+    config_text = json.dumps({**config_to_dict(cfg), "features_read": store.fingerprint},
+                             sort_keys=True, default=str)  # fmt: skip
     previous = out / ".config.json"
     if previous.is_file() and previous.read_text() != config_text:  # other settings: start over
         for fold_dir in out.glob("fold_*"):
             shutil.rmtree(fold_dir)
     atomic_write_text(previous, config_text)
     save_config(cfg, out)
-    store = BagStore(cfg.features, [r["slide_id"] for r in rows])
     empty = [s for s, n in zip(store.slide_ids, store.lengths.tolist(), strict=True) if n == 0]
     if empty:
         raise PipelineError(f"{len(empty)} slides have no tiles ({', '.join(empty[:5])}): their bags are "

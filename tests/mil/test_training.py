@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -86,6 +87,20 @@ def test_rerun_reuses_finished_folds_and_splits(planted, classified):
     assert (out / "fold_0" / "model.ckpt").stat().st_mtime_ns == stamp
     train_cv(cfg(planted, out, epochs=1, patience=1))  # other settings: folds are trained again
     assert (out / "fold_0" / "model.ckpt").stat().st_mtime_ns != stamp
+
+
+def test_rewritten_feature_files_retrain_the_folds(planted, tmp_path):
+    feats = tmp_path / "feats"
+    shutil.copytree(planted / "feats", feats)
+    run = cfg(planted, tmp_path / "run", features=feats, epochs=1, bootstrap=0)
+    train_cv(run)
+    stamp = (tmp_path / "run" / "fold_0" / "model.ckpt").stat().st_mtime_ns
+    train_cv(run)
+    assert (tmp_path / "run" / "fold_0" / "model.ckpt").stat().st_mtime_ns == stamp
+    rewritten = feats / "s00.h5"  # as a new extraction of the slide would
+    rewritten.write_bytes(rewritten.read_bytes())
+    train_cv(run)
+    assert (tmp_path / "run" / "fold_0" / "model.ckpt").stat().st_mtime_ns != stamp
 
 
 def test_survival_ranks_patients_by_the_planted_risk(planted, tmp_path):
