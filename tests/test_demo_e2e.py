@@ -73,6 +73,7 @@ def test_rerun_reuses_every_finished_stage(tiny_demo, capsys):
                runs / "eval" / "cache" / "pretrained" / "tumour-tiles.npz",
                runs / "eval" / "tasks" / "tumour-tiles" / "result.json",  # scores not recomputed
                runs / "eval" / "tasks" / "survival" / "result.json",
+               runs / "stain" / "report.json",
                runs / "eval" / "tasks" / "tumour-slides" / "random" / "seed_0" / "fold_0" / "model.ckpt"]  # fmt: skip
     before = [p.stat().st_mtime_ns for p in watched]
     run(tiny_demo)
