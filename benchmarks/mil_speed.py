@@ -21,6 +21,7 @@ Usage: ``python benchmarks/mil_speed.py [--epochs 5] [--bags 40] [--models abmil
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import tempfile
 import time
@@ -145,6 +146,7 @@ def main() -> None:
     parser.add_argument("--max-instances", type=int, default=512)
     parser.add_argument("--models", default=",".join(SIZES))
     args = parser.parse_args()
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no per-run banners
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         rows = make_bags(folder, args.bags)
