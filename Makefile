@@ -32,8 +32,8 @@ format: $(STAMP)
 	$(BIN)/ruff format pipeline tests benchmarks
 	$(BIN)/ruff check --fix pipeline tests benchmarks
 
-bench: $(STAMP)
-	$(BIN)/cpath demo --make-data
+bench: $(STAMP)  # the demo cohort, preprocessed: the benchmarks read its slides and coords
+	$(BIN)/cpath demo --stop-after preprocess
 	$(BIN)/python benchmarks/run_all.py
 
 clean-demo:

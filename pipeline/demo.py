@@ -161,7 +161,7 @@ class Demo:
         for name, preset, extra in runs:  # same labels and seed: the same patient splits
             run_name = name if extra["task"] == "classification" else "survival"
             cfg = load_config(TrainMILConfig, CONFIGS / "mil" / preset, features=self.features / name,
-                              labels=labels, out=self.mil / run_name, progress=False,
+                              labels=labels, out=self.mil / run_name, progress=self.cfg.progress,
                               folds=self.cfg.folds, **extra)  # fmt: skip
             self.summary["mil"][run_name] = train_cv(cfg)["pooled"]
         auc = {n: self.summary["mil"][n]["auc"]["value"] for n in self.encoders}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -58,7 +59,10 @@ def bootstrap_cis(metrics: Callable[[np.ndarray], dict[str, float]], size: int, 
     rng = np.random.default_rng(seed)
     values: dict[str, list[float]] = {}
     for _ in range(n):
-        for name, value in metrics(rng.integers(0, size, size)).items():
+        with warnings.catch_warnings():  # a resample may lack a class: its metric is nan
+            warnings.simplefilter("ignore", UserWarning)
+            scores = metrics(rng.integers(0, size, size))
+        for name, value in scores.items():
             values.setdefault(name, [])
             if np.isfinite(value):
                 values[name].append(value)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, WeightedRandomSampler
+from tqdm.auto import tqdm
 
 from pipeline.config import config_to_dict, save_config
 from pipeline.errors import ConfigError, PipelineError
@@ -248,6 +249,8 @@ def train_cv(cfg: TrainMILConfig) -> dict:
     )
     known = set(targets.by_id)
     predictions = []
+    bar = tqdm(total=folds * cfg.epochs, desc=f"train-mil {out.parent.name}/{out.name}",
+               unit="epoch", disable=not cfg.progress)  # fmt: skip
     for k in range(folds):
         fold_dir = out / f"fold_{k}"
         done = fold_dir / "predictions.csv"
@@ -255,24 +258,38 @@ def train_cv(cfg: TrainMILConfig) -> dict:
             role: [s for s in fold_members(splits, k, role) if s in known]
             for role in ("train", "val", "test")
         }
+        bar.set_postfix(fold=f"{k + 1}/{folds}")
         if not done.is_file():
-            _train_fold(cfg, k, fold_dir, roles, store, targets, n_out, classes)
+            _train_fold(cfg, k, fold_dir, roles, store, targets, n_out, classes, bar)
+        bar.update(cfg.epochs * (k + 1) - bar.n)  # early stopping skips the rest of a fold
         with open(done, newline="") as f:
             predictions += list(csv.DictReader(f))
+    bar.close()
     return _write_results(cfg, out, predictions, classes, targets)
 
 
+class _EpochBar(L.Callback):
+    """Advances the run's progress bar (folds x epochs) after each training epoch."""
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def on_train_epoch_end(self, trainer, module):
+        self.bar.update(1)
+
+
 def mil_trainer(cfg: TrainMILConfig, **kwargs) -> L.Trainer:
-    """One-device Lightning trainer: GPU with bf16 autocast when present, else CPU."""
+    """One-device Lightning trainer: GPU with bf16 autocast when present, else CPU. Progress
+    is shown per epoch over all folds by :func:`train_cv`, not per step."""
     cuda = torch.cuda.is_available() and cfg.device != "cpu"
     precision = cfg.precision if cfg.precision != "auto" else ("bf16-mixed" if cuda else "32-true")
     return L.Trainer(max_epochs=cfg.epochs, accelerator="gpu" if cuda else "cpu", devices=1,
-                     precision=precision, enable_progress_bar=cfg.progress,
-                     enable_model_summary=False, log_every_n_steps=10, num_sanity_val_steps=0,
+                     precision=precision, enable_progress_bar=False,
+                     enable_model_summary=False, log_every_n_steps=1, num_sanity_val_steps=0,
                      **kwargs)  # fmt: skip
 
 
-def _train_fold(cfg, k, fold_dir, roles, store, targets, n_out, classes) -> None:
+def _train_fold(cfg, k, fold_dir, roles, store, targets, n_out, classes, bar) -> None:
     if fold_dir.exists():
         shutil.rmtree(fold_dir)
     fold_dir.mkdir(parents=True)
@@ -288,7 +305,8 @@ def _train_fold(cfg, k, fold_dir, roles, store, targets, n_out, classes) -> None
     monitor = "val_loss" if roles["val"] else None
     ckpt = ModelCheckpoint(dirpath=fold_dir, filename="model", monitor=monitor, save_top_k=1,
                            enable_version_counter=False)  # fmt: skip
-    callbacks = [ckpt] + ([EarlyStopping(monitor, patience=cfg.patience)] if monitor else [])
+    callbacks = [ckpt, _EpochBar(bar)]
+    callbacks += [EarlyStopping(monitor, patience=cfg.patience)] if monitor else []
     trainer = mil_trainer(cfg, logger=CSVLogger(fold_dir, name="", version=""), callbacks=callbacks)
     train = bag_loader(roles["train"], store, targets, cfg, True, generator)
     val = bag_loader(roles["val"], store, targets, cfg, False, generator) if roles["val"] else None
