@@ -105,6 +105,7 @@ def main() -> int:
         sections[name] = "\n".join([title, "", "```", text, "```", ""])
     kept = [sections[n] for n in SCRIPTS if n in sections]  # scripts not run keep their output
     if not args.dry_run:
+        old = RESULTS.read_text() if RESULTS.is_file() else old  # edits made meanwhile stay
         head = old.split(BEGIN)[0].rstrip() + "\n\n"
         tail = old.split(END, 1)[1].lstrip() if END in old else ""
         RESULTS.write_text(head + "\n".join([BEGIN, *header, *kept, END]) + "\n" + tail)
