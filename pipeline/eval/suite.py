@@ -212,7 +212,6 @@ def _score_tiles(name, task, tiles, feats, folds, protocols, classes, y, encoder
 
 def slide_task(name: str, task: dict, encoders: dict[str, str], cfg: EvaluateConfig,
                out: Path) -> dict:  # fmt: skip
-
     kind = task.get("task", "classification")
     per_encoder = run_slide_task(task, list(encoders), out / "tasks" / name, cfg.progress)
     key = {"task": task, "encoders": encoders, "settings": _settings(cfg),
