@@ -2,7 +2,10 @@
 
 256 real H&E tiles of 224 x 224 px (crops of the CMU skin scan and the carcinoma image,
 with flips), each normalizer fitted to the carcinoma image; both ways run on the same
-device and the same uint8 tiles, each timed as the best of three runs.
+device and the same uint8 tiles, each timed as the best of three runs. Where torchstain
+(a test dependency) is installed, its per-tile normalizer of the same method - the
+published algorithm as tools run it today - is timed on the same tiles as a second
+reference.
 Usage: ``python benchmarks/stain_speed.py [--device cuda]``
 """
 
@@ -50,6 +53,22 @@ def best_of(fn, runs: int = 3) -> float:
     return min(times)
 
 
+def torchstain_loop(name: str, target: torch.Tensor, tiles: torch.Tensor):
+    """A per-tile loop of torchstain's normalizer of ``name`` (None when unavailable)."""
+    try:
+        from torchstain.torch import normalizers
+    except ImportError:
+        return None
+    classes = {"macenko": "TorchMacenkoNormalizer", "reinhard": "TorchReinhardNormalizer"}
+    if name not in classes or tiles.device.type != "cpu":
+        return None
+    reference = getattr(normalizers, classes[name])()
+    reference.fit(target)
+    if name == "macenko":
+        return lambda: [reference.normalize(t, stains=False) for t in tiles]
+    return lambda: [reference.normalize(t) for t in tiles]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -65,8 +84,13 @@ def main() -> None:
         batched = best_of(lambda n=normalizer: n(tiles))
         loop = best_of(lambda n=normalizer: [n(t) for t in tiles])
         per_tile_b, per_tile_l = batched / len(tiles) * 1e3, loop / len(tiles) * 1e3
-        print(f"  {name:<9} batched {per_tile_b:6.2f} ms/tile   per-tile loop {per_tile_l:6.2f} ms/tile"
-              f"   speed-up {loop / batched:5.2f}x")  # fmt: skip
+        line = (f"  {name:<9} batched {per_tile_b:6.2f} ms/tile   per-tile loop {per_tile_l:6.2f} "
+                f"ms/tile   speed-up {loop / batched:5.2f}x")  # fmt: skip
+        reference = torchstain_loop(name, target, tiles)
+        if reference is not None:
+            per_tile_r = best_of(reference) / len(tiles) * 1e3
+            line += f"   torchstain per tile {per_tile_r:6.2f} ms/tile ({per_tile_r / per_tile_b:5.2f}x)"
+        print(line)
 
 
 if __name__ == "__main__":

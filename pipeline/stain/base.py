@@ -19,7 +19,7 @@ import torch
 
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_write_text
-from pipeline.stain.color import check_batch, like_input
+from pipeline.stain.color import check_batch, convert_batch, like_input, validate_batch
 
 STAIN_METHODS: dict[str, type[StainNormalizer]] = {}
 
@@ -94,24 +94,32 @@ class StainNormalizer:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalize a ``B x 3 x H x W`` (or ``3 x H x W``) uint8 or float batch."""
+        """Normalize a ``B x 3 x H x W`` (or ``3 x H x W``) uint8 or float batch.
+
+        Returns the input's dtype and shape; tiles that pass through are the input tiles.
+        """
         if not self.is_fitted:
             raise PipelineError(f"the {self.method} normalizer is not fitted: call fit() or load()")
-        x = check_batch(images, as_uint8=self.works_on_uint8)
-        if x.shape[0] == 0:
+        batch = validate_batch(images)
+        if batch.shape[0] == 0:
             return images
-        per_image = x.shape[2] * x.shape[3]
+        out = torch.empty_like(batch)
+        per_image = batch.shape[2] * batch.shape[3]
         # cache-sized chunks on CPU (large tensors are slower there); one call on accelerators
-        step = max(1, self.chunk_pixels // per_image) if x.device.type == "cpu" else len(x)
-        with torch.autocast(x.device.type, enabled=False):  # stain fits need fp32 (pinv, eigh)
-            outs, dones = zip(*(self.normalize_batch(x[i : i + step]) for i in range(0, len(x), step)),
-                              strict=True)  # fmt: skip
-        out, done = torch.cat(outs), torch.cat(dones)
-        if not done.all():  # tiles without enough tissue come back unchanged
-            out[~done] = x[~done]
-        self.seen += int(x.shape[0])
-        self.passthrough += int((~done).sum())
-        return like_input(out, images)
+        step = max(1, self.chunk_pixels // per_image) if batch.device.type == "cpu" else len(batch)
+        passthrough = 0
+        with torch.autocast(batch.device.type, enabled=False):  # stain fits need fp32 (pinv, eigh)
+            for start in range(0, len(batch), step):
+                chunk = batch[start : start + step]
+                result, done = self.normalize_batch(convert_batch(chunk, self.works_on_uint8))
+                result = like_input(result, chunk)
+                if not done.all():  # tiles without enough tissue come back unchanged
+                    result[~done] = chunk[~done]
+                    passthrough += int((~done).sum())
+                out[start : start + step] = result
+        self.seen += int(batch.shape[0])
+        self.passthrough += passthrough
+        return out[0] if images.ndim == 3 else out
 
     @property
     def is_fitted(self) -> bool:

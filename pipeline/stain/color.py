@@ -17,10 +17,9 @@ RGB_FROM_HED = torch.tensor(colorconv.rgb_from_hed, dtype=torch.float32)  # rows
 HED_FROM_RGB = torch.tensor(colorconv.hed_from_rgb, dtype=torch.float32)
 
 
-def check_batch(images: torch.Tensor, name: str = "images", as_uint8: bool = False) -> torch.Tensor:
-    """Validate a ``B x 3 x H x W`` (or ``3 x H x W``) batch.
+def validate_batch(images: torch.Tensor, name: str = "images") -> torch.Tensor:
+    """Check a ``B x 3 x H x W`` (or ``3 x H x W``) uint8 or float batch; return it as 4-D.
 
-    Returns float32 in [0, 1], or uint8 when ``as_uint8`` (floats are rounded to 8 bits).
     Raises ``ValueError`` naming what is wrong (shape, dtype, range, NaN).
     """
     if not isinstance(images, torch.Tensor):
@@ -32,7 +31,7 @@ def check_batch(images: torch.Tensor, name: str = "images", as_uint8: bool = Fal
             f"{name}: expected B x 3 x H x W (or 3 x H x W), got {tuple(images.shape)}"
         )
     if images.dtype == torch.uint8:
-        return images if as_uint8 else images.float() / 255.0
+        return images
     if not images.is_floating_point():
         raise ValueError(f"{name}: expected uint8 or float, got {images.dtype}")
     if not torch.isfinite(images).all():
@@ -42,8 +41,23 @@ def check_batch(images: torch.Tensor, name: str = "images", as_uint8: bool = Fal
             f"{name}: float images must lie in [0, 1] (got {images.min():.3g}..{images.max():.3g}); "
             "divide uint8 values by 255 or pass the uint8 tensor"
         )
+    return images
+
+
+def convert_batch(images: torch.Tensor, as_uint8: bool = False) -> torch.Tensor:
+    """A validated batch as float32 in [0, 1], or as uint8 (floats rounded to 8 bits)."""
+    if images.dtype == torch.uint8:
+        return images if as_uint8 else images.float() / 255.0
     x = images.float().clamp(0, 1)
     return (x * 255 + 0.5).to(torch.uint8) if as_uint8 else x
+
+
+def check_batch(images: torch.Tensor, name: str = "images", as_uint8: bool = False) -> torch.Tensor:
+    """Validate a ``B x 3 x H x W`` (or ``3 x H x W``) batch (see :func:`validate_batch`).
+
+    Returns float32 in [0, 1], or uint8 when ``as_uint8`` (floats are rounded to 8 bits).
+    """
+    return convert_batch(validate_batch(images, name), as_uint8)
 
 
 def like_input(result: torch.Tensor, original: torch.Tensor) -> torch.Tensor:

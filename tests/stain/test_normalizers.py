@@ -81,6 +81,9 @@ def test_blank_tiles_pass_through_and_are_counted(method, carcinoma, skin_tiles)
     assert torch.equal(out[2:], batch[2:])
     assert normalizer.passthrough == 4 and normalizer.seen == 6
     assert not torch.equal(out[:2], batch[:2])
+    floats = batch.double() / 255 + 1e-4  # between 8-bit levels, in the caller's float64
+    out = normalizer(floats)
+    assert out.dtype == torch.float64 and torch.equal(out[2:], floats[2:])  # bit for bit
 
 
 @pytest.mark.parametrize("method", ["macenko", "vahadane"])
