@@ -150,6 +150,12 @@ def _from_timm(name: str, weights: str | os.PathLike | None = None, **kwargs) ->
 def _from_hub(name: str, weights: str | os.PathLike | None = None, **kwargs) -> Encoder:
     import timm
 
+    if weights:
+        raise ConfigError(
+            f"hf-hub:{name} loads its weights from the Hub; for local weights use "
+            "timm:<arch> --encoder_weights FILE."
+        )
+
     try:
         model = timm.create_model(f"hf-hub:{name}", pretrained=True, num_classes=0, **kwargs)
     except Exception as exc:  # network, authentication, missing repo
@@ -161,9 +167,14 @@ def _from_hub(name: str, weights: str | os.PathLike | None = None, **kwargs) -> 
     return _timm_encoder(f"hf-hub:{name}", model)
 
 
-def load_exported(folder: str | os.PathLike, random_init: bool = False) -> Encoder:
+def load_exported(
+    folder: str | os.PathLike,
+    random_init: bool = False,
+    weights: str | os.PathLike | None = None,
+) -> Encoder:
     """An encoder folder written by ``cpath pretrain`` (``config.json`` + ``model.safetensors``);
-    with ``random_init``, its architecture with fresh weights (seed 0) instead."""
+    with ``random_init``, its architecture with fresh weights (seed 0) instead; with
+    ``weights``, its architecture with the weights of that file (same architecture)."""
     import timm
 
     folder = Path(folder)
@@ -172,7 +183,9 @@ def load_exported(folder: str | os.PathLike, random_init: bool = False) -> Encod
         arch, model_args = config["architecture"], dict(config.get("model_args", {}))
     except (OSError, json.JSONDecodeError, KeyError) as exc:
         raise PipelineError(f"{folder}: not an exported encoder (config.json: {exc})") from exc
-    weights = None if random_init else folder / "model.safetensors"
+    if random_init and weights:
+        raise ConfigError("random:<folder> takes no weights")
+    weights = None if random_init else Path(weights or folder / "model.safetensors")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = timm.create_model(arch, pretrained=False, **model_args)
@@ -187,9 +200,7 @@ def load_exported(folder: str | os.PathLike, random_init: bool = False) -> Encod
 
 @register_encoder_source("random")
 def _random_like(folder: str, weights: str | os.PathLike | None = None, **kwargs) -> Encoder:
-    if weights:
-        raise ConfigError("random:<folder> takes no weights")
-    return load_exported(folder, random_init=True)
+    return load_exported(folder, random_init=True, weights=weights)
 
 
 def load_encoder(spec: str | os.PathLike, weights: str | os.PathLike | None = None,
@@ -200,7 +211,7 @@ def load_encoder(spec: str | os.PathLike, weights: str | os.PathLike | None = No
     if sep and prefix in ENCODER_SOURCES:
         encoder = ENCODER_SOURCES[prefix](name, weights=weights, **kwargs)
     elif Path(text).is_dir():
-        encoder = load_exported(text)
+        encoder = load_exported(text, weights=weights)
     else:
         known = ", ".join(f"{p}:<name>" for p in sorted(ENCODER_SOURCES))
         raise ConfigError(

@@ -9,7 +9,7 @@ pinned memory), embedded under ``torch.inference_mode`` with autocast on the dev
 streamed into ``OUT/<slide_id>.h5`` (see :mod:`pipeline.features`). Batches never mix
 slides, so a slide's features do not depend on which other slides a process handles:
 a 1-process and a 2-process run write identical files. Slides are split over processes
-by ``--shard i/n``, torchrun's ``RANK``/``WORLD_SIZE``, SLURM's task or array ids.
+by ``--shard i/n``, torchrun's ``RANK``/``WORLD_SIZE``, srun tasks or SLURM array ids.
 Finished slides are skipped on a rerun (same encoder weights, pooling, precision and
 coords); a slide that cannot be read fails alone, the others finish.
 """
@@ -36,7 +36,11 @@ class ExtractConfig:
     Args:
         coords: coords folder of `cpath preprocess` (or one .h5, or a text list of them).
         encoder: an exported folder (`cpath pretrain`), timm:<arch>, or hf-hub:<org>/<name>.
-        encoder_weights: local weights for a timm:<arch> encoder (safetensors or torch file).
+        encoder_weights: local weights for a timm:<arch> encoder or, of the same
+            architecture, for an exported folder (safetensors or torch file).
+        slides: where the slides are (a folder, glob or CSV, as for preprocess), matched to
+            the coords by slide id: for coords that do not name their slide (CLAM) or
+            slides that moved since preprocessing.
         out: folder of the feature files (<slide_id>.h5), manifest.csv and config.yaml.
         batch_size: tiles per forward pass.
         workers: DataLoader worker processes reading tiles.
@@ -54,6 +58,7 @@ class ExtractConfig:
     coords: Path | None = None
     encoder: str = "timm:vit_small_patch16_224"
     encoder_weights: Path | None = None
+    slides: str | None = None
     out: Path = Path("features")
     batch_size: int = 256
     workers: int = 4

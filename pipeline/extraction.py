@@ -21,7 +21,7 @@ from pipeline.io import remove_temporaries, sha256_file, shard_suffix, write_man
 from pipeline.stain.base import load_normalizer
 from pipeline.wsi.coords import Coords, list_coords_files, read_coords
 from pipeline.wsi.reader import Slide
-from pipeline.wsi.slides import parse_shard
+from pipeline.wsi.slides import list_slides, parse_shard
 
 log = logging.getLogger(__name__)
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -36,6 +36,7 @@ class Job:
     table: Coords
     out: Path
     attrs: dict
+    slide_path: Path
 
 
 class SlideBatches(Dataset):
@@ -47,6 +48,7 @@ class SlideBatches(Dataset):
         self.batches = [(j, s, min(s + batch_size, len(job.table)))
                         for j, job in enumerate(jobs) for s in range(0, len(job.table), batch_size)]  # fmt: skip
         self._slide: tuple[int, Slide] | None = None
+        self._failed: dict[int, str] = {}  # job -> error, in this worker: not read again
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -54,14 +56,16 @@ class SlideBatches(Dataset):
     def __getitem__(self, i: int) -> dict:
         j, start, stop = self.batches[i]
         job = self.jobs[j]
+        if j in self._failed:
+            return {"job": j, "start": start, "n": stop - start, "images": None,
+                    "error": self._failed[j]}  # fmt: skip
         try:
             if self._slide is None or self._slide[0] != j:
-                if self._slide is not None:
-                    self._slide[1].close()
-                path = job.table.slide_path
-                if not path:
-                    raise PipelineError(f"{job.coords_file}: coords do not name their slide")
-                self._slide = (j, Slide(path, level0_mpp=job.table.attrs.get("level0_mpp")))
+                self.close()
+                self._slide = (
+                    j,
+                    Slide(job.slide_path, level0_mpp=job.table.attrs.get("level0_mpp")),
+                )
             slide, t = self._slide[1], job.table
             size0, size = t.patch_size_level0, t.patch_size
             tiles = [slide.read_tile_chw((int(x), int(y)), (size0, size0), (size, size))
@@ -69,9 +73,15 @@ class SlideBatches(Dataset):
             images = torch.from_numpy(np.stack(tiles))  # b x 3 x H x W uint8
             return {"job": j, "start": start, "n": stop - start, "images": images, "error": None}
         except Exception as exc:  # any unreadable slide or region fails its slide only
-            self._slide = None
-            error = f"{type(exc).__name__}: {exc}"
+            self.close()
+            self._failed[j] = error = f"{type(exc).__name__}: {exc}"
             return {"job": j, "start": start, "n": stop - start, "images": None, "error": error}
+
+    def close(self) -> None:
+        """Close the open slide, if any."""
+        if self._slide is not None:
+            slide, self._slide = self._slide[1], None
+            slide.close()
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_slide": None}
@@ -80,7 +90,7 @@ class SlideBatches(Dataset):
 def plan(
     cfg: ExtractConfig, encoder: Encoder, weights_sha: str, out: Path
 ) -> tuple[list[Job], list[dict]]:
-    """Jobs of this shard, and manifest rows of the slides already done."""
+    """Jobs of this shard, and manifest rows of the slides already done or failed here."""
     files = list_coords_files(cfg.coords)
     index, count = parse_shard(cfg.shard)
     files = sorted(files, key=lambda p: p.stem)[index::count]
@@ -90,12 +100,27 @@ def plan(
     stain_sha = (
         sha256_file(cfg.stain_norm) if cfg.stain_norm and Path(cfg.stain_norm).is_file() else ""
     )
+    moved = {e.slide_id: e.path for e in list_slides(cfg.slides)} if cfg.slides else {}
     for path in files:
-        table = read_coords(path)
+        try:  # an unreadable coords file fails its slide only
+            table = read_coords(path)
+        except PipelineError as exc:
+            log.warning("%s failed: %s", path.stem, exc)
+            skipped.append({"slide_id": path.stem, "status": "failed", "n_tiles": 0,
+                            "seconds": 0.0, "path": "", "error": str(exc)})  # fmt: skip
+            continue
         slide_id = str(table.attrs.get("slide_id") or path.stem)
+        slide_path = moved.get(slide_id) or table.slide_path
+        if not slide_path:
+            error = (f"{path}: the coords do not name their slide (CLAM coords do not); pass "
+                     "--slides FOLDER or LIST.csv to find slides by id")  # fmt: skip
+            log.warning("%s failed: %s", slide_id, error)
+            skipped.append({"slide_id": slide_id, "status": "failed", "n_tiles": len(table),
+                            "seconds": 0.0, "path": "", "error": error})  # fmt: skip
+            continue
         target = out / f"{slide_id}.h5"
         attrs = {
-            "slide_id": slide_id, "slide_path": str(table.slide_path or ""),
+            "slide_id": slide_id, "slide_path": str(slide_path),
             "encoder": encoder.name, "encoder_sha256": weights_sha, "pooling": cfg.pooling,
             "precision": cfg.precision, "dtype": cfg.dtype, "transform": transform,
             "target_mpp": table.target_mpp if table.target_mpp is not None else -1.0,
@@ -108,7 +133,7 @@ def plan(
                             "seconds": 0.0, "path": str(target), "error": ""})  # fmt: skip
             continue
         remove_temporaries(target)  # this shard owns the slide: leftovers are a killed run's
-        jobs.append(Job(slide_id, path, table, target, attrs))
+        jobs.append(Job(slide_id, path, table, target, attrs, Path(slide_path)))
     return jobs, skipped
 
 
@@ -126,10 +151,10 @@ def extract(cfg: ExtractConfig) -> list[dict]:
     weights_sha = encoder.weights_sha256 or state_sha256(encoder.model)
     stain = load_normalizer(cfg.stain_norm, device=device) if cfg.stain_norm else None
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     index, count = parse_shard(cfg.shard)
+    jobs, rows = plan(cfg, encoder, weights_sha, out)  # bad coords or slides: nothing written
+    out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out, f"config{shard_suffix(index, count)}.yaml")
-    jobs, rows = plan(cfg, encoder, weights_sha, out)
     dim = encoder.output_dim(cfg.pooling)
     log.info("extract: %d slides to do, %d done before (shard %d/%d), %s on %s -> %s", len(jobs),
              len(rows), index, count, encoder.name, device, out)  # fmt: skip

@@ -205,3 +205,49 @@ def test_bad_inputs_give_clear_errors_and_other_slides_finish(
     assert not (out / "broken.h5").exists() and len(list(out.glob("demo_*.h5"))) == 6
     feats, coords_read, _ = read_features(out / "empty.h5")
     assert feats.shape == (0, 48) and coords_read.shape == (0, 2)
+
+
+def test_coords_without_slide_paths_and_unreadable_coords(tiny_prep, encoder_dir, tmp_path):
+    """CLAM coords (no slide path) need --slides; a broken coords file fails alone."""
+    first = sorted((tiny_prep / "coords").glob("*.h5"))[0]
+    table = read_coords(first)
+    coords = tmp_path / "coords"
+    coords.mkdir()
+    with h5py.File(coords / first.name, "w") as f:  # as CLAM writes them
+        data = f.create_dataset("coords", data=table.coords)
+        data.attrs.update({"patch_size": table.patch_size, "patch_level": 0,
+                           "downsample": [table.patch_size_level0 / table.patch_size] * 2})  # fmt: skip
+    (coords / "garbage.h5").write_bytes(b"not an hdf5 file")
+
+    rows = extract(config(coords, tmp_path / "a", encoder_dir, workers=0))
+    status = {r["slide_id"]: (r["status"], r["error"]) for r in rows}
+    assert status["garbage"][0] == "failed" and "garbage.h5" in status["garbage"][1]
+    assert status[first.stem][0] == "failed" and "--slides" in status[first.stem][1]
+
+    slides = str(Path(table.slide_path).parent)
+    rows = extract(config(coords, tmp_path / "b", encoder_dir, workers=0, slides=slides))
+    assert {r["slide_id"]: r["status"] for r in rows} == {first.stem: "done", "garbage": "failed"}
+    ours = extract(config(tiny_prep / "coords", tmp_path / "c", encoder_dir, workers=0))
+    assert len(ours) == 6
+    expected, _, _ = read_features(tmp_path / "c" / first.name)
+    feats, xy, attrs = read_features(tmp_path / "b" / first.name)
+    assert np.array_equal(feats, expected) and np.array_equal(xy, table.coords)
+    assert attrs["slide_path"] == table.slide_path
+
+
+def test_other_weights_for_an_exported_encoder(tiny_prep, encoder_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    state = {k: v + 0.01 for k, v in load_encoder(encoder_dir).model.state_dict().items()}
+    weights = tmp_path / "step500.safetensors"
+    save_file(state, weights)
+    first = sorted((tiny_prep / "coords").glob("*.h5"))[0]
+    base = extract(config(first, tmp_path / "a", encoder_dir, workers=0))
+    other = extract(config(first, tmp_path / "b", encoder_dir, workers=0, encoder_weights=weights))
+    assert base[0]["status"] == other[0]["status"] == "done"
+    feats_a, _, attrs_a = read_features(tmp_path / "a" / first.name)
+    feats_b, _, attrs_b = read_features(tmp_path / "b" / first.name)
+    assert not np.allclose(feats_a, feats_b)
+    assert attrs_b["encoder_sha256"] != attrs_a["encoder_sha256"]
+    with pytest.raises(Exception, match="takes no weights"):
+        load_encoder(f"random:{encoder_dir}", weights=weights)

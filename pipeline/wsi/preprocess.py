@@ -18,12 +18,14 @@ and never stops the others.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import multiprocessing
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -52,7 +54,7 @@ class PreprocessConfig:
     """Detect tissue and tile every slide at a target resolution (mpp).
 
     Args:
-        slides: a folder (searched recursively), a glob, a CSV (columns path[, slide_id, mpp]) or one slide.
+        slides: a folder (searched recursively; a folder of DICOM files is one slide), a glob, a CSV (columns path[, slide_id, mpp]) or one slide.
         out: output folder (coords/, tissue/, thumbnails/, manifest.csv).
         mpp: target resolution of the tiles in um per px (0.5 ~ 20x, 0.25 ~ 40x).
         magnification: alternative to mpp: objective power of the tiles (20 -> 0.5 mpp).
@@ -61,7 +63,7 @@ class PreprocessConfig:
         min_tissue: keep tiles whose tissue share is at least this (0-1).
         level0_mpp: level-0 resolution of slides whose metadata has none.
         workers: slides processed in parallel (processes).
-        shard: "i/n" to process every n-th slide from the i-th (else SLURM array or torchrun env).
+        shard: "i/n" to process every n-th slide from the i-th (else SLURM array task x torchrun or srun rank).
         thumbnails: write QC thumbnails.
         thumbnail_size: longest side of QC thumbnails, px.
         tissue: tissue detection settings.
@@ -112,25 +114,49 @@ class PreprocessConfig:
         }
 
 
-def _is_done(coords_path: Path, params: dict) -> dict | None:
-    """Attributes of an existing coords file made with ``params``, else None."""
+def _same(stored: object, wanted: object) -> bool:
+    if isinstance(wanted, float):
+        return isinstance(stored, (int, float)) and bool(np.isclose(stored, wanted))
+    return stored == wanted
+
+
+def _is_done(coords_path: Path, params: dict, entry: SlideEntry) -> dict | None:
+    """Attributes of an existing coords file made from ``entry``'s slide with ``params``
+    and the level-0 mpp the slide resolves to now, else None.
+
+    Files it cannot judge (unreadable, another tool's or an older schema, a key
+    missing) are not done: the slide is processed again.
+    """
     if not coords_path.exists():
         return None
     try:
         attrs = read_coords(coords_path).attrs
-    except PipelineError:
+        if any(k not in attrs or not _same(attrs[k], v) for k, v in params.items()):
+            return None
+        if attrs.get("slide_path") != str(Path(entry.path).resolve()):
+            return None
+        # The metadata resolves as before (same file); only a user-given mpp can change.
+        if attrs.get("mpp_source") == "override" and not (
+            entry.level0_mpp is not None and _same(attrs.get("level0_mpp"), entry.level0_mpp)
+        ):
+            return None
+        return attrs
+    except Exception as exc:  # noqa: BLE001 - any doubt means redo the slide
+        log.debug("%s: not reused (%s)", coords_path, exc)
         return None
-    same = all(
-        np.isclose(attrs.get(k), v) if isinstance(v, float) else attrs.get(k) == v
-        for k, v in params.items()
-    )
-    return attrs if same else None
 
 
 def _remove_stale_temporaries(out: Path, slide_id: str) -> None:
-    for folder in ("coords", "tissue", "thumbnails"):
-        for tmp in (out / folder).glob(f".{slide_id}.*.tmp"):
-            tmp.unlink(missing_ok=True)
+    """Delete this slide's temporary files (``.<id>.<ext>.<pid>.tmp``) left by a killed run.
+
+    Names are matched exactly: ``S1`` never touches ``S1.rescan``'s files, which another
+    shard may be writing.
+    """
+    for folder, ext in (("coords", ".h5"), ("tissue", ".geojson"), ("thumbnails", ".png")):
+        name = f".{slide_id}{ext}."
+        for tmp in (out / folder).glob(f"{glob.escape(name)}*.tmp"):
+            if tmp.name[len(name) : -len(".tmp")].isdigit():  # the writer's pid
+                tmp.unlink(missing_ok=True)
 
 
 def draw_qc(thumbnail: np.ndarray, polygons: list, coords: np.ndarray, size0: int,
@@ -163,13 +189,14 @@ def process_slide(entry: SlideEntry, cfg: PreprocessConfig) -> dict:
            "n_tiles": 0, "level0_mpp": "", "mpp_source": "", "seconds": 0.0, "error": ""}  # fmt: skip
     coords_path = out / "coords" / f"{entry.slide_id}.h5"
     params = cfg.tiling_params()
-    done = _is_done(coords_path, params)
-    if done is not None:
-        row.update(status="skipped", n_tiles=int(done.get("n_tiles", 0)),
-                   level0_mpp=done.get("level0_mpp", ""), mpp_source=done.get("mpp_source", ""))  # fmt: skip
-        return row
-    _remove_stale_temporaries(out, entry.slide_id)
     try:
+        done = _is_done(coords_path, params, entry)
+        if done is not None:
+            row.update(status="skipped", n_tiles=int(done.get("n_tiles", 0)),
+                       level0_mpp=done.get("level0_mpp", ""),
+                       mpp_source=done.get("mpp_source", ""))  # fmt: skip
+            return row
+        _remove_stale_temporaries(out, entry.slide_id)
         with Slide(entry.path, level0_mpp=entry.level0_mpp) as slide:
             level0_mpp = slide.mpp
             row.update(level0_mpp=round(level0_mpp, 6), mpp_source=slide.mpp_source)
@@ -224,12 +251,65 @@ def process_slide(entry: SlideEntry, cfg: PreprocessConfig) -> dict:
     return row
 
 
+def _failed_row(entry: SlideEntry, exc: BaseException) -> dict:
+    """The manifest row of a slide whose worker process did not return a row."""
+    if isinstance(exc, BrokenProcessPool):
+        error = (f"{entry.path}: the worker process died on this slide ({exc}); it was probably "
+                 "killed for memory or crashed in a native library. Rerun it alone with "
+                 "--workers 1, and check the file (convert it to a pyramidal TIFF if it is not "
+                 "one).")  # fmt: skip
+    else:
+        error = f"{entry.path}: the worker process failed: {type(exc).__name__}: {exc}"
+    return {"slide_id": entry.slide_id, "path": str(entry.path), "status": "failed",
+            "n_tiles": 0, "level0_mpp": "", "mpp_source": "", "seconds": 0.0, "error": error}  # fmt: skip
+
+
+def _process_in_pool(entries: list[SlideEntry], cfg: PreprocessConfig, collect) -> None:
+    """:func:`process_slide` over ``cfg.workers`` processes, surviving a worker's death.
+
+    At most ``workers`` slides are in flight, so when a worker dies (killed for memory, a
+    crash in OpenSlide) the culprit is among them: those slides are run again one at a
+    time in a one-process pool, where a death names its slide, which fails; then a fresh
+    pool takes the rest.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    queue, suspects = list(entries), []
+    while queue or suspects:
+        alone = bool(suspects)  # after a death: one slide at a time finds the culprit
+        todo, workers = (suspects, 1) if alone else (queue, min(cfg.workers, len(queue)))
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            running: dict = {}
+            broken = False
+            while (todo or running) and not broken:
+                while todo and len(running) < workers:
+                    entry = todo.pop(0)
+                    running[pool.submit(process_slide, entry, cfg)] = entry
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    entry = running.pop(fut)
+                    try:
+                        collect(fut.result())
+                    except BrokenProcessPool as exc:
+                        broken = True
+                        if alone:
+                            collect(_failed_row(entry, exc))
+                        else:
+                            suspects.append(entry)
+                    except Exception as exc:  # noqa: BLE001 - e.g. a result that cannot be sent
+                        collect(_failed_row(entry, exc))
+            if broken and not alone:  # every slide still in flight failed with the pool
+                wait(running)
+                suspects += running.values()
+                log.warning("a worker process died; retrying %d slides one at a time: %s",
+                            len(suspects), ", ".join(e.slide_id for e in suspects))  # fmt: skip
+
+
 def preprocess(cfg: PreprocessConfig, progress: bool = True) -> list[dict]:
     """Run preprocessing; returns the manifest rows of this run's shard."""
     cfg.validate()
     index, count = parse_shard(cfg.shard)
-    entries = shard_slides(list_slides(cfg.slides, cfg.level0_mpp), index, count)
     out = Path(cfg.out)
+    entries = shard_slides(list_slides(cfg.slides, cfg.level0_mpp, exclude=out), index, count)
     out.mkdir(parents=True, exist_ok=True)
     suffix = shard_suffix(index, count)
     save_config(cfg, out, f"config{suffix}.yaml")
@@ -248,17 +328,15 @@ def preprocess(cfg: PreprocessConfig, progress: bool = True) -> list[dict]:
         if row["status"] == "failed":
             log.warning("%s failed: %s", row["slide_id"], row["error"])
 
-    if cfg.workers <= 1 or len(entries) <= 1:
-        for entry in entries:
-            collect(process_slide(entry, cfg))
-    else:
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(min(cfg.workers, len(entries)), mp_context=ctx) as pool:
-            futures = [pool.submit(process_slide, e, cfg) for e in entries]
-            for fut in as_completed(futures):
-                collect(fut.result())
-    bar.close()
-    write_manifest(out / f"manifest{suffix}.csv", rows, MANIFEST_FIELDS)
+    try:
+        if cfg.workers <= 1 or len(entries) <= 1:
+            for entry in entries:
+                collect(process_slide(entry, cfg))
+        else:
+            _process_in_pool(entries, cfg, collect)
+    finally:  # interrupted or not, the manifest lists every slide finished so far
+        bar.close()
+        write_manifest(out / f"manifest{suffix}.csv", rows, MANIFEST_FIELDS)
     return rows
 
 

@@ -2,7 +2,8 @@
 
 OpenSlide reads every format it knows (Aperio, Hamamatsu, Leica, MIRAX, Philips,
 Sakura, Ventana, Zeiss, DICOM, generic tiled TIFF). Other images (non-tiled TIFF,
-PNG, JPEG) are read whole through tifffile or Pillow as a one-level slide.
+PNG, JPEG) up to ``MAX_PLAIN_PIXELS`` are read whole through tifffile or Pillow as a
+one-level slide; larger ones are refused with a request to convert them.
 
 The level-0 mpp is resolved by a chain, and its source is recorded:
 
@@ -45,7 +46,21 @@ try:  # OpenSlide's C read into our own buffer (openslide-python's ctypes bindin
 except ImportError:  # another openslide-python: use its public read_region
     _RAW_READ = None
 PLAIN_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
-Image.MAX_IMAGE_PIXELS = None  # plain images are slides too; size is checked by the caller
+Image.MAX_IMAGE_PIXELS = None  # plain images are slides too; _PlainImage checks the size
+MAX_PLAIN_PIXELS = 16384 * 16384  # larger non-tiled images are refused: read whole (~0.8 GB RGB)
+
+
+def _check_plain_size(path: Path, width: int, height: int) -> None:
+    """Refuse a non-tiled image too big to hold in memory, saying how to convert it."""
+    if width * height > MAX_PLAIN_PIXELS:
+        raise SlideError(
+            f"{path}: a {width} x {height} px image that is not tiled, so it would be read "
+            f"whole (about {width * height * 3 / 1e9:.1f} GB; the limit is "
+            f"{MAX_PLAIN_PIXELS / 1e6:.0f} Mpx). Convert it to a tiled pyramidal TIFF, e.g. "
+            f"`vips tiffsave {path.name} slide.tif --tile --pyramid --compression jpeg "
+            "--tile-width 256 --tile-height 256 --xres PX_PER_MM --yres PX_PER_MM` or "
+            "pipeline.wsi.writer.write_aperio_tiff, and give that file instead."
+        )
 
 
 @dataclass(frozen=True)
@@ -130,6 +145,7 @@ class _PlainImage:
 
             with tifffile.TiffFile(path) as tif:
                 page = tif.pages[0]
+                _check_plain_size(path, page.imagewidth, page.imagelength)
                 array = page.asarray()
                 tags = page.tags
                 if "XResolution" in tags and "ResolutionUnit" in tags:
@@ -145,6 +161,7 @@ class _PlainImage:
                     self.properties["tiff.ImageDescription"] = str(tags["ImageDescription"].value)
         else:
             with Image.open(path) as img:
+                _check_plain_size(path, *img.size)
                 array = np.asarray(img.convert("RGB"))
         array = _to_rgb(array, path)
         self._image = Image.fromarray(array)
@@ -154,8 +171,14 @@ class _PlainImage:
         self.dimensions = self.level_dimensions[0]
 
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image:
+        """RGBA like OpenSlide's: pixels outside the image are transparent (white once read)."""
         x, y = location
-        return self._image.crop((x, y, x + size[0], y + size[1])).convert("RGBA")
+        w, h = self.dimensions
+        region = Image.new("RGBA", size, (255, 255, 255, 0))
+        box = (max(x, 0), max(y, 0), min(x + size[0], w), min(y + size[1], h))
+        if box[0] < box[2] and box[1] < box[3]:
+            region.paste(self._image.crop(box), (box[0] - x, box[1] - y))
+        return region
 
     def close(self) -> None:
         self._image = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,9 @@ SLIDE_SUFFIXES = {
     ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".svslide",
     ".dcm", ".png", ".jpg", ".jpeg",
 }  # fmt: skip
+LABEL_SUFFIXES = {".png", ".jpg", ".jpeg"}
+NOT_SLIDE_NAMES = ("label", "macro", "overview", "thumbnail")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -46,16 +50,61 @@ def _from_csv(path: Path) -> list[SlideEntry]:
             mpp = float(mpp_text) if mpp_text.strip() else None
         except ValueError:
             raise ConfigError(f"{path}, line {i}: mpp '{mpp_text}' is not a number.") from None
-        entries.append(SlideEntry(row.get("slide_id") or slide.stem, slide, mpp))
+        entries.append(SlideEntry(row.get("slide_id") or _slide_id(slide), slide, mpp))
     return entries
 
 
-def list_slides(spec: str | os.PathLike, level0_mpp: float | None = None) -> list[SlideEntry]:
+def _slide_id(path: Path) -> str:
+    """Default id: the file stem; for a DICOM file, its folder (one folder is one slide)."""
+    return path.parent.name if path.suffix.lower() == ".dcm" else path.stem
+
+
+def _is_label_image(path: Path) -> bool:
+    """A scanner's label, macro or overview picture saved beside the slides, not a slide."""
+    stem = path.stem.lower()
+    return path.suffix.lower() in LABEL_SUFFIXES and (
+        stem in NOT_SLIDE_NAMES or any(stem.endswith(s + n) for s in "_-" for n in NOT_SLIDE_NAMES)
+    )
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` lies in ``folder`` (a symlinked slide counts where its link is)."""
+    if path.absolute().is_relative_to(folder.absolute()):
+        return True
+    return path.parent.resolve().is_relative_to(folder.resolve())
+
+
+def _scanned(files: list[Path], exclude: Path | None) -> list[SlideEntry]:
+    """Entries of the files a folder scan or glob found: one per DICOM folder, no label
+    pictures, nothing under ``exclude`` (the run's output folder)."""
+    if exclude is not None:
+        files = [p for p in files if not _inside(p, Path(exclude).expanduser())]
+    skipped = {p for p in files if _is_label_image(p)}
+    if skipped:
+        log.info("skipped %d label/macro pictures (e.g. %s)", len(skipped), min(skipped))
+    dicom: dict[Path, Path] = {}
+    entries = []
+    for p in sorted(files):
+        if p in skipped:
+            continue
+        if p.suffix.lower() == ".dcm":  # OpenSlide opens the series from any of its files
+            dicom.setdefault(p.parent, p)
+        else:
+            entries.append(SlideEntry(p.stem, p))
+    return entries + [SlideEntry(_slide_id(p), p) for p in dicom.values()]
+
+
+def list_slides(
+    spec: str | os.PathLike, level0_mpp: float | None = None, exclude: Path | None = None
+) -> list[SlideEntry]:
     """Slides named by ``spec``: a folder (searched recursively), a glob, a CSV or one file.
 
     A CSV has a ``path`` column (relative paths are relative to the CSV) and optional
     ``slide_id`` and ``mpp`` columns. ``level0_mpp`` is the fallback resolution of
-    slides whose metadata has none (a CSV ``mpp`` wins over it). Ordered by slide id.
+    slides whose metadata has none (a CSV ``mpp`` wins over it). A folder of DICOM files
+    is one slide named after the folder. Folder scans and globs skip ``exclude`` (the
+    output folder, when it lies inside the slides folder) and label/macro pictures
+    (``label.jpg``, ``<id>_macro.png``, ...). Ordered by slide id.
     """
     text = str(spec)
     if not text:
@@ -63,13 +112,13 @@ def list_slides(spec: str | os.PathLike, level0_mpp: float | None = None) -> lis
     path = Path(text).expanduser()
     if path.is_dir():
         files = [p for p in path.rglob("*") if p.suffix.lower() in SLIDE_SUFFIXES and p.is_file()]
-        entries = [SlideEntry(p.stem, p) for p in files]
+        entries = _scanned(files, exclude)
     elif path.suffix.lower() == ".csv" and path.is_file():
         entries = _from_csv(path)
     elif path.is_file():
-        entries = [SlideEntry(path.stem, path)]
+        entries = [SlideEntry(_slide_id(path), path)]
     else:
-        entries = [SlideEntry(Path(p).stem, Path(p)) for p in glob.glob(text, recursive=True)]
+        entries = _scanned([Path(p) for p in glob.glob(text, recursive=True)], exclude)
     if not entries:
         raise ConfigError(f"no slides found at '{text}': check the folder, glob or CSV.")
     entries = [
@@ -87,13 +136,26 @@ def list_slides(spec: str | os.PathLike, level0_mpp: float | None = None) -> lis
     return sorted(entries, key=lambda e: e.slide_id)
 
 
+def _launcher_rank(env) -> tuple[int, int, str] | None:
+    """``(rank, world, how)`` of this process within its job, from torchrun or srun."""
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), "torchrun RANK/WORLD_SIZE"
+    # Only srun steps carry SLURM_STEP_*; the batch script of `sbatch -n 8` has SLURM_NTASKS=8
+    # and SLURM_PROCID=0 too, but is one process that must do every slide.
+    if "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]), "srun task"
+    return None
+
+
 def parse_shard(shard: str | None, env: os._Environ | dict | None = None) -> tuple[int, int]:
     """``(index, count)`` of this process's shard.
 
-    From ``shard`` ("i/n", 0-based) when given, else from a SLURM job array
-    (``SLURM_ARRAY_TASK_ID``, ``SLURM_ARRAY_TASK_COUNT``, ``SLURM_ARRAY_TASK_MIN``), else
-    from torchrun (``RANK``, ``WORLD_SIZE``), else from ``srun`` tasks (``SLURM_PROCID``,
-    ``SLURM_NTASKS``), else ``(0, 1)``.
+    From ``shard`` ("i/n", 0-based) when given. Else from the environment: a SLURM job
+    array task (``SLURM_ARRAY_TASK_ID`` - ``SLURM_ARRAY_TASK_MIN``, of
+    ``SLURM_ARRAY_TASK_COUNT``) and a process rank within it, from torchrun (``RANK``,
+    ``WORLD_SIZE``) or an ``srun`` step (``SLURM_PROCID`` of ``SLURM_STEP_NUM_TASKS``; a
+    batch script is not a step), combined as ``task * world + rank`` of ``tasks * world``.
+    Else ``(0, 1)``.
     """
     env = os.environ if env is None else env
     if shard:
@@ -101,17 +163,23 @@ def parse_shard(shard: str | None, env: os._Environ | dict | None = None) -> tup
             index, count = (int(v) for v in str(shard).split("/"))
         except ValueError:
             raise ConfigError(f"--shard '{shard}' is not of the form i/n (e.g. 0/4)") from None
-    elif "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        index = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
-        count = int(env["SLURM_ARRAY_TASK_COUNT"])
-    elif "RANK" in env and "WORLD_SIZE" in env:
-        index, count = int(env["RANK"]), int(env["WORLD_SIZE"])
-    elif int(env.get("SLURM_NTASKS", 1)) > 1 and "SLURM_PROCID" in env:  # srun, one task per GPU
-        index, count = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        how = "--shard"
     else:
-        index, count = 0, 1
+        index, count, parts = 0, 1, []
+        if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+            step = int(env.get("SLURM_ARRAY_TASK_STEP", 1)) or 1
+            index = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+            index, count = index // step, int(env["SLURM_ARRAY_TASK_COUNT"])
+            parts.append(f"SLURM array task {index} of {count}")
+        launcher = _launcher_rank(env)
+        if launcher is not None:
+            rank, world, name = launcher
+            index, count = index * world + rank, count * world
+            parts.append(f"{name} {rank} of {world}")
+        how = " x ".join(parts) or "no --shard, SLURM array, torchrun or srun step"
     if not 0 <= index < count:
-        raise ConfigError(f"shard {index}/{count} is out of range: need 0 <= i < n")
+        raise ConfigError(f"shard {index}/{count} ({how}) is out of range: need 0 <= i < n")
+    log.info("shard %d of %d (0-based) from %s", index, count, how)
     return index, count
 
 

@@ -6,14 +6,16 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from PIL import Image
 
 from pipeline.config import load_config
 from pipeline.wsi.coords import read_coords
-from pipeline.wsi.preprocess import PreprocessConfig, preprocess, run
+from pipeline.wsi.preprocess import PreprocessConfig, preprocess, process_slide, run
 from pipeline.wsi.reader import Slide
 from pipeline.wsi.slides import list_slides, parse_shard, shard_slides
 from pipeline.wsi.tissue import TissueConfig, make_tissue_detector
@@ -191,3 +193,83 @@ def test_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="unknown --tissue.method"):
         cfg = PreprocessConfig(slides=str(tmp_path), out=tmp_path, tissue=TissueConfig("unet"))
         preprocess(cfg)
+
+
+def _one_slide_folder(tmp_path, source, names=("cmu",)):
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for name in names:
+        os.symlink(Path(source).resolve(), slides / f"{name}{Path(source).suffix}")
+    return slides
+
+
+def test_foreign_coords_file_is_redone_not_fatal(tmp_path, cmu_svs):
+    """A TRIDENT coords file (no target_mpp) where ours would be: the slide is redone."""
+    slides = _one_slide_folder(tmp_path, cmu_svs, ("cmu", "other"))
+    (tmp_path / "out" / "coords").mkdir(parents=True)
+    with h5py.File(tmp_path / "out" / "coords" / "cmu.h5", "w") as f:
+        d = f.create_dataset("coords", data=np.zeros((3, 2), np.int64))
+        d.attrs.update({"patch_size": 512, "patch_size_level0": 1024, "target_magnification": 20,
+                        "overlap": 0})  # fmt: skip
+    (tmp_path / "out" / "coords" / "other.h5").write_bytes(b"truncated")
+    cfg = PreprocessConfig(slides=str(slides), out=tmp_path / "out", tile_size=128, min_tissue=0.3)
+    rows = {r["slide_id"]: r for r in preprocess(cfg, progress=False)}
+    assert rows["cmu"]["status"] == rows["other"]["status"] == "ok"
+    assert read_coords(tmp_path / "out" / "coords" / "cmu.h5").target_mpp == 0.5
+
+
+def test_stale_temporaries_of_this_slide_only_are_removed(tmp_path, cmu_svs):
+    slides = _one_slide_folder(tmp_path, cmu_svs, ("S1", "a[1]"))
+    out = tmp_path / "out"
+    stale = [out / "coords" / ".S1.h5.999.tmp", out / "thumbnails" / ".a[1].png.999.tmp"]
+    others = [out / "coords" / ".S1.rescan.h5.999.tmp", out / "tissue" / ".S1.x.geojson.9.tmp"]
+    for path in stale + others:  # others: slides of another shard or run, still being written
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+    cfg = PreprocessConfig(slides=str(slides), out=out, tile_size=128, min_tissue=0.3)
+    assert {r["status"] for r in preprocess(cfg, progress=False)} == {"ok"}
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in others)
+
+
+def test_rerun_redoes_slides_whose_resolution_or_file_changed(tmp_path, metadata_files, cmu_svs):
+    slides = _one_slide_folder(tmp_path, metadata_files["png"], ("he",))
+    out = tmp_path / "out"
+
+    def status(level0_mpp, spec=slides):
+        cfg = PreprocessConfig(slides=str(spec), out=out, tile_size=128, min_tissue=0.3,
+                               level0_mpp=level0_mpp)  # fmt: skip
+        return [r["status"] for r in preprocess(cfg, progress=False)]
+
+    assert status(0.25) == ["ok"]
+    assert status(0.25) == ["skipped"]
+    assert status(0.5) == ["ok"]  # a corrected --level0-mpp redoes the slides that used it
+    table = read_coords(out / "coords" / "he.h5")
+    assert (table.attrs["level0_mpp"], table.patch_size_level0) == (0.5, 128)
+    assert status(None) == ["failed"]  # the value it was made with is gone
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    os.symlink(cmu_svs.resolve(), other / "he.svs")  # another slide with the same id
+    assert status(None, other) == ["ok"]
+    assert status(0.3, other) == ["skipped"]  # the metadata's mpp wins: nothing changes
+    assert read_coords(out / "coords" / "he.h5").attrs["mpp_source"] == "aperio-mpp"
+
+
+def _process_or_die(entry, cfg):
+    """process_slide, except that the worker is killed (as by the OOM killer) on 'crash'."""
+    if entry.slide_id == "crash":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return process_slide(entry, cfg)
+
+
+def test_worker_killed_fails_its_slide_and_the_others_finish(tmp_path, cmu_svs, monkeypatch):
+    import pipeline.wsi.preprocess as module
+
+    monkeypatch.setattr(module, "process_slide", _process_or_die)  # by reference in the pool
+    slides = _one_slide_folder(tmp_path, cmu_svs, ("a", "crash", "d"))
+    out = tmp_path / "out"
+    cfg = PreprocessConfig(slides=str(slides), out=out, tile_size=128, min_tissue=0.3, workers=2)
+    assert run(cfg) == 1
+    rows = _manifest(out)
+    assert rows["crash"]["status"] == "failed" and "worker process" in rows["crash"]["error"]
+    assert rows["a"]["status"] == rows["d"]["status"] == "ok", rows
+    assert sorted(p.stem for p in (out / "coords").glob("*.h5")) == ["a", "d"]

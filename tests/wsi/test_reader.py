@@ -1,7 +1,10 @@
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 from PIL import Image
 
 from pipeline.errors import SlideError
@@ -112,3 +115,34 @@ def test_outside_the_scanned_area_is_white_glass(tiny_cohort):
         assert region.shape == (128, 128, 3) and region.flags["C_CONTIGUOUS"]
         assert (region[:64, :64] == 255).all()  # transparent -> white
         assert (region[64:, 64:] < 255).any()  # the slide itself
+
+
+@pytest.fixture(scope="module")
+def huge_plain_images(tmp_path_factory, metadata_files) -> dict[str, Path]:
+    """Images too big to read whole, with few bytes: a stripped TIFF whose size tags say
+    20000 x 20000 px (the pixels are missing: it is never decoded) and a blank 1-bit PNG."""
+    folder = tmp_path_factory.mktemp("huge")
+    tiff = folder / "huge.tif"
+    shutil.copy(metadata_files["stripped"], tiff)
+    with tifffile.TiffFile(tiff, mode="r+") as tif:
+        tif.pages[0].tags["ImageWidth"].overwrite(20000)
+        tif.pages[0].tags["ImageLength"].overwrite(20000)
+    png = folder / "huge.png"
+    Image.new("1", (20000, 20000), 1).save(png)
+    return {"tiff": tiff, "png": png}
+
+
+@pytest.mark.parametrize("kind", ["tiff", "png"])
+def test_plain_images_too_big_to_read_whole_are_refused(huge_plain_images, kind):
+    with pytest.raises(SlideError, match="pyramidal TIFF") as err:
+        Slide(huge_plain_images[kind])
+    assert str(huge_plain_images[kind]) in str(err.value) and "20000 x 20000" in str(err.value)
+
+
+def test_plain_image_edges_are_white_like_openslide(metadata_files):
+    with Slide(metadata_files["png"], level0_mpp=0.5) as slide:  # 1000 x 1000 px
+        region = slide.read_region((900, -50), 0, (200, 200))
+        assert (region[:50] == 255).all() and (region[:, 100:] == 255).all()
+        assert (region[50:, :100] < 255).any()
+        tile = slide.read_tile((800, 800), (400, 400), (100, 100))
+        assert (tile[60:, 60:] == 255).all()
