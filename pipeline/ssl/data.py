@@ -135,13 +135,20 @@ class StreamSampler(Sampler[int]):
     The stream is the concatenation of permutations of ``range(n)`` (one per pass,
     seeded by ``seed + pass``). Global step ``k`` takes stream positions
     ``[k * B * world, (k + 1) * B * world)``, rank ``r`` the ``r``-th block of ``B`` of them.
-    Starting at ``start`` (samples consumed before) makes resumption exact, whatever the
-    number of ranks before.
+
+    One pass over the sampler is the whole run of ``steps`` steps (one Lightning epoch), so
+    that Lightning's in-epoch batch counter, which it restores on resumption, is the global
+    step. A resumed run passes the steps already done (``done``) and the samples consumed by
+    them (``start``): it yields steps ``done .. steps - 1`` from stream position ``start``, so
+    the stream continues exactly, whatever the number of ranks before. ``len`` counts the
+    whole run, as Lightning expects.
     """
 
     def __init__(self, n: int, batch: int, steps: int, rank: int = 0, world: int = 1,
-                 seed: int = 0, start: int = 0):  # fmt: skip
-        self.n, self.batch, self.steps = n, batch, steps
+                 seed: int = 0, start: int = 0, done: int = 0):  # fmt: skip
+        if not 0 <= done <= steps:
+            raise ValueError(f"{done} steps done of a run of {steps} steps")
+        self.n, self.batch, self.steps, self.done = n, batch, steps, done
         self.rank, self.world, self.seed, self.start = rank, world, seed, start
         self._pass, self._perm = -1, None
 
@@ -154,7 +161,7 @@ class StreamSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         global_batch = self.batch * self.world
-        for step in range(self.steps):
+        for step in range(self.steps - self.done):
             base = self.start + step * global_batch + self.rank * self.batch
             for j in range(self.batch):
                 yield self.position(base + j)
@@ -184,7 +191,8 @@ class Collate:
 
 class PretrainDataModule(L.LightningDataModule):
     """One long-lived DataLoader over :class:`PretrainTiles` with a :class:`StreamSampler`
-    that starts where the restored run stopped (``module.samples_seen``)."""
+    whose one pass is the whole run; a restored run skips the steps it has done and reads
+    on from where it stopped (``module.samples_seen``)."""
 
     def __init__(self, data: DataConfig, loss: LossConfig, patch_size: int, max_steps: int):
         super().__init__()
@@ -200,14 +208,17 @@ class PretrainDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         start = int(getattr(trainer.lightning_module, "samples_seen", 0))
-        steps = max(0, self.max_steps - trainer.global_step)
-        return self.train_dataloader_for(steps, trainer.global_rank, trainer.world_size, start)
+        done = min(trainer.global_step, self.max_steps)
+        return self.train_dataloader_for(self.max_steps, trainer.global_rank, trainer.world_size,
+                                         start, done)  # fmt: skip
 
-    def train_dataloader_for(self, steps: int, rank: int = 0, world: int = 1,
-                             start: int = 0) -> DataLoader:  # fmt: skip
-        """The loader of ``steps`` batches for ``rank`` of ``world``, from stream position ``start``."""
+    def train_dataloader_for(self, steps: int, rank: int = 0, world: int = 1, start: int = 0,
+                             done: int = 0) -> DataLoader:  # fmt: skip
+        """The loader of a run of ``steps`` batches for ``rank`` of ``world``, the first ``done``
+        of them already trained on: it yields the rest, from stream position ``start`` (see
+        :class:`StreamSampler`)."""
         sampler = StreamSampler(len(self.dataset), self.cfg.batch_size, steps, rank, world,
-                                self.cfg.seed, start)  # fmt: skip
+                                self.cfg.seed, start, done)  # fmt: skip
         generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + start)
         return DataLoader(
             self.dataset, batch_size=self.cfg.batch_size, sampler=sampler,

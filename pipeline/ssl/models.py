@@ -60,6 +60,10 @@ class MaskedViT(nn.Module):
         self.patch_size = int(self.vit.patch_embed.patch_size[0])
         self.prefix = int(self.vit.num_prefix_tokens)
         self.mask_token = nn.Parameter(torch.zeros(1, self.embed_dim))
+        for name in ("fc_norm", "attn_pool", "head"):  # timm's pooling and classifier: not called
+            module = getattr(self.vit, name, None)
+            if isinstance(module, nn.Module):
+                module.requires_grad_(False)
 
     def forward(
         self, images: torch.Tensor, masks: torch.Tensor | None = None

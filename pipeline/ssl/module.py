@@ -15,6 +15,8 @@ from dataclasses import asdict
 
 import lightning as L
 import torch
+from timm.models.vision_transformer import Block
+from torch import nn
 
 from pipeline.encoders import load_weights
 from pipeline.errors import PipelineError
@@ -28,7 +30,7 @@ from pipeline.ssl.losses import (
     koleo_loss,
     rankme,
 )
-from pipeline.ssl.models import SSLNetwork
+from pipeline.ssl.models import DINOHead, MaskedViT, SSLNetwork
 from pipeline.ssl.schedules import Cosine, Linear, scaled_lr
 
 NO_DECAY = (".bias", "norm", "gamma", "ls1", "ls2")
@@ -50,6 +52,38 @@ def layer_id(name: str, depth: int) -> int:
     if ".blocks." in name:
         return int(name.split(".blocks.")[1].split(".")[0]) + 1
     return depth + 1
+
+
+def fsdp_units() -> set[type[nn.Module]]:
+    """The modules that FSDP shards as units of their own: each transformer block, each
+    backbone and each head. Student and teacher thus have one unit per counterpart with the
+    same parameter layout, so that each rank holds the same slice of both and the teacher's
+    EMA pairs its local shards with the student's (see :meth:`DINOv2Module.update_teacher`).
+    Nothing is left to the root unit, where the flattened student and teacher would be
+    sliced at different offsets."""
+    return {Block, MaskedViT, DINOHead}
+
+
+def ibot_on(loss: LossConfig) -> bool:
+    """Whether the iBOT loss can ever be computed (a weight and some masked images)."""
+    return loss.ibot_weight > 0 and loss.mask_probability > 0
+
+
+def freeze_unused(network: SSLNetwork, loss: LossConfig) -> None:
+    """Freeze the parameters that the configured losses never use: the mask token and the
+    iBOT head without iBOT, the DINO head when neither DINO nor a shared iBOT head uses it.
+
+    Every trainable parameter then gets a gradient in every step, as DDP without
+    ``find_unused_parameters`` requires (else multi-process runs fail after the first step).
+    Frozen parameters stay in the state dict, so checkpoints keep their layout.
+    """
+    ibot = ibot_on(loss)
+    if not ibot:
+        network.backbone.mask_token.requires_grad_(False)
+        if network.ibot_head is not None:
+            network.ibot_head.requires_grad_(False)
+    if loss.dino_weight <= 0 and not (ibot and network.ibot_head is None):
+        network.dino_head.requires_grad_(False)
 
 
 class DINOv2Module(L.LightningModule):
@@ -75,6 +109,7 @@ class DINOv2Module(L.LightningModule):
             load_weights(self.student.backbone.vit, self.model_cfg.init_weights)
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
+        freeze_unused(self.student, self.loss_cfg)
         k = self.model_cfg.prototypes
         self.dino_targets = TeacherTargets(
             k, self.loss_cfg.teacher_targets, self.loss_cfg.center_momentum
@@ -158,7 +193,7 @@ class DINOv2Module(L.LightningModule):
         class tokens ``2B x D``."""
         s, student, teacher = self.loss_cfg, self.student, self.teacher
         images, local, masks = batch["global"], batch["local"], batch["masks"]  # 2B x 3 x G x G
-        use_ibot = s.ibot_weight > 0 and bool(masks.any())
+        use_ibot = ibot_on(s) and bool(masks.any())
         with torch.no_grad():
             t_cls, t_patch = teacher.backbone(images)  # 2B x D, 2B x N x D
             t_targets = self.dino_targets(teacher.dino_head(t_cls), teacher_temp)  # 2B x K
@@ -188,9 +223,22 @@ class DINOv2Module(L.LightningModule):
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
-        """EMA: ``teacher = m * teacher + (1 - m) * student``, all tensors in one fused call."""
+        """EMA: ``teacher = m * teacher + (1 - m) * student``, all tensors in one fused call.
+
+        Under FSDP the tensors are this rank's shards; they pair up only when student and
+        teacher are sharded alike (:func:`fsdp_units`), which is checked here.
+        """
         student = [p.detach() for p in self.student.parameters()]
         teacher = list(self.teacher.parameters())
+        names = [n for n, _ in self.student.named_parameters()]
+        bad = [f"{n}: {tuple(s.shape)} vs {tuple(t.shape)}"
+               for n, s, t in zip(names, student, teacher, strict=False) if s.shape != t.shape]  # fmt: skip
+        if len(student) != len(teacher) or bad:
+            raise PipelineError(
+                f"teacher EMA: the student's and teacher's parameters on this rank do not pair "
+                f"up ({len(student)} vs {len(teacher)} tensors; {'; '.join(bad[:3])}); under "
+                "FSDP, student and teacher must be sharded alike (pipeline.ssl.module.fsdp_units)"
+            )
         torch._foreach_mul_(teacher, momentum)
         torch._foreach_add_(teacher, student, alpha=1 - momentum)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -12,11 +13,14 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from pipeline.io import atomic_path
 from pipeline.ssl.probe import embed, knn_probe, load_tile_images, read_labelled_tiles
 
+log = logging.getLogger(__name__)
+
 
 class KNNProbe(L.Callback):
     """Every ``every`` steps (and at the end): kNN balanced accuracy of the teacher's class
     token on a labelled tile set, grouped by slide; logged as ``probe/knn_bacc``. Every rank
-    computes it (the forward is collective under FSDP); rank 0 logs it."""
+    computes it (the forward is collective under FSDP); rank 0 logs it. A probe that cannot
+    be scored (too few tiles or slides for its folds) logs a warning and training goes on."""
 
     def __init__(self, labelled_tiles: str | os.PathLike, every: int, size: int, mean, std):
         self.path, self.every, self.size, self.mean, self.std = (
@@ -41,7 +45,13 @@ class KNNProbe(L.Callback):
         ):
             feats = embed(backbone, self.images, self.mean, self.std)
         backbone.train(was_training)
-        score = knn_probe(feats, self.labels, self.groups)
+        try:  # the same features and folds on every rank: all ranks skip alike
+            score = knn_probe(feats, self.labels, self.groups)
+        except Exception as exc:  # a monitor must not end a long run (sklearn: ValueError)
+            if trainer.is_global_zero:
+                log.warning("kNN probe of %s skipped at step %d: %s", self.path,
+                            trainer.global_step, exc)  # fmt: skip
+            return
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics({"probe/knn_bacc": score}, step=trainer.global_step)

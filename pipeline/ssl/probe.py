@@ -80,10 +80,14 @@ def _folds(groups: np.ndarray, folds: int) -> GroupKFold:
 
 def knn_probe(features: np.ndarray, labels: np.ndarray, groups: np.ndarray, k: int = 20,
               folds: int = 5) -> float:  # fmt: skip
-    """Balanced accuracy of a cosine kNN classifier, cross-validated by slide group."""
-    x = features / np.linalg.norm(features, axis=1, keepdims=True).clip(1e-12)
-    knn = KNeighborsClassifier(n_neighbors=min(k, len(x) - 1), metric="cosine", weights="distance")
-    pred = cross_val_predict(knn, x, labels, groups=groups, cv=_folds(groups, folds))
+    """Balanced accuracy of a cosine kNN classifier, cross-validated by slide group; ``k`` is
+    capped by the size of each training fold (as in ``pipeline.eval.protocols.knn``)."""
+    x = features / np.linalg.norm(features, axis=1, keepdims=True).clip(1e-12)  # N x D
+    pred = np.empty_like(labels)
+    for train, test in _folds(groups, folds).split(x, labels, groups):
+        knn = KNeighborsClassifier(n_neighbors=min(k, len(train)), metric="cosine",
+                                   weights="distance")  # fmt: skip
+        pred[test] = knn.fit(x[train], labels[train]).predict(x[test])
     return float(balanced_accuracy_score(labels, pred))
 
 

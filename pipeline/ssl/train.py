@@ -15,7 +15,7 @@ from pipeline.config import save_config
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.ssl.data import PretrainDataModule, PretrainTiles
 from pipeline.ssl.export import export_encoder
-from pipeline.ssl.module import DINOv2Module
+from pipeline.ssl.module import DINOv2Module, fsdp_units
 from pipeline.ssl.monitors import AtomicCheckpointIO, KNNProbe
 from pipeline.ssl.pretrain import PretrainConfig
 
@@ -56,14 +56,14 @@ def _check(cfg: PretrainConfig) -> None:
 
 
 def make_strategy(name: str):
-    """Lightning strategy by name; ``fsdp`` shards each transformer block (full-state
-    checkpoints, so they load on any number of devices)."""
+    """Lightning strategy by name; ``fsdp`` shards the units of :func:`fsdp_units`
+    (full-state checkpoints, so they load on any number of devices)."""
     if name != "fsdp":
         return name
     from lightning.pytorch.strategies import FSDPStrategy
-    from timm.models.vision_transformer import Block
 
-    return FSDPStrategy(auto_wrap_policy={Block}, state_dict_type="full", use_orig_params=True)
+    return FSDPStrategy(auto_wrap_policy=fsdp_units(), state_dict_type="full",
+                        use_orig_params=True)  # fmt: skip
 
 
 def train(cfg: PretrainConfig) -> Path:
