@@ -5,11 +5,13 @@ One run measures, on the same device, batch size and precision:
 - model-only: ``encoder.embed`` on a batch of uint8 tiles already in memory, repeated;
 - end to end: ``pipeline.extraction.extract`` on the demo cohort's coords (tile reading in
   DataLoader workers, transfer, stain normalization if any, forward, h5 writing);
+- with ``--stain-norm stain.json``: the share of a step (normalization + forward on the
+  same in-memory batch of real tiles) taken by stain normalization on the device;
 - peak host memory of extraction for one slide's coords repeated to 1x and 8x the tiles
   (each in a fresh process), to show memory does not grow with the slide.
 
 Usage: ``python benchmarks/extract_speed.py [--encoder timm:vit_small_patch16_224]
-[--device cuda] [--batch-size 64] [--tiles 512]``
+[--device cuda] [--batch-size 64] [--tiles 512] [--stain-norm stain.json]``
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.data.tiles import TileDataset
 from pipeline.encoders import load_encoder
 from pipeline.extract import ExtractConfig, resolve_device
 from pipeline.extraction import AUTOCAST, extract
+from pipeline.stain.base import load_normalizer
 from pipeline.wsi.coords import list_coords_files, read_coords, write_coords
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,28 +73,33 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--tiles", type=int, default=512)
     parser.add_argument("--precision", default="bf16")
+    parser.add_argument("--stain-norm", default=None, help="a stain normalizer JSON")
     args = parser.parse_args()
     device = resolve_device(args.device)
     encoder = load_encoder(args.encoder, device=device)
     size = read_coords(list_coords_files(args.coords)[0]).patch_size
-    batch = torch.randint(0, 256, (args.batch_size, 3, size, size), dtype=torch.uint8).to(device)
+    tiles = TileDataset(list_coords_files(args.coords))
+    batch = torch.stack([tiles[i % len(tiles)]["image"] for i in range(args.batch_size)])
+    batch = batch.to(device)  # b x 3 x H x W uint8, real tiles
+    stain = load_normalizer(args.stain_norm, device=device) if args.stain_norm else None
     autocast = torch.autocast(device.type, dtype=AUTOCAST.get(args.precision, torch.float32),
                               enabled=args.precision in AUTOCAST)  # fmt: skip
     steps = max(1, args.tiles // args.batch_size)
 
-    def model_only() -> None:
+    def model_only(normalizer=None) -> None:
         with torch.inference_mode(), autocast:
             for _ in range(steps):
-                encoder.embed(batch).float().cpu()
+                images = normalizer(batch) if normalizer is not None else batch
+                encoder.embed(images).float().cpu()
 
-    def model_rate() -> float:
+    def model_rate(normalizer=None) -> float:
         start = time.perf_counter()
-        model_only()
+        model_only(normalizer)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return steps * args.batch_size / (time.perf_counter() - start)
 
-    model_only()  # warm-up
+    model_only(stain)  # warm-up
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "coords"
@@ -101,7 +110,8 @@ def main() -> None:
             models.append(model_rate())
             cfg = ExtractConfig(coords=folder, encoder=args.encoder, out=Path(tmp) / f"f{round_}",
                                 batch_size=args.batch_size, workers=args.workers,
-                                device=str(device), precision=args.precision, progress=False)  # fmt: skip
+                                device=str(device), precision=args.precision, progress=False,
+                                stain_norm=args.stain_norm)  # fmt: skip
             start = time.perf_counter()
             rows = extract(cfg)
             loop = sum(r["seconds"] for r in rows)  # first batch to the last file
@@ -116,6 +126,16 @@ def main() -> None:
             f"  end-to-end extract   {e2e_rate:8.1f} tiles/s ({n} tiles, median of 3; start-up {startup:.1f} s)"
         )
         print(f"  ratio                {e2e_rate / model_rate_:8.2f}")
+        if stain is not None:  # normalization's share of a step, alternating the two
+            plain, normed = [], []
+            for _ in range(3):
+                plain.append(model_rate())
+                normed.append(model_rate(stain))
+            share = 1 - statistics.median(normed) / statistics.median(plain)
+            print(
+                f"  stain normalization  {100 * share:8.1f} % of a step ({stain.method}, "
+                f"{statistics.median(normed):.1f} vs {statistics.median(plain):.1f} tiles/s)"
+            )
 
         # memory vs slide size: one slide's coords repeated 1x and 8x
         base = read_coords(list_coords_files(args.coords)[0])

@@ -1,25 +1,30 @@
 """Slide-level tasks of a benchmark suite: MIL cross-validation per encoder, over seeds.
 
 Every encoder of a task is trained on the same splits (one ``splits_seed<s>.csv`` per
-seed, grouped by patient), with :func:`pipeline.mil.training.train_cv`; finished folds
-are reused on a rerun. Per encoder, the out-of-fold predictions of the seeds are
+seed, grouped by patient, made again when the labels or split settings change), with
+:func:`pipeline.mil.training.train_cv`; finished folds are reused on a rerun with the
+same labels, features, splits and training settings. Per encoder, the out-of-fold predictions of the seeds are
 averaged per slide, and the metrics, their bootstrap CI and the paired comparisons
-are computed on those averages.
+are computed on those averages, resampling patients (all slides of one together).
 """
 
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.io import atomic_path
 from pipeline.mil.metrics import classification_metric, classification_metrics, concordance_index
-from pipeline.mil.splits import make_splits, write_splits
+from pipeline.mil.splits import make_splits, read_splits, write_splits
 from pipeline.mil.train import TrainMILConfig
 from pipeline.mil.training import read_labels, train_cv
+
+log = logging.getLogger(__name__)
 
 
 def feature_folders(template: str, encoders: list[str]) -> dict[str, Path]:
@@ -78,16 +83,14 @@ def run_slide_task(task: dict, encoders: list[str], out: Path, progress: bool = 
     out.mkdir(parents=True, exist_ok=True)
     kept = out / "labels.csv"  # the slides every encoder has, for train_cv
     fields = list(rows[0])
-    with open(kept, "w", newline="") as f:
+    with atomic_path(kept) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
+    stratify = "label" if kind == "classification" else "event"
     for s in seeds:
-        split_file = out / f"splits_seed{s}.csv"
-        if not split_file.is_file():
-            stratify = "label" if kind == "classification" else "event"
-            write_splits(split_file, make_splits(rows, folds, float(task.get("val_share", 0.2)), s,
-                                                 stratify=stratify))  # fmt: skip
+        splits = make_splits(rows, folds, float(task.get("val_share", 0.2)), s, stratify=stratify)
+        current_splits(out / f"splits_seed{s}.csv", splits)
     results = {}
     for e in encoders:
         runs = []
@@ -103,11 +106,28 @@ def run_slide_task(task: dict, encoders: list[str], out: Path, progress: bool = 
     return results
 
 
+def current_splits(path: Path, splits: list[dict]) -> Path:
+    """Write ``splits`` to ``path`` unless it holds them already (its time stamp then stays);
+    splits of other slides, patients, labels or settings are replaced, with a warning."""
+    fields = ["slide_id", "case_id", "label", *(k for k in splits[0] if k.startswith("fold_"))]
+    wanted = [{k: str(r[k]) for k in fields} for r in splits]
+    if path.is_file():
+        try:
+            if read_splits(path) == wanted:
+                return path
+        except PipelineError:
+            pass
+        log.warning("%s: made again for the current labels and settings", path)
+    return write_splits(path, splits)
+
+
 def seed_average(runs: list[list[dict]], kind: str) -> dict:
-    """Per-slide mean of the seeds' out-of-fold predictions, and their metrics."""
+    """Per-slide mean of the seeds' out-of-fold predictions, their metrics, and each slide's
+    patient (``groups``: the clusters of the bootstrap)."""
     ids = sorted(r["slide_id"] for r in runs[0])
     by_run = [{r["slide_id"]: r for r in run} for run in runs]
     first = by_run[0]
+    patients = np.array([first[s]["case_id"] for s in ids])  # the clusters of the bootstrap
     if kind == "classification":
         classes = [k[5:] for k in runs[0][0] if k.startswith("prob_")]
         y = np.array([classes.index(first[s]["label"]) for s in ids])
@@ -117,14 +137,14 @@ def seed_average(runs: list[list[dict]], kind: str) -> dict:
         per_seed = [classification_metrics(y, np.array([[float(run[s][f"prob_{c}"]) for c in classes]
                                                         for s in ids])) for run in by_run]  # fmt: skip
         return {"kind": kind, "slide_ids": ids, "y": y, "preds": preds, "classes": classes,
-                "per_seed": per_seed}  # fmt: skip
+                "per_seed": per_seed, "groups": patients}  # fmt: skip
     time = np.array([float(first[s]["time"]) for s in ids])
     event = np.array([float(first[s]["event"]) for s in ids])
     risk = np.mean([[float(run[s]["risk"]) for s in ids] for run in by_run], 0)
     per_seed = [{"c_index": concordance_index(time, event, np.array([float(run[s]["risk"]) for s in ids]))}
                 for run in by_run]  # fmt: skip
     return {"kind": kind, "slide_ids": ids, "y": np.stack([time, event], 1), "preds": risk,
-            "per_seed": per_seed}  # fmt: skip
+            "per_seed": per_seed, "groups": patients}  # fmt: skip
 
 
 def slide_metric(kind: str, name: str):

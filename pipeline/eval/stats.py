@@ -1,4 +1,5 @@
-"""Confidence intervals and paired comparisons of two encoders on the same test items."""
+"""Confidence intervals and paired comparisons of two encoders on the same test items,
+resampling whole clusters (slides, patients) of items where they are given."""
 
 from __future__ import annotations
 
@@ -6,29 +7,31 @@ from collections.abc import Callable
 
 import numpy as np
 
-from pipeline.mil.metrics import bootstrap_ci
+from pipeline.mil.metrics import bootstrap_ci, resampler
 
 __all__ = ["bootstrap_ci", "paired_bootstrap"]
 
 
 def paired_bootstrap(metric: Callable[[np.ndarray], float], pred_a: np.ndarray,
-                     pred_b: np.ndarray, n: int = 1000, seed: int = 0,
-                     level: float = 0.95) -> dict[str, float]:  # fmt: skip
+                     pred_b: np.ndarray, n: int = 1000, seed: int = 0, level: float = 0.95,
+                     groups: np.ndarray | None = None) -> dict[str, float]:  # fmt: skip
     """Difference ``metric(a) - metric(b)`` on the same resampled items, its percentile CI
     and a two-sided p-value (twice the share of resamples on the far side of zero).
 
     ``metric(idx, preds)`` scores the predictions ``preds`` of the items ``idx``; both
     encoders are scored on the same ``idx`` in each resample, so item difficulty cancels.
+    ``groups``: a cluster id per item (slide of a tile, patient of a slide); whole clusters
+    are resampled (see :func:`pipeline.mil.metrics.resampler`).
     """
     size = len(pred_a)
     if len(pred_b) != size:
         raise ValueError(f"paired comparison of {size} and {len(pred_b)} predictions")
     everything = np.arange(size)
     observed = metric(everything, pred_a) - metric(everything, pred_b)
-    rng = np.random.default_rng(seed)
+    draw = resampler(size, groups, seed)
     diffs = []
     for _ in range(n):
-        idx = rng.integers(0, size, size)
+        idx = draw()
         d = metric(idx, pred_a) - metric(idx, pred_b)
         if np.isfinite(d):
             diffs.append(d)

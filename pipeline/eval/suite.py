@@ -24,22 +24,28 @@ from pipeline.stain.report import slide_clustering
 
 log = logging.getLogger(__name__)
 TILE_METRIC = "balanced_accuracy"  # the leaderboard metric of tile protocols
+# version of the scoring in cached task results: 2 = cluster bootstrap (slides, patients)
+RESULT_VERSION = 2
 
 
-def _scored(y: np.ndarray, probs: np.ndarray, metric: str, cfg: EvaluateConfig) -> dict:
-    ci = bootstrap_ci(
-        lambda a, p: classification_metric(metric, a, p), y, probs, n=cfg.bootstrap, seed=cfg.seed
-    )
+def _scored(y: np.ndarray, probs: np.ndarray, metric: str, cfg: EvaluateConfig,
+            groups: np.ndarray) -> dict:  # fmt: skip
+    """The metric with its cluster-bootstrap CI (``groups``: each item's slide)."""
+    ci = bootstrap_ci(lambda a, p: classification_metric(metric, a, p), y, probs,
+                      n=cfg.bootstrap, seed=cfg.seed, groups=groups)  # fmt: skip
     return {"value": classification_metric(metric, y, probs), "ci": list(ci),
             "metrics": classification_metrics(y, probs)}  # fmt: skip
 
 
-def _compare(preds: dict[str, np.ndarray], metric, cfg: EvaluateConfig) -> list[dict]:
-    """Paired bootstrap of every pair of encoders on the same items."""
+def _compare(preds: dict[str, np.ndarray], metric, cfg: EvaluateConfig,
+             groups: np.ndarray) -> list[dict]:  # fmt: skip
+    """Paired bootstrap of every pair of encoders on the same items, resampling the
+    clusters ``groups`` (each item's slide or patient)."""
     names, out = list(preds), []
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
-            test = paired_bootstrap(metric, preds[a], preds[b], n=cfg.bootstrap, seed=cfg.seed)
+            test = paired_bootstrap(metric, preds[a], preds[b], n=cfg.bootstrap, seed=cfg.seed,
+                                    groups=groups)  # fmt: skip
             out.append({"a": a, "b": b, **test})
     return out
 
@@ -50,7 +56,8 @@ def _settings(cfg: EvaluateConfig) -> dict:
 
     keys = ("folds", "shots", "episodes", "knn_k", "knn_temperature", "robustness", "bootstrap",
             "seed")  # fmt: skip
-    return {"version": __version__, **{k: getattr(cfg, k) for k in keys}}
+    return {"version": __version__, "result_version": RESULT_VERSION,
+            **{k: getattr(cfg, k) for k in keys}}  # fmt: skip
 
 
 def _digest(*arrays: np.ndarray) -> str:
@@ -92,7 +99,8 @@ def tile_task(name: str, task: dict, encoders: dict[str, str], cfg: EvaluateConf
               get_encoder, device) -> dict:  # fmt: skip
     from pipeline.extract import state_sha256
 
-    tiles = read_tile_set(task.get("data"), task.get("sites"))
+    tiles = read_tile_set(task.get("data"), task.get("sites"), task.get("groups"),
+                          task.get("group_pattern"))  # fmt: skip
     folds = Folds.make(tiles.labels, tiles.groups, tiles.split, int(task.get("folds", cfg.folds)))
     protocols = list(task.get("protocols", ["linear", "knn", "fewshot"]))
     classes = np.unique(tiles.labels)
@@ -138,16 +146,18 @@ def _score_tiles(name, task, tiles, feats, folds, protocols, classes, y, encoder
             items, probs, _ = cross_validate(protocol, feats[e]["features"], tiles.labels,
                                              tiles.groups, folds, cfg.seed, **kwargs)  # fmt: skip
             preds[e] = probs
-            scored[e] = _scored(y[items], probs, TILE_METRIC, cfg)
+            scored[e] = _scored(y[items], probs, TILE_METRIC, cfg, tiles.groups[items])
             curves[e] = (y[items], probs)
         result["scores"][protocol] = scored
-        y_items = y[folds.test_items()]
+        tested = folds.test_items()  # the items of preds, in their order
+        y_items = y[tested]
         result["comparisons"][protocol] = _compare(
             preds,
             lambda idx, p, y_items=y_items: classification_metric(
                 TILE_METRIC, y_items[idx], p[idx]
             ),
             cfg,
+            tiles.groups[tested],
         )
         result["figures"][f"{protocol}_roc"] = plots.roc_curves(
             figures / f"{name}_{protocol}_roc.png", curves, classes, f"{name}: {protocol} probe"
@@ -215,7 +225,8 @@ def slide_task(name: str, task: dict, encoders: dict[str, str], cfg: EvaluateCon
     kind = task.get("task", "classification")
     per_encoder = run_slide_task(task, list(encoders), out / "tasks" / name, cfg.progress)
     key = {"task": task, "encoders": encoders, "settings": _settings(cfg),
-           "inputs": _digest(*(a for r in per_encoder.values() for a in (r["y"], r["preds"])))}  # fmt: skip
+           "inputs": _digest(*(a for r in per_encoder.values()
+                               for a in (r["y"], r["preds"], r["groups"])))}  # fmt: skip
     return cached_result(
         out / "tasks" / name / "result.json",
         key,
@@ -229,12 +240,12 @@ def _score_slides(name, task, kind, per_encoder, cfg, out) -> dict:
     metric = "auc" if kind == "classification" else "c_index"
     col = task.get("model", "abmil")
     first = next(iter(per_encoder.values()))
-    y = first["y"]
+    y, patients = first["y"], first["groups"]  # patients: the clusters of the bootstrap
     fn = slide_metric(kind, metric)
     scored = {}
     for e, r in per_encoder.items():
         ci = bootstrap_ci(lambda idx, r=r: fn(y, idx, r["preds"]), np.arange(len(y)),
-                          n=cfg.bootstrap, seed=cfg.seed)  # fmt: skip
+                          n=cfg.bootstrap, seed=cfg.seed, groups=patients)  # fmt: skip
         per_seed = [s[metric] for s in r["per_seed"]]
         scored[e] = {"value": fn(y, np.arange(len(y)), r["preds"]), "ci": list(ci),
                      "per_seed": per_seed, "seed_mean": float(np.mean(per_seed)),
@@ -242,10 +253,11 @@ def _score_slides(name, task, kind, per_encoder, cfg, out) -> dict:
                      "metrics": classification_metrics(y, r["preds"]) if kind == "classification"
                      else {"c_index": fn(y, np.arange(len(y)), r["preds"])}}  # fmt: skip
     result = {"kind": "slide", "task": kind, "model": col, "n_items": len(y),
+              "n_patients": len(np.unique(patients)),
               "labels": str(task.get("labels")), "seeds": list(task.get("seeds", [0])),
               "columns": {col: {"metric": metric}}, "scores": {col: scored},
               "comparisons": {col: _compare({e: r["preds"] for e, r in per_encoder.items()},
-                                            lambda idx, p: fn(y, idx, p), cfg)},
+                                            lambda idx, p: fn(y, idx, p), cfg, patients)},
               "figures": {}}  # fmt: skip
     if kind == "classification":
         classes = np.array(first["classes"])

@@ -6,7 +6,12 @@ A tile task's ``data`` is one of
   ``slide_id`` (folds are grouped by it), ``split`` (``train``/``test``: a fixed split
   instead of cross-validation) and ``site`` (for the site-leakage probe);
 - a folder of images in class subfolders (``<label>/*.png``), or with ``train/`` and
-  ``test/`` above the class subfolders (the layout of CRC-100K, MHIST, BACH ...);
+  ``test/`` above the class subfolders (the layout of CRC-100K, MHIST, BACH ...). Folds
+  (and bootstrap clusters) group the images by the task's ``groups`` (a CSV
+  ``image,group``: the image's path under the folder or its file name, and its slide or
+  patient) or ``group_pattern`` (a regular expression searched in each file name: its
+  first group, or the whole match, names the slide or patient); without either, each
+  image is its own group, which a warning flags where there is no fixed split;
 - ``{coords: DIR, demo: DIR, per_slide: N}``: the demo cohort's tiles labelled tumour or
   normal from its ground-truth masks.
 
@@ -20,7 +25,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,12 +39,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipeline.data.tiles import TileDataset
 from pipeline.encoders import Encoder
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.io import atomic_path
 from pipeline.stain.augment import HEDJitter
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 STAIN_SHIFT = {"sigma": 0.2, "bias": 0.2, "seed": 0}  # a strong, fixed H&E shift of test tiles
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,27 +85,74 @@ def _from_rows(rows: list[dict], where: Path) -> TileSet:
     return TileSet(source, labels, groups, split, sites)
 
 
-def _image_folder(root: Path) -> TileSet:
+def image_groups(root: Path, images: list[Path], groups: str | os.PathLike | None = None,
+                 pattern: str | None = None) -> list[str]:  # fmt: skip
+    """The slide or patient of each image of a folder ``root``: from the CSV ``groups``
+    (``image,group``; image: the path under ``root`` or the file name), from the regular
+    expression ``pattern`` searched in the file name (its first group or the whole match),
+    or the image itself when neither is given."""
+    if groups is not None and pattern is not None:
+        raise ConfigError(f"tile data {root}: give groups or group_pattern, not both")
+    if groups is not None:
+        try:
+            with open(groups, newline="") as f:
+                by_image = {r["image"]: r["group"] for r in csv.DictReader(f)}
+        except (OSError, KeyError) as exc:
+            raise PipelineError(f"{groups}: cannot read image,group columns ({exc})") from exc
+        found = [by_image.get(i.relative_to(root).as_posix(), by_image.get(i.name)) for i in images]
+        lost = [str(i.relative_to(root)) for i, g in zip(images, found, strict=True) if not g]
+        if lost:
+            raise PipelineError(f"{groups}: no group for {len(lost)} images of {root} "
+                                f"({', '.join(lost[:3])}); add rows image,group for them")  # fmt: skip
+        return found
+    if pattern is not None:
+        try:
+            regex = re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(
+                f"group_pattern '{pattern}': not a regular expression ({exc})"
+            ) from exc
+        matches = [regex.search(i.name) for i in images]
+        lost = [i.name for i, m in zip(images, matches, strict=True) if m is None]
+        if lost:
+            raise PipelineError(f"group_pattern '{pattern}' does not match {len(lost)} file names "
+                                f"in {root} ({', '.join(lost[:3])})")  # fmt: skip
+        return [m.group(1) if regex.groups else m.group(0) for m in matches]
+    return [i.stem for i in images]
+
+
+def _image_folder(root: Path, groups: str | os.PathLike | None = None,
+                  pattern: str | None = None) -> TileSet:  # fmt: skip
     parts = [d for d in ("train", "test") if (root / d).is_dir()]
     roots = [(root / d, d) for d in parts] if len(parts) == 2 else [(root, None)]
-    source, labels, groups, split = [], [], [], []
+    images, labels, split = [], [], []
     for folder, role in roots:
         for class_dir in sorted(d for d in folder.iterdir() if d.is_dir()):
             for image in sorted(class_dir.rglob("*")):
                 if image.suffix.lower() in IMAGE_SUFFIXES:
-                    source.append((str(image), 0))
+                    images.append(image)
                     labels.append(class_dir.name)
-                    groups.append(image.stem)
                     split.append(role)
-    return TileSet(source, np.array(labels), np.array(groups),
+    if groups is None and pattern is None and roots[0][1] is None:
+        log.warning("%s: images are not grouped by slide or patient, so cross-validation folds "
+                    "can put tiles of one slide on both sides; give the task groups (a CSV "
+                    "image,group) or group_pattern (a regular expression on file names)", root)  # fmt: skip
+    return TileSet([(str(i), 0) for i in images], np.array(labels),
+                   np.array(image_groups(root, images, groups, pattern)),
                    np.array(split) if roots[0][1] else None)  # fmt: skip
 
 
-def read_tile_set(
-    data: str | os.PathLike | dict, sites: str | os.PathLike | None = None
-) -> TileSet:
+def read_tile_set(data: str | os.PathLike | dict, sites: str | os.PathLike | None = None,
+                  groups: str | os.PathLike | None = None,
+                  group_pattern: str | None = None) -> TileSet:  # fmt: skip
     """The tile set a task names (see the module docstring); ``sites``: a CSV with
-    ``slide_id,site`` (the slide labels file) that gives each tile its slide's site."""
+    ``slide_id,site`` (the slide labels file) that gives each tile its slide's site;
+    ``groups`` / ``group_pattern``: the slide or patient of each image of an image folder
+    (see :func:`image_groups`)."""
+    folder = not isinstance(data, dict) and Path(data).is_dir()
+    if (groups is not None or group_pattern is not None) and not folder:
+        raise ConfigError(f"tile data {data}: groups and group_pattern are for image folders; "
+                          "a tiles CSV gives each tile's slide in its slide_id column")  # fmt: skip
     if isinstance(data, dict):
         from pipeline.data.demo import tile_labels
 
@@ -109,7 +164,7 @@ def read_tile_set(
     else:
         path = Path(data)
         if path.is_dir():
-            tiles = _image_folder(path)
+            tiles = _image_folder(path, groups, group_pattern)
         elif path.is_file():
             with open(path, newline="") as f:
                 tiles = _from_rows(list(csv.DictReader(f)), path.parent)

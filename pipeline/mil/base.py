@@ -5,7 +5,9 @@
 and, where the model has them, ``attention`` (``B x N`` or ``B x N x C``) or
 ``instance_scores`` (``B x N x C``); padded instances get weight 0. Models with an
 auxiliary objective (CLAM's instance clustering) also return ``aux_loss`` when called with
-``labels`` in training mode. Every hyperparameter is a constructor argument.
+``labels`` in training mode; a model with a max-instance stream (DSMIL) returns its
+``max_logits`` (``B x C``), which training fits with the task's loss where there are no
+class labels (survival). Every hyperparameter is a constructor argument.
 """
 
 from __future__ import annotations

@@ -47,10 +47,11 @@ def draw_heatmap(cfg: HeatmapConfig) -> list[Path]:
     except OSError as exc:
         raise PipelineError(f"{run}: not a train-mil run ({exc})") from exc
     fold = cfg.fold
-    if fold is None:
-        row = next((r for r in read_splits(run / "splits.csv") if r["slide_id"] == cfg.slide), None)
+    if fold is None:  # the run's splits: a --splits file, else those it made
+        splits = Path(run_cfg["splits"]) if run_cfg.get("splits") else run / "splits.csv"
+        row = next((r for r in read_splits(splits) if r["slide_id"] == cfg.slide), None)
         if row is None:
-            raise PipelineError(f"{cfg.slide}: not in {run / 'splits.csv'}")
+            raise PipelineError(f"{cfg.slide}: not in {splits}")
         fold = next(int(k[5:]) for k, v in row.items() if k.startswith("fold_") and v == "test")
     ckpt = run / f"fold_{fold}" / "model.ckpt"
     if not ckpt.is_file():

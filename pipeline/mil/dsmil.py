@@ -4,8 +4,11 @@ Stream 1 scores every instance with a linear classifier and takes, per class, th
 highest-scoring (critical) instance. Stream 2 attends from every instance to the critical
 one in a learned query space (``softmax(<q_i, q_crit> / sqrt(d))``) and pools value
 embeddings into one bag vector per class, classified by a 1-D convolution over them.
-``logits`` are the bag stream's; the max-instance stream's logits are trained alongside
-(``aux_loss``, cross-entropy, as the paper sums the two losses).
+``logits`` are the bag stream's; the max-instance stream's logits (``max_logits``) are
+trained alongside, as the paper sums the two losses: with class labels the model returns
+their cross-entropy as ``aux_loss``; for survival, training applies the survival loss to
+them (the paper has classification only). The critical-instance choice is an argmax, so
+the instance classifier learns only through this second loss.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Slide-level metrics and their bootstrap confidence intervals."""
+"""Slide-level metrics and their bootstrap confidence intervals (by row or by cluster)."""
 
 from __future__ import annotations
 
@@ -52,16 +52,44 @@ def concordance_index(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> 
     return float((higher * earlier).sum() / earlier.sum())
 
 
-def bootstrap_cis(metrics: Callable[[np.ndarray], dict[str, float]], size: int, n: int = 1000,
-                  seed: int = 0, level: float = 0.95) -> dict[str, tuple[float, float]]:  # fmt: skip
-    """Percentile intervals of every metric of ``metrics(idx)`` over ``n`` resamples (with
-    replacement) of ``size`` rows; each resample is scored once for all metrics."""
+def resampler(size: int, groups: np.ndarray | None = None, seed: int = 0
+              ) -> Callable[[], np.ndarray]:  # fmt: skip
+    """Draws of bootstrap row indices: ``size`` rows with replacement, or, with ``groups``
+    (one cluster id per row: the slide of a tile, the patient of a slide), as many whole
+    clusters with replacement, all rows of each (the cluster bootstrap; Field and Welsh,
+    JRSS-B 2007). Rows of one cluster are correlated, so resampling them one by one gives
+    intervals that are too narrow and p-values that are too small."""
     rng = np.random.default_rng(seed)
+    if groups is None:
+        return lambda: rng.integers(0, size, size)
+    groups = np.asarray(groups)
+    if len(groups) != size:
+        raise ValueError(f"{len(groups)} cluster ids for {size} rows")
+    _, codes, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    order = np.argsort(codes, kind="stable")  # rows sorted by cluster
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])  # first sorted row of each cluster
+
+    def draw() -> np.ndarray:
+        picked = rng.integers(0, len(counts), len(counts))  # G clusters
+        lengths = counts[picked]
+        within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        return order[np.repeat(starts[picked], lengths) + within]  # rows of the picked clusters
+
+    return draw
+
+
+def bootstrap_cis(metrics: Callable[[np.ndarray], dict[str, float]], size: int, n: int = 1000,
+                  seed: int = 0, level: float = 0.95,
+                  groups: np.ndarray | None = None) -> dict[str, tuple[float, float]]:  # fmt: skip
+    """Percentile intervals of every metric of ``metrics(idx)`` over ``n`` resamples (with
+    replacement) of ``size`` rows, or of whole clusters of rows with ``groups`` (see
+    :func:`resampler`); each resample is scored once for all metrics."""
+    draw = resampler(size, groups, seed)
     values: dict[str, list[float]] = {}
     for _ in range(n):
         with warnings.catch_warnings():  # a resample may lack a class: its metric is nan
             warnings.simplefilter("ignore", UserWarning)
-            scores = metrics(rng.integers(0, size, size))
+            scores = metrics(draw())
         for name, value in scores.items():
             values.setdefault(name, [])
             if np.isfinite(value):
@@ -72,8 +100,9 @@ def bootstrap_cis(metrics: Callable[[np.ndarray], dict[str, float]], size: int, 
 
 
 def bootstrap_ci(metric: Callable[..., float], *arrays: np.ndarray, n: int = 1000, seed: int = 0,
-                 level: float = 0.95) -> tuple[float, float]:  # fmt: skip
-    """Percentile interval of ``metric`` over ``n`` resamples (with replacement) of the rows."""
+                 level: float = 0.95, groups: np.ndarray | None = None) -> tuple[float, float]:  # fmt: skip
+    """Percentile interval of ``metric`` over ``n`` resamples (with replacement) of the rows,
+    or of whole clusters of rows with ``groups`` (see :func:`resampler`)."""
     cis = bootstrap_cis(lambda idx: {"m": metric(*(a[idx] for a in arrays))}, len(arrays[0]),
-                        n=n, seed=seed, level=level)  # fmt: skip
+                        n=n, seed=seed, level=level, groups=groups)  # fmt: skip
     return cis.get("m", (float("nan"), float("nan")))

@@ -82,6 +82,39 @@ def read_splits(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
+def splits_mismatch(splits: list[dict], slides: list[dict], folds: int | None = None,
+                    exact: bool = True) -> str | None:  # fmt: skip
+    """Why ``splits`` (from :func:`read_splits`) do not fit the labelled ``slides`` (rows with
+    ``slide_id, case_id, label``), or ``None`` when they fit: a labelled slide missing from
+    them, a patient tested in a fold where another of its slides trains, another ``case_id``
+    of a slide, another fold count (``folds``: when given). With ``exact``, also slides that
+    are not labelled and another ``label`` of a slide (splits made for other labels)."""
+    have = {r["slide_id"]: r for r in splits}
+    want = {r["slide_id"]: r for r in slides}
+    new = sorted(set(want) - set(have))
+    gone = sorted(set(have) - set(want)) if exact else []
+    if new:
+        return f"{len(new)} labelled slides are not in them ({', '.join(new[:3])})"
+    if gone:
+        return f"{len(gone)} of their slides are not labelled now ({', '.join(gone[:3])})"
+    fold_keys = [k for k in splits[0] if k.startswith("fold_")]
+    for key in fold_keys:
+        tested: dict[str, set[bool]] = {}
+        for s, r in want.items():
+            tested.setdefault(r["case_id"], set()).add(have[s][key] == "test")
+        split = sorted(c for c, roles in tested.items() if len(roles) > 1)
+        if split:
+            return f"patients {', '.join(split[:3])} have slides on both sides of {key}"
+    for key in ("case_id", "label") if exact else ("case_id",):
+        if key in splits[0]:
+            moved = sorted(s for s in want if str(want[s][key]) != have[s][key])
+            if moved:
+                return f"{len(moved)} slides have another {key} now ({', '.join(moved[:3])})"
+    if folds is not None and len(fold_keys) != folds:
+        return f"they have {len(fold_keys)} folds, not {folds}"
+    return None
+
+
 def fold_members(rows: list[dict], fold: int, role: str) -> list[str]:
     """Slide ids with ``role`` in ``fold``."""
     return [r["slide_id"] for r in rows if r[f"fold_{fold}"] == role]

@@ -3,10 +3,14 @@
     cpath train-mil --features runs/feats --labels labels.csv --model abmil --folds 5 --out runs/mil
     cpath train-mil --features runs/feats --labels labels.csv --task survival --survival_loss nll
 
-Outputs under ``out``: ``splits.csv`` (reused when present), ``fold_<k>/model.ckpt`` (the
-best epoch by validation loss), ``predictions.csv`` (out-of-fold: slide_id, case_id, fold,
-label, per-class probabilities or risk), ``metrics.json`` (per fold, mean +- std, and a
-bootstrap 95% CI on the pooled out-of-fold predictions) and ``config.yaml``.
+Outputs under ``out``: ``splits.csv`` (made unless ``--splits`` is given; reused on a rerun
+while it fits the labelled slides, their patients and labels, and the split settings),
+``fold_<k>/model.ckpt`` (the best epoch by validation loss), ``predictions.csv``
+(out-of-fold: slide_id, case_id, fold, label, per-class probabilities or risk),
+``metrics.json`` (per fold, mean +- std, and a bootstrap 95% CI on the pooled out-of-fold
+predictions, resampling patients) and ``config.yaml``. Finished folds are reused on a
+rerun while the labels (their content), features, splits and training settings are the
+same; reporting settings (``bootstrap``, ``progress``, ``device``, ...) do not count.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ class TrainMILConfig:
         folds: cross-validation folds (grouped by case_id, stratified by label or event).
         val_share: share of each fold's training patients used for early stopping (0: none,
             train all epochs and keep the last).
-        splits: a splits.csv to reuse (default: OUT/splits.csv if present, else new).
+        splits: a splits.csv to use (default: OUT/splits.csv when it fits the labels and the
+            split settings, else new ones written there).
         out: run folder.
         epochs: most training epochs per fold.
         patience: epochs without validation improvement before stopping.
@@ -88,5 +93,6 @@ def run(cfg: TrainMILConfig) -> int:
     text = ", ".join(
         f"{k} {v['value']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]" for k, v in summary.items()
     )
-    print(f"train-mil {cfg.model} ({cfg.task}, {cfg.folds} folds): {text} -> {cfg.out}")
+    folds = len(metrics["folds"])
+    print(f"train-mil {cfg.model} ({cfg.task}, {folds} folds): {text} -> {cfg.out}")
     return 0

@@ -4,6 +4,7 @@ per fold, patient-grouped cross-validation, out-of-fold predictions and metrics.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import shutil
@@ -20,11 +21,17 @@ from tqdm.auto import tqdm
 
 from pipeline.config import config_to_dict, save_config
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.io import atomic_path, atomic_write_text
+from pipeline.io import atomic_path, atomic_write_text, sha256_file
 from pipeline.mil.bags import BagStore, collate
 from pipeline.mil.base import make_mil
 from pipeline.mil.metrics import bootstrap_cis, classification_metrics, concordance_index
-from pipeline.mil.splits import fold_members, make_splits, read_splits, write_splits
+from pipeline.mil.splits import (
+    fold_members,
+    make_splits,
+    read_splits,
+    splits_mismatch,
+    write_splits,
+)
 from pipeline.mil.train import TrainMILConfig
 
 log = logging.getLogger(__name__)
@@ -79,19 +86,28 @@ class MILModule(L.LightningModule):
             x = (x - self.feature_mean) / self.feature_std  # B x N x D
         return self.model(x, mask, labels=labels)
 
+    def target_loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        """The task's loss of ``B x C`` logits: cross-entropy, Cox or discrete-time NLL."""
+        hp = self.hparams
+        if hp.task == "classification":
+            w = self.weights.to(self.device) if self.weights is not None else None
+            return F.cross_entropy(logits.float(), batch["y"], weight=w)
+        if hp.survival_loss == "cox":
+            return cox_loss(logits[:, 0], batch["time"], batch["event"])
+        return nll_survival_loss(logits, batch["bin"], batch["event"])
+
     def loss(self, batch: dict) -> torch.Tensor:
         hp = self.hparams
         labels = batch["y"] if hp.task == "classification" else None
         out = self(batch["x"], batch["mask"], labels=labels)
-        if hp.task == "classification":
-            w = self.weights.to(self.device) if self.weights is not None else None
-            loss = F.cross_entropy(out["logits"].float(), batch["y"], weight=w)
-        elif hp.survival_loss == "cox":
-            loss = cox_loss(out["logits"][:, 0], batch["time"], batch["event"])
-        else:
-            loss = nll_survival_loss(out["logits"], batch["bin"], batch["event"])
-        if "aux_loss" in out:
-            loss = hp.bag_weight * loss + (1 - hp.bag_weight) * out["aux_loss"]
+        loss = self.target_loss(out["logits"], batch)
+        aux = out.get("aux_loss")
+        if aux is None and "max_logits" in out and self.training:
+            # DSMIL's instance stream without class labels (survival): the task's loss of the
+            # max-instance outputs, as the paper sums the two streams' losses
+            aux = self.target_loss(out["max_logits"], batch)
+        if aux is not None:
+            loss = hp.bag_weight * loss + (1 - hp.bag_weight) * aux
         return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -121,6 +137,10 @@ def read_labels(path: Path, task: str) -> list[dict]:
     missing = need - set(rows[0] if rows else {})
     if missing:
         raise PipelineError(f"{path}: missing columns {sorted(missing)} for --task {task}")
+    if rows and "case_id" not in rows[0]:
+        log.warning("%s has no case_id column: each slide counts as its own patient, so slides of "
+                    "one patient can be in the training and test sets of a fold; add case_id",
+                    path)  # fmt: skip
     for r in rows:
         r.setdefault("case_id", r["slide_id"])
         r["case_id"] = r["case_id"] or r["slide_id"]
@@ -192,6 +212,66 @@ def predict_bags(module: MILModule, ids, store, targets, cfg) -> list[np.ndarray
     return outs
 
 
+# the settings that change a fold's model or predictions; the others (bootstrap, ordinal,
+# progress, device, out, missing, the spelling of paths) only change how results are reported
+TRAINING_SETTINGS = ("model", "model_args", "task", "epochs", "patience", "lr", "weight_decay",
+                     "batch_size", "max_instances", "standardize", "balanced", "bag_weight",
+                     "survival_loss", "time_bins", "seed", "precision")  # fmt: skip
+
+
+def training_fingerprint(cfg: TrainMILConfig, store: BagStore, splits: list[dict]) -> dict:
+    """What finished folds depend on: the training settings, the labels file's content, the
+    feature files read and the splits (a change of any retrains the folds)."""
+    settings = config_to_dict(cfg)
+    return {
+        **{k: settings[k] for k in TRAINING_SETTINGS},
+        "labels_sha256": sha256_file(cfg.labels),
+        "features_read": store.fingerprint,
+        "splits_sha256": hashlib.sha256(json.dumps(splits, sort_keys=True).encode()).hexdigest(),
+    }
+
+
+def split_settings(cfg: TrainMILConfig) -> dict:
+    """The settings ``OUT/splits.csv`` was made with (or the ``--splits`` file used)."""
+    if cfg.splits:
+        return {"file": str(Path(cfg.splits).resolve())}
+    return {"folds": cfg.folds, "val_share": cfg.val_share, "seed": cfg.seed, "task": cfg.task}
+
+
+def run_splits(
+    cfg: TrainMILConfig, out: Path, rows: list[dict], made_with: dict | None
+) -> list[dict]:
+    """The run's splits: the ``--splits`` file (an error when it does not fit the labelled
+    slides), else ``OUT/splits.csv`` when it was made with the same settings (``made_with``,
+    from the previous run) and still fits the slides, patients, labels and fold count, else
+    new splits written there (with a warning saying why the old ones were not reused)."""
+    if cfg.splits:
+        splits = read_splits(cfg.splits)
+        why = splits_mismatch(splits, rows, exact=False)
+        if why:
+            raise PipelineError(f"{cfg.splits}: these splits do not fit {cfg.labels}: {why}; make "
+                                "them again, or leave out --splits to make new ones")  # fmt: skip
+        count = sum(1 for k in splits[0] if k.startswith("fold_"))
+        if count != cfg.folds:
+            log.warning(
+                "%s has %d folds; they are used, not --folds %d", cfg.splits, count, cfg.folds
+            )
+        return splits
+    path = out / "splits.csv"
+    if path.is_file():
+        splits = read_splits(path)
+        why = splits_mismatch(splits, rows, cfg.folds)
+        if why is None and made_with is not None and made_with != split_settings(cfg):
+            why = f"they were made with {made_with}"
+        if why is None:
+            return splits
+        log.warning("%s: made again (%s)", path, why)
+    stratify = "label" if cfg.task == "classification" else "event"
+    splits = make_splits(rows, cfg.folds, cfg.val_share, cfg.seed, stratify=stratify)
+    write_splits(path, splits)
+    return read_splits(path)  # as a reuse reads them (strings), for the fingerprint
+
+
 def train_cv(cfg: TrainMILConfig) -> dict:
     """Cross-validate ``cfg.model``; writes the run folder and returns the metrics."""
     if cfg.features is None or cfg.labels is None:
@@ -220,22 +300,20 @@ def train_cv(cfg: TrainMILConfig) -> dict:
     if cfg.task == "classification" and len(classes) < 2:
         raise PipelineError(f"{cfg.labels}: only one class ({', '.join(classes) or 'none'}) among "
                             "the slides with features; classification needs two or more")  # fmt: skip
-    splits_file = Path(cfg.splits) if cfg.splits else out / "splits.csv"
-    if splits_file.is_file():
-        splits = read_splits(splits_file)
-    else:
-        stratify = "label" if cfg.task == "classification" else "event"
-        splits = make_splits(rows, cfg.folds, cfg.val_share, cfg.seed, stratify=stratify)
-        write_splits(out / "splits.csv", splits)
+    previous_file = out / ".config.json"
+    try:
+        previous = json.loads(previous_file.read_text()) if previous_file.is_file() else {}
+    except ValueError:
+        previous = {}
+    made_with = previous.get("splits") if "training" in previous else None  # older runs: unknown
+    splits = run_splits(cfg, out, rows, made_with)
     folds = sum(1 for k in splits[0] if k.startswith("fold_"))
     store = BagStore(cfg.features, [r["slide_id"] for r in rows])
-    config_text = json.dumps({**config_to_dict(cfg), "features_read": store.fingerprint},
-                             sort_keys=True, default=str)  # fmt: skip
-    previous = out / ".config.json"
-    if previous.is_file() and previous.read_text() != config_text:  # other settings: start over
+    record = {"training": training_fingerprint(cfg, store, splits), "splits": split_settings(cfg)}
+    if previous.get("training") != record["training"]:  # other inputs or settings: start over
         for fold_dir in out.glob("fold_*"):
             shutil.rmtree(fold_dir)
-    atomic_write_text(previous, config_text)
+    atomic_write_text(previous_file, json.dumps(record, sort_keys=True, default=str))
     save_config(cfg, out)
     empty = [s for s, n in zip(store.slide_ids, store.lengths.tolist(), strict=True) if n == 0]
     if empty:
@@ -352,8 +430,9 @@ def _write_results(cfg, out: Path, predictions: list[dict], classes, targets) ->
     ]
     names = list(per_fold[0]) if per_fold else []
     pooled_values = _scores(cfg, predictions, classes)
+    patients = np.array([r["case_id"] for r in predictions])  # resampled as clusters of slides
     cis = bootstrap_cis(lambda idx: _scores(cfg, [predictions[i] for i in idx], classes),
-                        len(predictions), n=cfg.bootstrap, seed=cfg.seed)  # fmt: skip
+                        len(predictions), n=cfg.bootstrap, seed=cfg.seed, groups=patients)  # fmt: skip
     pooled = {
         name: {"value": pooled_values[name], "ci": list(cis.get(name, (np.nan, np.nan)))}
         for name in names

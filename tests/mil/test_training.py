@@ -174,3 +174,107 @@ def test_bad_inputs_give_clear_errors(planted, tmp_path):
     writer.close()  # s00 now has features of another size
     with pytest.raises(PipelineError, match="feature files of different sizes"):
         train_cv(cfg(planted, **base, labels=planted / "labels.csv"))
+
+
+def _labels(planted, path, drop=(), case_id=True, relabel=()):
+    """A copy of the planted labels: without slides ``drop``, the ``case_id`` column or with
+    the labels of ``relabel`` swapped."""
+    with open(planted / "labels.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["slide_id"] not in drop]
+    for r in rows:
+        if r["slide_id"] in relabel:
+            r["label"] = "normal" if r["label"] == "tumor" else "tumor"
+        if not case_id:
+            del r["case_id"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _read(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_labels_fixed_in_place_retrain_the_folds(planted, tmp_path):
+    labels = _labels(planted, tmp_path / "labels.csv")
+    run = cfg(planted, tmp_path / "run", labels=labels, epochs=1, bootstrap=0)
+    train_cv(run)
+    stamp = (tmp_path / "run" / "fold_0" / "model.ckpt").stat().st_mtime_ns
+    _labels(planted, labels, relabel={"s00"})  # the same path, another label of s00
+    train_cv(run)
+    assert (tmp_path / "run" / "fold_0" / "model.ckpt").stat().st_mtime_ns != stamp
+    (s00,) = (r for r in _read(tmp_path / "run" / "predictions.csv") if r["slide_id"] == "s00")
+    assert s00["label"] == "tumor"  # the corrected label, not the one the folds were trained on
+
+
+def test_splits_are_made_again_when_slides_patients_or_settings_change(planted, tmp_path, caplog):
+    out = tmp_path / "run"
+    labels = _labels(planted, tmp_path / "labels.csv", drop={"s39"}, case_id=False)
+    train_cv(cfg(planted, out, labels=labels, epochs=1, bootstrap=0))
+    assert "no case_id column" in caplog.text
+    _labels(planted, labels)  # s39 and the patients (two slides of some) added
+    caplog.clear()
+    metrics = train_cv(cfg(planted, out, labels=labels, epochs=1, bootstrap=0))
+    assert "made again" in caplog.text and metrics["n_slides"] == 40
+    splits = _read(out / "splits.csv")
+    for k in range(3):  # grouped by the patients now known
+        test = {r["case_id"] for r in splits if r[f"fold_{k}"] == "test"}
+        assert not test & {r["case_id"] for r in splits if r[f"fold_{k}"] != "test"}
+    metrics = train_cv(cfg(planted, out, labels=labels, folds=2, epochs=1, bootstrap=0))
+    assert len(metrics["folds"]) == 2 and "fold_2" not in _read(out / "splits.csv")[0]
+    train_cv(cfg(planted, out, labels=labels, folds=2, seed=1, epochs=1, bootstrap=0))
+    assert _read(out / "splits.csv") != splits
+
+
+def test_given_splits_must_hold_every_labelled_slide(planted, tmp_path):
+    from pipeline.errors import PipelineError
+    from pipeline.mil.splits import make_splits, write_splits
+
+    rows = [r for r in _read(planted / "labels.csv") if r["slide_id"] != "s39"]
+    write_splits(tmp_path / "splits.csv", make_splits(rows, 3))
+    with pytest.raises(PipelineError, match="1 labelled slides are not in them.*s39"):
+        train_cv(cfg(planted, tmp_path / "run", splits=tmp_path / "splits.csv"))
+
+
+def test_reporting_settings_do_not_retrain_finished_folds(planted, tmp_path):
+    train_cv(cfg(planted, tmp_path / "run", epochs=1, bootstrap=0))
+    stamp = (tmp_path / "run" / "fold_0" / "model.ckpt").stat().st_mtime_ns
+    shutil.copy(tmp_path / "run" / "splits.csv", tmp_path / "splits.csv")
+    metrics = train_cv(cfg(planted, tmp_path / "x" / ".." / "run", epochs=1, bootstrap=30,
+                           progress=True, device="cpu", splits=tmp_path / "splits.csv"))  # fmt: skip
+    assert (tmp_path / "run" / "fold_0" / "model.ckpt").stat().st_mtime_ns == stamp
+    assert metrics["pooled"]["auc"]["ci"][0] <= metrics["pooled"]["auc"]["value"]
+
+
+@pytest.mark.parametrize("survival_loss", ["cox", "nll"])
+def test_dsmil_instance_classifier_learns_in_survival_tasks(survival_loss):
+    """Its critical instance is an argmax: only the max-instance loss reaches the classifier."""
+    from pipeline.mil.training import MILModule
+
+    torch.manual_seed(0)
+    n_out = 1 if survival_loss == "cox" else 4
+    module = MILModule("dsmil", D, n_out, {"q_dim": 8}, "survival", 1e-3, 0.0, 1, 0.7,
+                       survival_loss)  # fmt: skip
+    batch = {"x": torch.randn(4, 10, D), "mask": torch.ones(4, 10, dtype=torch.bool),
+             "y": torch.zeros(4), "time": torch.tensor([5.0, 2.0, 9.0, 1.0]),
+             "event": torch.tensor([1.0, 1.0, 0.0, 1.0]), "bin": torch.tensor([1, 0, 3, 0])}  # fmt: skip
+    module.train()
+    module.loss(batch).backward()
+    grad = module.model.instance_classifier.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
+def test_every_setting_is_either_training_or_reporting():
+    """A new option must be sorted: into the fingerprint of finished folds or out of it."""
+    from dataclasses import fields
+
+    from pipeline.mil.training import TRAINING_SETTINGS
+
+    elsewhere = {"features", "labels", "splits", "folds", "val_share"}  # by content or splits
+    reporting = {"out", "ordinal", "bootstrap", "missing", "device", "progress"}
+    assert {f.name for f in fields(TrainMILConfig)} == set(
+        TRAINING_SETTINGS
+    ) | elsewhere | reporting
