@@ -179,7 +179,7 @@ def parse_shard(shard: str | None, env: os._Environ | dict | None = None) -> tup
         how = " x ".join(parts) or "no --shard, SLURM array, torchrun or srun step"
     if not 0 <= index < count:
         raise ConfigError(f"shard {index}/{count} ({how}) is out of range: need 0 <= i < n")
-    log.info("shard %d of %d (0-based) from %s", index, count, how)
+    (log.info if count > 1 else log.debug)("shard %d of %d (0-based) from %s", index, count, how)
     return index, count
 
 

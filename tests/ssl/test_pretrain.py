@@ -4,6 +4,7 @@ import csv
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -34,6 +35,12 @@ def pretrain_cmd(coords, out, *extra):
             "--trainer.progress_bar", "false", *extra]  # fmt: skip
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def metrics(out):
     return [r for r in read_metrics(out) if "loss" in r]
 
@@ -53,18 +60,27 @@ def ddp_run(tmp_path_factory, tiny_prep, tiny_cohort):
            "--trainer.ckpt_every_n_steps", "6", "--trainer.log_every_n_steps", "1",
            "--monitor.probe", str(probe), "--monitor.probe_every_n_steps", "12"]  # fmt: skip
     cmd = pretrain_cmd(tiny_prep / "coords", out, *ddp)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, start_new_session=True, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)  # fmt: skip
     last = out / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 240
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
-    log = proc.communicate()[0].decode()
-    assert last.exists(), log[-3000:]
+    logs = []
+    for _ in range(2):  # a start-up stuck in the gloo rendezvous is retried once on a new port
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(free_port())}  # fmt: skip
+        proc = subprocess.Popen(cmd, start_new_session=True, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)  # fmt: skip
+        deadline = time.time() + 240
+        while not last.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
+        logs.append(proc.communicate()[0].decode())
+        if last.exists() or proc.returncode not in (-signal.SIGKILL, None):
+            break
+        for stale in out.iterdir():  # the next start begins from nothing
+            if stale != probe:
+                shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    assert last.exists(), "\n---\n".join(log[-3000:] for log in logs)
     killed_step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
     assert not (out / "encoder").exists()
+    env["MASTER_PORT"] = str(free_port())
     resumed = subprocess.run(cmd + ["--ckpt_path", "last"], env=env, capture_output=True, text=True,
                              timeout=400)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
