@@ -71,6 +71,7 @@ def main() -> None:
             terms, _, _ = module.ssl_losses(batch, 0.04)
             loss = sum(terms.values())
         loss.backward()
+        module.clip_gradients_per_part()  # as the trainer does: backbone and heads each
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         module.update_teacher(0.996)

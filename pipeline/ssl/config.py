@@ -14,30 +14,51 @@ from typing import Any, Literal
 
 @dataclass
 class ModelConfig:
-    """Backbone and heads.
+    """Backbone and heads; the defaults are DINOv2's (Oquab et al., 2024).
 
     Args:
         arch: any timm ViT (vit_small_patch16_224, vit_base_patch16_224, vit_large_patch16_224,
-            vit_small_patch14_reg4_dinov2, ...).
-        arch_kwargs: extra timm arguments (img_size, depth, embed_dim, reg_tokens, ...).
+            vit_large_patch14_dinov2, vit_giant_patch14_dinov2, ...).
+        arch_kwargs: extra timm arguments (img_size, depth, embed_dim, ...); they win over
+            the fields below.
+        layerscale: LayerScale initial value (Touvron et al., 2021), 1e-5 in DINOv2; None for
+            none (timm's default).
+        reg_tokens: register tokens (Darcet et al., 2024), 4 in the *_reg4 presets.
         drop_path_rate: stochastic depth of the student.
-        prototypes: DINO head output size (65,536 in DINOv2; small for tiny models).
+        drop_path_uniform: the same stochastic-depth rate in every block, as in DINOv2; false
+            gives timm's linear ramp from 0 (about half the regularisation).
+        prototypes: DINO head output size (65,536 in DINOv2; 131,072 for its ViT-L/g).
         head_hidden: hidden width of the head MLP.
-        head_bottleneck: bottleneck width before the prototypes.
+        head_bottleneck: bottleneck width before the prototypes (256; 384 for DINOv2's ViT-L/g).
         head_layers: MLP layers of the head.
+        prototype_scale: trainable: the per-prototype scale of the weight-normalised last
+            layer is trained, as in DINOv2; fixed: held at 1 (DINO v1's norm_last_layer).
         separate_ibot_head: an own head for iBOT instead of sharing the DINO head.
         init_weights: optional state dict (safetensors or torch) to start the backbone from.
     """
 
     arch: str = "vit_small_patch16_224"
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    layerscale: float | None = 1.0e-5
+    reg_tokens: int = 0
     drop_path_rate: float = 0.1
+    drop_path_uniform: bool = True
     prototypes: int = 65536
     head_hidden: int = 2048
     head_bottleneck: int = 256
     head_layers: int = 3
+    prototype_scale: Literal["trainable", "fixed"] = "trainable"
     separate_ibot_head: bool = False
     init_weights: Path | None = None
+
+    def timm_kwargs(self) -> dict[str, Any]:
+        """The timm arguments of the backbone (without stochastic depth)."""
+        kwargs: dict[str, Any] = {}
+        if self.layerscale:
+            kwargs["init_values"] = self.layerscale
+        if self.reg_tokens:
+            kwargs["reg_tokens"] = self.reg_tokens
+        return {**kwargs, **self.arch_kwargs}
 
 
 @dataclass
@@ -99,16 +120,20 @@ class LossConfig:
 
     Args:
         dino_weight: DINO image-level loss.
-        ibot_weight: iBOT masked-patch loss.
-        koleo_weight: KoLeo uniformity term (DINOv2).
-        kde_weight: KDE uniformity term (Midnight); usually instead of KoLeo.
+        ibot_weight: iBOT masked-patch loss (averaged over all global crops, masked or not,
+            as in DINOv2).
+        koleo_weight: KoLeo uniformity term, per global crop (summed over the two), as in
+            DINOv2.
+        kde_weight: KDE uniformity term (Midnight), per global crop like KoLeo; usually
+            instead of it.
         kde_concentration: von Mises-Fisher kernel concentration of the KDE term.
         teacher_targets: sinkhorn (DINOv2) or centering (DINO).
         center_momentum: EMA momentum of the centre (centering only).
         student_temp: student softmax temperature.
         teacher_temp: teacher temperature after warm-up.
         teacher_temp_start: teacher temperature at step 0.
-        teacher_temp_warmup_steps: steps of linear teacher-temperature warm-up.
+        teacher_temp_warmup_steps: steps of linear teacher-temperature warm-up (the final
+            value is reached at step teacher_temp_warmup_steps - 1, as in DINOv2).
         mask_probability: share of the global crops masked for iBOT.
         mask_ratio: range of the share of patches masked in a masked crop.
     """
@@ -135,15 +160,19 @@ class OptimConfig:
     Args:
         base_lr: learning rate for a global batch of 1024; scaled by sqrt(batch / 1024).
         min_lr: final learning rate of the cosine.
-        warmup_steps: linear lr warm-up steps.
+        warmup_steps: linear lr warm-up steps (0 to the peak at step warmup_steps - 1, as
+            DINOv2's linspace).
         weight_decay: weight decay at step 0.
-        weight_decay_end: weight decay at the end (cosine ramp).
+        weight_decay_end: weight decay at the end (cosine ramp; 0.4 in DINOv2's default
+            config, 0.2 in its ViT-L/g configs).
         momentum_teacher: teacher EMA momentum at step 0.
         momentum_teacher_end: teacher EMA momentum at the end (cosine towards 1).
         layer_decay: layer-wise lr decay (1: off).
         patch_embed_lr_mult: lr multiplier of the patch embedding.
-        freeze_last_layer_steps: prototypes frozen for this many steps.
-        clip_grad: gradient-norm clipping (0: off).
+        freeze_last_layer_steps: the prototype layers' lr is 0 for this many steps (their
+            AdamW moments still update), as in DINOv2.
+        clip_grad: gradient-norm clipping of the backbone, the DINO head and the iBOT head,
+            each on its own, as in DINOv2 (0: off).
         betas: AdamW betas.
     """
 
@@ -151,7 +180,7 @@ class OptimConfig:
     min_lr: float = 1.0e-6
     warmup_steps: int = 12500
     weight_decay: float = 0.04
-    weight_decay_end: float = 0.2
+    weight_decay_end: float = 0.4
     momentum_teacher: float = 0.992
     momentum_teacher_end: float = 1.0
     layer_decay: float = 0.9

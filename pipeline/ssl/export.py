@@ -77,13 +77,14 @@ def export_encoder(checkpoint: str | os.PathLike, out: str | os.PathLike,
     ckpt = read_checkpoint(checkpoint)
     try:
         hp, state = ckpt["hyper_parameters"], ckpt["state_dict"]
-        model = ModelConfig(**hp["model"])
+        # checkpoints of before LayerScale became a field had none
+        model = ModelConfig(**{"layerscale": None, **hp["model"]})
     except (KeyError, TypeError) as exc:
         raise PipelineError(f"{checkpoint}: not a `cpath pretrain` checkpoint (no {exc})") from exc
     weights = {k[len(PREFIX) :]: v for k, v in state.items() if k.startswith(PREFIX)}
     if not weights:
         raise PipelineError(f"{checkpoint}: holds no teacher backbone weights")
-    model_args = {"num_classes": 0, "dynamic_img_size": True, **model.arch_kwargs}
+    model_args = {"num_classes": 0, "dynamic_img_size": True, **model.timm_kwargs()}
     data = DataConfig(**dict(hp.get("data") or {}))
     meta = {"step": int(ckpt.get("global_step", 0)), "samples_seen": int(ckpt.get("samples_seen", 0)),
             "source_checkpoint": str(Path(checkpoint).resolve()), **(extra or {})}  # fmt: skip

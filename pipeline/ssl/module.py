@@ -15,6 +15,7 @@ from dataclasses import asdict
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -33,16 +34,26 @@ from pipeline.ssl.losses import (
 from pipeline.ssl.models import DINOHead, MaskedViT, SSLNetwork
 from pipeline.ssl.schedules import Cosine, Linear, scaled_lr
 
-NO_DECAY = (".bias", "norm", "gamma", "ls1", "ls2")
+WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+CHECKPOINT_FORMAT = 2  # 2: weight-normalised prototypes with a trainable scale, DINOv2 groups
 
 
 def build_network(model: ModelConfig, drop_path: bool) -> SSLNetwork:
-    kwargs = dict(model.arch_kwargs)
+    kwargs = model.timm_kwargs()
     if drop_path and model.drop_path_rate > 0:
         kwargs["drop_path_rate"] = model.drop_path_rate
+        kwargs["drop_path_uniform"] = model.drop_path_uniform
     head = {"prototypes": model.prototypes, "hidden": model.head_hidden,
-            "bottleneck": model.head_bottleneck, "layers": model.head_layers}  # fmt: skip
+            "bottleneck": model.head_bottleneck, "layers": model.head_layers,
+            "trainable_scale": model.prototype_scale == "trainable"}  # fmt: skip
     return SSLNetwork(model.arch, kwargs, head, model.separate_ibot_head)
+
+
+def clean_name(name: str) -> str:
+    """A parameter name without the prefixes of FSDP, activation checkpointing or compile."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
 
 
 def layer_id(name: str, depth: int) -> int:
@@ -52,6 +63,21 @@ def layer_id(name: str, depth: int) -> int:
     if ".blocks." in name:
         return int(name.split(".blocks.")[1].split(".")[0]) + 1
     return depth + 1
+
+
+def param_rule(name: str, ndim: int, depth: int, optim: OptimConfig) -> tuple[float, float, bool]:
+    """``(lr multiplier, weight-decay multiplier, is last layer)`` of a student parameter by
+    its name and original number of dimensions, as DINOv2's ``get_params_groups_with_decay``:
+    layer-wise lr decay over the backbone's blocks (the heads and the final norm at 1), the
+    patch embedding's lr times ``patch_embed_lr_mult``, no weight decay on biases, norms and
+    LayerScale (``gamma``) (nor on any other 1-D tensor, which a DINOv2 ViT does not have),
+    and the prototype layers flagged as last layers."""
+    lid = layer_id(name, depth)
+    lr_mult = optim.layer_decay ** (depth + 1 - lid)
+    if "patch_embed" in name:
+        lr_mult *= optim.patch_embed_lr_mult
+    no_decay = name.endswith(".bias") or "norm" in name or "gamma" in name or ndim == 1
+    return lr_mult, 0.0 if no_decay else 1.0, "last_layer" in name
 
 
 def fsdp_units() -> set[type[nn.Module]]:
@@ -110,6 +136,11 @@ class DINOv2Module(L.LightningModule):
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
         freeze_unused(self.student, self.loss_cfg)
+        depth = len(self.student.backbone.vit.blocks)
+        # decided here, on the unwrapped student: under FSDP the parameters that
+        # configure_optimizers sees are flat 1-D shards under wrapped names
+        self.param_rules = {name: param_rule(name, p.ndim, depth, self.optim_cfg)
+                            for name, p in self.student.named_parameters()}  # fmt: skip
         k = self.model_cfg.prototypes
         self.dino_targets = TeacherTargets(
             k, self.loss_cfg.teacher_targets, self.loss_cfg.center_momentum
@@ -132,44 +163,82 @@ class DINOv2Module(L.LightningModule):
         dm = self.trainer.datamodule
         return int(dm.cfg.batch_size * self.trainer.world_size)
 
-    def lr_schedule(self) -> Cosine:
+    def lr_schedule(self, global_batch: int) -> Cosine:
         o = self.optim_cfg
-        peak = scaled_lr(o.base_lr, self.global_batch)
+        peak = scaled_lr(o.base_lr, global_batch)
         return Cosine(peak, o.min_lr, self.max_steps, warmup=o.warmup_steps)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        depth = len(self.student.backbone.vit.blocks)
-        o = self.optim_cfg
+        """AdamW over groups of equal (lr multiplier, weight-decay multiplier, last layer), as
+        :func:`param_rule` decides them; the same groups under DDP and FSDP."""
         groups: dict[tuple, dict] = {}
         for name, p in self.student.named_parameters():
             if not p.requires_grad:
                 continue
-            lid = layer_id("student." + name, depth)
-            lr_mult = o.layer_decay ** (depth + 1 - lid)
-            if "patch_embed" in name:
-                lr_mult *= o.patch_embed_lr_mult
-            wd_mult = 0.0 if (p.ndim == 1 or any(k in name for k in NO_DECAY)) else 1.0
-            last = name.endswith("last_layer.weight")
-            key = (lr_mult, wd_mult, last)
+            key = self.param_rules.get(clean_name(name))
+            if key is None:
+                raise PipelineError(f"no optimizer rule for the student parameter '{name}'")
+            lr_mult, wd_mult, last = key
             group = groups.setdefault(key, {"params": [], "lr_mult": lr_mult, "wd_mult": wd_mult,
-                                             "last_layer": last})  # fmt: skip
+                                            "last_layer": last})  # fmt: skip
             group["params"].append(p)
-        return torch.optim.AdamW(list(groups.values()), lr=0.0, betas=tuple(o.betas))
+        return torch.optim.AdamW(list(groups.values()), lr=0.0, betas=tuple(self.optim_cfg.betas))
 
-    def _set_schedules(self, step: int) -> dict[str, float]:
-        lr, wd = self.lr_schedule()(step), self.wd(step)
-        for group in self.optimizers().optimizer.param_groups:
-            group["lr"] = lr * group["lr_mult"]
+    def apply_schedules(self, optimizer: torch.optim.Optimizer, step: int,
+                        global_batch: int) -> dict[str, float]:  # fmt: skip
+        """Set each group's lr and weight decay for ``step``; the prototype layers' lr is 0
+        for the first ``freeze_last_layer_steps`` steps (DINOv2's ``last_layer_lr``)."""
+        lr, wd = self.lr_schedule(global_batch)(step), self.wd(step)
+        frozen = step < self.optim_cfg.freeze_last_layer_steps
+        for group in optimizer.param_groups:
+            group_lr = 0.0 if (frozen and group["last_layer"]) else lr
+            group["lr"] = group_lr * group["lr_mult"]
             group["weight_decay"] = wd * group["wd_mult"]
         return {"lr": lr, "wd": wd, "momentum": self.momentum(step),
                 "teacher_temp": self.teacher_temp(step)}  # fmt: skip
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.global_step < self.optim_cfg.freeze_last_layer_steps:
-            for group in optimizer.param_groups:
-                if group["last_layer"]:
-                    for p in group["params"]:
-                        p.grad = None
+    def clip_parts(self) -> dict[str, list[torch.Tensor]]:
+        """The trainable parameters of each part that DINOv2 clips on its own."""
+        parts = {"backbone": self.student.backbone, "dino_head": self.student.dino_head}
+        if self.student.ibot_head is not None:
+            parts["ibot_head"] = self.student.ibot_head
+        return {k: [p for p in m.parameters() if p.requires_grad] for k, m in parts.items()}
+
+    def clip_gradients_per_part(self) -> dict[str, torch.Tensor]:
+        """Clip the gradient norm of the backbone, the DINO head and the iBOT head each to
+        ``clip_grad``, as DINOv2 does; returns each part's norm before clipping.
+
+        Under FSDP each rank holds a slice of every gradient: the squared norms of the slices
+        are summed over the ranks, so each part is clipped by its full norm.
+        """
+        sharded = self.is_sharded()
+        norms = {}
+        for name, params in self.clip_parts().items():
+            grads = [p.grad for p in params if p.grad is not None]
+            device = grads[0].device if grads else self.device
+            norm = (torch.nn.utils.get_total_norm(grads) if grads
+                    else torch.zeros((), device=device)).float()  # fmt: skip
+            if sharded:
+                squared = norm.square()
+                dist.all_reduce(squared)
+                norm = squared.sqrt()
+            torch.nn.utils.clip_grads_with_norm_(params, self.optim_cfg.clip_grad, norm)
+            norms[name] = norm
+        return norms
+
+    def is_sharded(self) -> bool:
+        """Whether the student is wrapped by FSDP (its gradients are sharded over ranks)."""
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return any(isinstance(m, FullyShardedDataParallel) for m in self.student.modules())
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
+                                    gradient_clip_algorithm=None) -> None:  # fmt: skip
+        """Lightning's clipping hook (after AMP unscaling): :meth:`clip_gradients_per_part`."""
+        if self.optim_cfg.clip_grad and self.optim_cfg.clip_grad > 0:
+            norms = self.clip_gradients_per_part()
+            if self._trainer is not None:
+                self.log_dict({f"grad_norm/{k}": v for k, v in norms.items()}, on_step=True)
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         """The optimizer step, then the teacher's EMA update (before any checkpoint callback
@@ -214,10 +283,10 @@ class DINOv2Module(L.LightningModule):
             s_patch_logits = student.patch_head()(s_patch[masks])  # M x K
             terms["ibot"] = s.ibot_weight * ibot_loss(s_patch_logits, t_patch_targets, masks,
                                                       s.student_temp)  # fmt: skip
-        if s.koleo_weight > 0:
-            terms["koleo"] = s.koleo_weight * sum(koleo_loss(c) for c in s_cls.chunk(2)) / 2
-        if s.kde_weight > 0:
-            kde = sum(kde_loss(c, s.kde_concentration) for c in s_cls.chunk(2)) / 2
+        if s.koleo_weight > 0:  # per global crop, summed (DINOv2)
+            terms["koleo"] = s.koleo_weight * sum(koleo_loss(c) for c in s_cls.chunk(2))
+        if s.kde_weight > 0:  # weighted like KoLeo
+            kde = sum(kde_loss(c, s.kde_concentration) for c in s_cls.chunk(2))
             terms["kde"] = s.kde_weight * kde
         return terms, t_targets, t_cls
 
@@ -243,7 +312,8 @@ class DINOv2Module(L.LightningModule):
         torch._foreach_add_(teacher, student, alpha=1 - momentum)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        sched = self._set_schedules(self.global_step)
+        optimizer = self.optimizers().optimizer
+        sched = self.apply_schedules(optimizer, self.global_step, self.global_batch)
         self._momentum = sched["momentum"]
         terms, t_targets, t_cls = self.ssl_losses(batch, sched["teacher_temp"])
         total = sum(terms.values())
@@ -263,8 +333,15 @@ class DINOv2Module(L.LightningModule):
     # -- checkpoint state beyond parameters ---------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["samples_seen"] = self.samples_seen
+        checkpoint["ssl_format"] = CHECKPOINT_FORMAT
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if int(checkpoint.get("ssl_format", 1)) < CHECKPOINT_FORMAT:
+            raise PipelineError(
+                "this checkpoint was written by an earlier `cpath pretrain` (fixed-norm "
+                "prototypes, other optimizer groups) and cannot be resumed; `cpath pretrain "
+                "export CKPT` still exports its encoder"
+            )
         self.samples_seen = int(checkpoint.get("samples_seen", 0))
 
     @classmethod

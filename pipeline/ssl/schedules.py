@@ -1,4 +1,9 @@
-"""Step-indexed schedules of the DINOv2 recipe: lr, weight decay, teacher momentum, temperature."""
+"""Step-indexed schedules of the DINOv2 recipe: lr, weight decay, teacher momentum, temperature.
+
+They follow DINOv2's ``CosineScheduler``: a warm-up of ``W`` steps is ``np.linspace(start,
+peak, W)`` (the peak is reached at step ``W - 1``), then a cosine from the peak down to its
+final value, which holds from step ``total`` on.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,27 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class Linear:
+    """``np.linspace(start, end, steps)[step]``, and ``end`` from step ``steps`` on (a warm-up
+    of one step is ``start`` at step 0, as ``linspace`` of one value)."""
+
+    start: float
+    end: float
+    steps: int
+
+    def __call__(self, step: int) -> float:
+        if self.steps <= 0 or step >= self.steps:
+            return self.end
+        if self.steps == 1:
+            return self.start
+        return self.start + (self.end - self.start) * step / (self.steps - 1)
+
+
+@dataclass(frozen=True)
 class Cosine:
-    """Linear warm-up from ``warmup_value`` to ``start`` over ``warmup`` steps, then a cosine
-    from ``start`` to ``end`` at step ``total`` (constant afterwards)."""
+    """Linear warm-up from ``warmup_value`` to ``start`` over ``warmup`` steps (:class:`Linear`),
+    then a cosine from ``start`` at step ``warmup`` to ``end`` at step ``total`` (constant
+    afterwards)."""
 
     start: float
     end: float
@@ -19,24 +42,10 @@ class Cosine:
 
     def __call__(self, step: int) -> float:
         if step < self.warmup:
-            return self.warmup_value + (self.start - self.warmup_value) * step / self.warmup
+            return Linear(self.warmup_value, self.start, self.warmup)(step)
         span = max(1, self.total - self.warmup)
         t = min(1.0, (step - self.warmup) / span)
         return self.end + 0.5 * (self.start - self.end) * (1 + math.cos(math.pi * t))
-
-
-@dataclass(frozen=True)
-class Linear:
-    """Linear from ``start`` to ``end`` over ``steps`` steps, then ``end``."""
-
-    start: float
-    end: float
-    steps: int
-
-    def __call__(self, step: int) -> float:
-        if self.steps <= 0 or step >= self.steps:
-            return self.end
-        return self.start + (self.end - self.start) * step / self.steps
 
 
 def scaled_lr(base_lr: float, global_batch: int, reference: int = 1024) -> float:

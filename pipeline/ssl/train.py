@@ -97,7 +97,6 @@ def train(cfg: PretrainConfig) -> Path:
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=make_strategy(t.strategy),
         precision=t.precision, max_steps=t.max_steps, max_epochs=-1, logger=logger,
         callbacks=callbacks, log_every_n_steps=t.log_every_n_steps,
-        gradient_clip_val=cfg.optim.clip_grad or None, gradient_clip_algorithm="norm",
         use_distributed_sampler=False, enable_progress_bar=t.progress_bar,
         enable_model_summary=False, plugins=[AtomicCheckpointIO()], default_root_dir=out,
         num_sanity_val_steps=0,

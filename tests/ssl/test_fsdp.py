@@ -35,7 +35,23 @@ def test_fsdp_teacher_ema_matches_on_gathered_parameters(tmp_path):
         units = rank["units"]
         assert "error" not in units, units.get("trace")
         assert units["trained"] == units["params"]  # a real update of every tensor
-        assert units["max_error"] < 1e-6  # teacher == m * teacher + (1 - m) * student
+        assert units["max_error"] < 1e-6  # teacher == m * teacher + (1 - m) * student (relative)
     # the layout before the fix: the root unit flattens student and teacher together, so a
     # rank's slices of the two differ; the shape check stops the EMA and names the mismatch
     assert any("do not pair up" in rank["blocks"].get("error", "") for rank in ranks)
+
+
+def test_fsdp_optimizer_groups_decay_and_steps_equal_ddp(tmp_path):
+    """Under FSDP every parameter is a flat 1-D shard when the optimizer is built: groups
+    decided by ``p.ndim`` put all of them in the no-decay group. They must equal the
+    unwrapped (DDP) module's groups, decay by ``lr * wd`` per step, and train as DDP does,
+    per-part gradient clipping included (its norms summed over the shards)."""
+    ranks = run_fsdp(tmp_path / "optimizer")
+    for rank in ranks:
+        result = rank["optimizer"]
+        assert "error" not in result, result.get("trace")
+        assert result["groups_equal"] and result["decayed_groups"] >= 2
+        assert result["decay_error"] < 1e-6 and result["shrunk"] > 10
+        assert result["trained"] == result["params"]
+        assert result["clipped"] and result["norm_error"] < 1e-5  # full norms, not a shard's
+        assert result["fsdp_vs_ddp"] < 1e-4  # after 3 AdamW steps at lr 0.1
