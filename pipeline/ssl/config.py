@@ -1,4 +1,6 @@
-"""Configuration of ``cpath pretrain``: one dataclass per group, defaults of the DINOv2 recipe.
+"""Configuration of ``cpath pretrain``: one dataclass per group, defaults of the DINOv2 recipe
+(its ``ssl_default_config.yaml``, with Sinkhorn-Knopp teacher targets as in all of its
+published training configs, and a ViT-S/16 with drop path 0.1).
 
 Every value can be set in YAML (``configs/pretrain/*.yaml``) or on the command line as
 ``--group.key value`` (``--data.coords runs/prep/coords --trainer.devices 8``).
@@ -127,7 +129,8 @@ class LossConfig:
         kde_weight: KDE uniformity term (Midnight), per global crop like KoLeo; usually
             instead of it.
         kde_concentration: von Mises-Fisher kernel concentration of the KDE term.
-        teacher_targets: sinkhorn (DINOv2) or centering (DINO).
+        teacher_targets: sinkhorn (DINOv2's ViT-L/g configs) or centering (DINO; the
+            default of DINOv2's base config).
         center_momentum: EMA momentum of the centre (centering only).
         student_temp: student softmax temperature.
         teacher_temp: teacher temperature after warm-up.
