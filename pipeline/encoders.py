@@ -5,7 +5,8 @@ embeddings, in eval mode) plus what a caller needs to feed it: input size and th
 normalisation mean/std, the embedding size, and the SHA-256 of the weights. ``spec`` is
 
 - a folder written by ``cpath pretrain`` (``model.safetensors`` + ``config.json``),
-- ``timm:<architecture>`` (random init, or local weights with ``weights=FILE``),
+- ``timm:<architecture>`` (local weights with ``weights=FILE``; without them random init,
+  logged as a warning and marked ``weights: random`` wherever its features go),
 - ``hf-hub:<org>/<name>`` through timm's own hub loader (needs network access),
 - ``random:<exported folder>``: the same architecture and input at random init (seed 0),
   the baseline a pretrained encoder is compared with.
@@ -16,6 +17,7 @@ A new source is one function registered with :func:`register_encoder_source`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +31,7 @@ from torch import nn
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.io import sha256_file
 
+log = logging.getLogger(__name__)
 ENCODER_SOURCES: dict[str, Callable[..., Encoder]] = {}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -46,6 +49,12 @@ class Encoder:
     weights_sha256: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
     channels_last: bool = False
+    random_init: bool = False  # no trained weights: a baseline, never a feature extractor
+
+    @property
+    def weights(self) -> str:
+        """``random`` (random init) or ``pretrained``, as feature files and leaderboards say."""
+        return "random" if self.random_init else "pretrained"
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """``B x 3 x H x W`` uint8 -> float at the encoder's input size, normalised with its
@@ -125,7 +134,9 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
         ) from exc
 
 
-def _timm_encoder(name: str, model: nn.Module, weights: str | None = None, **config) -> Encoder:
+def _timm_encoder(
+    name: str, model: nn.Module, weights: str | None = None, random_init: bool = False, **config
+) -> Encoder:
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     size = config.pop("input_size", None) or (cfg.get("input_size") or (3, 224, 224))[-1]
     return Encoder(
@@ -133,6 +144,7 @@ def _timm_encoder(name: str, model: nn.Module, weights: str | None = None, **con
         mean=tuple(config.pop("mean", None) or cfg.get("mean") or IMAGENET_MEAN),
         std=tuple(config.pop("std", None) or cfg.get("std") or IMAGENET_STD),
         weights_sha256=sha256_file(weights) if weights else None, config=config,
+        random_init=random_init,
     )  # fmt: skip
 
 
@@ -143,7 +155,9 @@ def _from_timm(name: str, weights: str | os.PathLike | None = None, **kwargs) ->
     model = create_vit_or_any(name, **kwargs)
     if weights:
         load_weights(model, weights)
-    return _timm_encoder(f"timm:{name}", model, str(weights) if weights else None)
+    return _timm_encoder(
+        f"timm:{name}", model, str(weights) if weights else None, random_init=not weights
+    )
 
 
 @register_encoder_source("hf-hub")
@@ -193,7 +207,7 @@ def load_exported(
         load_weights(model, weights)
     return _timm_encoder(
         f"random:{folder}" if random_init else str(folder), model,
-        str(weights) if weights else None, input_size=config.get("input_size"),
+        str(weights) if weights else None, random_init, input_size=config.get("input_size"),
         mean=config.get("mean"), std=config.get("std"), **{"export": config},
     )  # fmt: skip
 
@@ -217,6 +231,12 @@ def load_encoder(spec: str | os.PathLike, weights: str | os.PathLike | None = No
         raise ConfigError(
             f"unknown encoder '{text}': expected an exported folder (with config.json) or "
             f"one of {known}"
+        )
+    if encoder.random_init:
+        log.warning(
+            "encoder %s has random-init weights: its features are a baseline for comparison, "
+            "not a pretrained encoder's (pass --encoder_weights FILE, or an exported folder)",
+            encoder.name,
         )
     encoder.model.to(device).requires_grad_(False)
     if torch.device(device).type == "cuda":

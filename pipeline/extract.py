@@ -35,7 +35,10 @@ class ExtractConfig:
 
     Args:
         coords: coords folder of `cpath preprocess` (or one .h5, or a text list of them).
-        encoder: an exported folder (`cpath pretrain`), timm:<arch>, or hf-hub:<org>/<name>.
+        encoder: required: an exported folder (`cpath pretrain`), timm:<arch> with
+            --encoder_weights, or hf-hub:<org>/<name>. timm:<arch> without weights and
+            random:<folder> are random-init baselines: logged as a warning and marked
+            `weights: random` in every feature file.
         encoder_weights: local weights for a timm:<arch> encoder or, of the same
             architecture, for an exported folder (safetensors or torch file).
         slides: where the slides are (a folder, glob or CSV, as for preprocess), matched to
@@ -45,7 +48,9 @@ class ExtractConfig:
         batch_size: tiles per forward pass.
         workers: DataLoader worker processes reading tiles.
         precision: autocast dtype of the forward pass (bf16, fp16) or fp32.
-        dtype: stored feature dtype.
+        dtype: stored feature dtype. float16 halves the files; a slide whose features do not
+            fit float16 (|x| > 65504) fails with a message. auto: float16, or float32 for a
+            slide whose features do not fit. Non-finite features (NaN, inf) always fail.
         pooling: cls (the model's pooled output), mean (of patch tokens) or cls+mean.
         stain_norm: stain normalizer JSON (`cpath stain fit`) applied on the device first.
         shard: "i/n" to process every n-th slide from i (default: from torchrun or SLURM).
@@ -56,14 +61,14 @@ class ExtractConfig:
     """
 
     coords: Path | None = None
-    encoder: str = "timm:vit_small_patch16_224"
+    encoder: str | None = None
     encoder_weights: Path | None = None
     slides: str | None = None
     out: Path = Path("features")
     batch_size: int = 256
     workers: int = 4
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
-    dtype: Literal["float16", "float32"] = "float16"
+    dtype: Literal["float16", "float32", "auto"] = "float16"
     pooling: Literal["cls", "mean", "cls+mean"] = "cls"
     stain_norm: Path | None = None
     shard: str | None = None

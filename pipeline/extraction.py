@@ -19,7 +19,7 @@ from pipeline.extract import MANIFEST_FIELDS, ExtractConfig, resolve_device, sta
 from pipeline.features import FeatureWriter, is_complete
 from pipeline.io import remove_temporaries, sha256_file, shard_suffix, write_manifest
 from pipeline.stain.base import load_normalizer
-from pipeline.wsi.coords import Coords, list_coords_files, read_coords
+from pipeline.wsi.coords import Coords, list_coords_files, read_coords, reader_attrs
 from pipeline.wsi.reader import Slide
 from pipeline.wsi.slides import list_slides, parse_shard
 
@@ -121,7 +121,8 @@ def plan(
         target = out / f"{slide_id}.h5"
         attrs = {
             "slide_id": slide_id, "slide_path": str(slide_path),
-            "encoder": encoder.name, "encoder_sha256": weights_sha, "pooling": cfg.pooling,
+            "encoder": encoder.name, "encoder_sha256": weights_sha, "weights": encoder.weights,
+            "pooling": cfg.pooling,
             "precision": cfg.precision, "dtype": cfg.dtype, "transform": transform,
             "target_mpp": table.target_mpp if table.target_mpp is not None else -1.0,
             "patch_size": table.patch_size, "patch_size_level0": table.patch_size_level0,
@@ -143,6 +144,12 @@ def extract(cfg: ExtractConfig) -> list[dict]:
         raise ConfigError(
             "extract needs --coords OUT/coords (the coords folder of `cpath preprocess`)"
         )
+    if not cfg.encoder:
+        raise ConfigError(
+            "extract needs --encoder: an exported folder (`cpath pretrain`), timm:<arch> with "
+            "--encoder_weights FILE, or hf-hub:<org>/<name>. For a random-init baseline say so: "
+            "timm:<arch> without weights, or random:<exported folder>."
+        )
     if cfg.batch_size < 1:
         raise ConfigError("--batch_size must be at least 1")
     device = resolve_device(cfg.device)
@@ -160,7 +167,8 @@ def extract(cfg: ExtractConfig) -> list[dict]:
              len(rows), index, count, encoder.name, device, out)  # fmt: skip
 
     for job in [j for j in jobs if len(j.table) == 0]:  # empty slides: valid files with N = 0
-        FeatureWriter(job.out, 0, dim, job.table.coords, job.attrs, cfg.dtype).close()
+        FeatureWriter(job.out, 0, dim, job.table.coords, job.attrs, cfg.dtype,
+                      coords_attrs=feature_coords_attrs(job.table)).close()  # fmt: skip
         rows.append(_row(job, "done", 0.0))
     jobs = [j for j in jobs if len(j.table)]
     dataset = SlideBatches(jobs, cfg.batch_size)
@@ -199,10 +207,17 @@ def extract(cfg: ExtractConfig) -> list[dict]:
             if j not in writers:
                 started[j] = clock
                 writers[j] = FeatureWriter(job.out, len(job.table), dim, job.table.coords, job.attrs,
-                                           cfg.dtype)  # fmt: skip
+                                           cfg.dtype, coords_attrs=feature_coords_attrs(job.table))  # fmt: skip
             writer = writers[j]
-            writer.write(feats.cpu().numpy(), item["start"])
             bar.update(len(feats))
+            try:  # non-finite features, or features float16 cannot hold: this slide fails
+                writer.write(feats.cpu().numpy(), item["start"])
+            except PipelineError as exc:
+                failed[j] = str(exc)
+                writers.pop(j).abort()
+                log.warning("%s failed: %s", job.slide_id, exc)
+                rows.append(_row(job, "failed", 0.0, str(exc)))
+                continue
             if writer.written == writer.n_tiles:
                 writers.pop(j).close()
                 clock = time.perf_counter()
@@ -214,6 +229,12 @@ def extract(cfg: ExtractConfig) -> list[dict]:
         bar.close()
     write_manifest(out / f"manifest{shard_suffix(index, count)}.csv", rows, MANIFEST_FIELDS)
     return rows
+
+
+def feature_coords_attrs(table: Coords) -> dict:
+    """Attributes of a feature file's ``coords`` dataset: the coords file's, with the names
+    CLAM and TRIDENT read (slide encoders that read TRIDENT's feature files find them)."""
+    return {**{k: v for k, v in table.attrs.items() if v is not None}, **reader_attrs(table.attrs)}
 
 
 def _row(job: Job, status: str, seconds: float, error: str = "") -> dict:

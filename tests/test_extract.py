@@ -251,3 +251,105 @@ def test_other_weights_for_an_exported_encoder(tiny_prep, encoder_dir, tmp_path)
     assert attrs_b["encoder_sha256"] != attrs_a["encoder_sha256"]
     with pytest.raises(Exception, match="takes no weights"):
         load_encoder(f"random:{encoder_dir}", weights=weights)
+
+
+def test_feature_files_carry_the_coords_attributes_clam_and_trident_read(extracted, tiny_prep):
+    """Slide encoders that read TRIDENT's feature files take ``f["coords"].attrs``."""
+    for coords_file in sorted((tiny_prep / "coords").glob("*.h5"))[:2]:
+        with h5py.File(coords_file) as f:
+            want = dict(f["coords"].attrs)
+        with h5py.File(extracted["out"] / coords_file.name) as f:
+            got = dict(f["coords"].attrs)
+            assert f.attrs["weights"] == "pretrained"
+        for key in ("patch_size", "patch_size_level0", "level0_magnification",
+                    "target_magnification", "patch_level"):  # fmt: skip
+            assert got[key] == want[key], key
+        assert got["target_magnification"] == pytest.approx(20.0)
+
+
+def test_encoder_is_required_and_random_init_is_said(
+    tiny_prep, encoder_dir, tmp_path, capsys, caplog
+):
+    """No silent random encoder: --encoder is required; a random-init one warns in the log
+    and every feature file says ``weights: random``."""
+    code = main(["extract", "--coords", str(tiny_prep / "coords"), "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 1 and "extract needs --encoder" in err and "Traceback" not in err
+    assert not list(tmp_path.glob("*.h5"))
+
+    coords = sorted((tiny_prep / "coords").glob("*.h5"))[0]
+    with caplog.at_level("WARNING"):
+        extract(config(coords, tmp_path, f"random:{encoder_dir}"))
+    assert "random-init weights" in caplog.text
+    _, _, attrs = read_features(tmp_path / coords.name)
+    assert attrs["weights"] == "random" and attrs["encoder"] == f"random:{encoder_dir}"
+    with caplog.at_level("WARNING"):
+        caplog.clear()
+        assert load_encoder("timm:vit_tiny_patch16_224").weights == "random"
+        assert "random-init weights" in caplog.text
+        caplog.clear()
+        assert load_encoder(encoder_dir).weights == "pretrained" and not caplog.text
+
+
+@pytest.fixture(scope="module")
+def loud_encoder_dir(tmp_path_factory):
+    """The tiny encoder with its final norm scaled by 1e6: features far beyond float16."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", **TINY)
+    state = model.state_dict()
+    state["norm.weight"] = state["norm.weight"] * 1e6
+    state["norm.bias"] = state["norm.bias"] * 1e6
+    return save_encoder(state, "vit_tiny_patch16_224", TINY,
+                        tmp_path_factory.mktemp("loud") / "encoder", input_size=64)  # fmt: skip
+
+
+def test_features_beyond_float16_fail_the_slide_or_go_float32(
+    tiny_prep, loud_encoder_dir, tmp_path
+):
+    coords = sorted((tiny_prep / "coords").glob("*.h5"))[:2]
+    listing = tmp_path / "two.txt"
+    listing.write_text("\n".join(map(str, coords)))
+    rows = extract(config(listing, tmp_path / "f16", loud_encoder_dir, dtype="float16"))
+    assert [r["status"] for r in rows] == ["failed", "failed"]
+    assert (
+        "exceed float16's range" in rows[0]["error"]
+        and "--dtype float32 or auto" in rows[0]["error"]
+    )
+    assert not list((tmp_path / "f16").glob("*.h5"))  # never written as inf
+
+    rows = extract(config(listing, tmp_path / "auto", loud_encoder_dir, dtype="auto"))
+    assert [r["status"] for r in rows] == ["done", "done"]
+    reference = extract(config(listing, tmp_path / "f32", loud_encoder_dir, dtype="float32"))
+    assert [r["status"] for r in reference] == ["done", "done"]
+    for c in coords:
+        auto, _, attrs = read_features(tmp_path / "auto" / c.name)
+        exact, _, _ = read_features(tmp_path / "f32" / c.name)
+        assert auto.dtype == np.float32 and np.abs(auto).max() > 65504
+        np.testing.assert_array_equal(auto, exact)
+        assert attrs["dtype"] == "auto"
+    rerun = extract(config(listing, tmp_path / "auto", loud_encoder_dir, dtype="auto"))
+    assert [r["status"] for r in rerun] == ["skipped", "skipped"]
+
+
+def test_feature_writer_refuses_non_finite_rows_and_widens_mid_slide(tmp_path):
+    from pipeline.errors import PipelineError
+    from pipeline.features import FeatureWriter
+
+    coords = np.zeros((6, 2), np.int64)
+    rows = np.arange(18, dtype=np.float32).reshape(6, 3)
+    writer = FeatureWriter(tmp_path / "nan.h5", 6, 3, coords, {}, "float32")
+    bad = rows[:3].copy()
+    bad[1, 2] = np.nan
+    with pytest.raises(PipelineError, match="NaN or inf features for 1 tiles \\(rows 1\\)"):
+        writer.write(bad, 0)
+    writer.abort()
+    # auto: float16 rows written first, then a row beyond float16 moves everything to float32
+    writer = FeatureWriter(tmp_path / "auto.h5", 6, 3, coords, {}, "auto", chunk_rows=2)
+    writer.write(rows[:4] + 0.1, 0)
+    big = rows[4:] * 1e5
+    writer.write(big, 4)
+    writer.close()
+    feats, _, _ = read_features(tmp_path / "auto.h5")
+    assert feats.dtype == np.float32
+    np.testing.assert_array_equal(feats[:4], (rows[:4] + 0.1).astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(feats[4:], big)

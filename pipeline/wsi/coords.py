@@ -6,14 +6,26 @@ Schema (``schema_version`` 1)::
     tissue_fraction  float32 N       tissue share of each tile (0-1)
     attrs: schema_version, target_mpp, level0_mpp, mpp_source, patch_size (px at
            target_mpp), patch_size_level0, patch_level (pyramid level to read from),
-           overlap, min_tissue, tissue_method, tissue_params (JSON), slide_path,
-           slide_id, level0_width, level0_height, package_version
+           patch_level_downsample, overlap, min_tissue, tissue_method, tissue_params (JSON),
+           slide_path, slide_id, level0_width, level0_height, package_version
 
-``patch_size`` + ``patch_level`` follow the CLAM convention when the target mpp is that
-of a pyramid level (e.g. 0.5-mpp tiles of a 20x slide); ``patch_size_level0`` is always
-exact. :func:`read_coords` also reads the coords files that CLAM (``patch_level``,
-``patch_size`` at that level, ``downsample``) and TRIDENT (``patch_size_level0``,
-``target_magnification``) write.
+Every attribute is on the file root and on the ``coords`` dataset, where CLAM and TRIDENT
+look for theirs (:func:`reader_attrs`):
+
+- TRIDENT (``f["coords"].attrs``): ``patch_size`` (px at the target resolution),
+  ``patch_size_level0``, ``level0_magnification`` and ``target_magnification``. The two
+  magnifications are ``10 / mpp`` (TRIDENT converts them back to um/px as ``10 / mag``), so
+  a TRIDENT reader recovers the exact resolutions, not the scanner's rounded objective.
+- CLAM (``Whole_Slide_Bag_FP``): ``patch_level``, ``patch_size``, ``downsample``,
+  ``level_dim``, ``downsampled_level_dim``. CLAM reads ``patch_size`` px at ``patch_level``:
+  the same field of view as ours exactly when the target mpp is that of a pyramid level
+  (``clam_exact`` is then true), e.g. 0.5-mpp tiles of a 20x slide (level 0) or 1-mpp tiles
+  of a 40x slide with a 4x level. Otherwise CLAM's reader would read a smaller field of
+  view; TRIDENT's and ours read ``patch_size_level0`` level-0 px and resize.
+
+:func:`read_coords` also reads the coords files that CLAM (``patch_level``, ``patch_size``
+at that level, ``downsample``) and TRIDENT (``patch_size_level0``, ``target_magnification``)
+write.
 """
 
 from __future__ import annotations
@@ -52,17 +64,52 @@ class Coords:
         return self.attrs.get("slide_path")
 
 
-def write_coords(path: str | os.PathLike, coords: np.ndarray, tissue_fraction: np.ndarray,
-                 attrs: dict) -> Path:  # fmt: skip
+def reader_attrs(attrs: dict) -> dict:
+    """The attributes CLAM's and TRIDENT's readers take from the ``coords`` dataset, derived
+    from ours (see the module docstring for what each means and when CLAM's is exact)."""
+    out: dict = {}
+    if attrs.get("slide_id"):
+        out["name"] = str(attrs["slide_id"])
+    for key in ("patch_size", "patch_size_level0", "patch_level", "overlap"):
+        if attrs.get(key) is not None:
+            out[key] = int(attrs[key])
+    level0_mpp, target_mpp = attrs.get("level0_mpp"), attrs.get("target_mpp")
+    if level0_mpp and target_mpp and level0_mpp > 0 and target_mpp > 0:
+        out["level0_magnification"] = 10.0 / float(level0_mpp)
+        out["target_magnification"] = 10.0 / float(target_mpp)
+    width, height = attrs.get("level0_width"), attrs.get("level0_height")
+    if width and height:
+        out["level0_width"], out["level0_height"] = int(width), int(height)
+        out["level_dim"] = np.array([width, height], np.int64)
+    ds = attrs.get("patch_level_downsample")
+    if ds:
+        out["downsample"] = np.array([ds, ds], np.float64)
+        if width and height:
+            out["downsampled_level_dim"] = np.array(
+                [round(width / ds), round(height / ds)], np.int64
+            )
+        if level0_mpp and target_mpp and attrs.get("patch_size") is not None:
+            # CLAM reads patch_size px at patch_level: exact when that level is the target's
+            out["clam_exact"] = bool(abs(float(ds) * level0_mpp / target_mpp - 1) <= 0.01)
+    return out
+
+
+def _write_attrs(node: h5py.HLObject, attrs: dict) -> None:
+    for key, value in attrs.items():
+        node.attrs[key] = json.dumps(value) if isinstance(value, dict) else value
+
+
+def write_coords(
+    path: str | os.PathLike, coords: np.ndarray, tissue_fraction: np.ndarray, attrs: dict
+) -> Path:
     """Write a coords file atomically (temporary name, then rename)."""
     path = Path(path)
+    attrs = {"schema_version": SCHEMA_VERSION, "package_version": pipeline.__version__, **attrs}
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        f.create_dataset("coords", data=np.asarray(coords, np.int64).reshape(-1, 2))
+        data = f.create_dataset("coords", data=np.asarray(coords, np.int64).reshape(-1, 2))
         f.create_dataset("tissue_fraction", data=np.asarray(tissue_fraction, np.float32))
-        f.attrs["schema_version"] = SCHEMA_VERSION
-        f.attrs["package_version"] = pipeline.__version__
-        for key, value in attrs.items():
-            f.attrs[key] = json.dumps(value) if isinstance(value, dict) else value
+        _write_attrs(f, attrs)
+        _write_attrs(data, {**attrs, **reader_attrs(attrs)})
     return path
 
 

@@ -225,6 +225,7 @@ def process_slide(entry: SlideEntry, cfg: PreprocessConfig) -> dict:
                 "mpp_source": slide.mpp_source,
                 "patch_size_level0": grid.patch_size_level0,
                 "patch_level": patch_level,
+                "patch_level_downsample": float(slide.level_downsamples[patch_level]),
                 "level0_width": slide.dimensions[0],
                 "level0_height": slide.dimensions[1],
                 "n_tiles": len(grid.coords),
