@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from pipeline.features import FeatureWriter
-from pipeline.mil.bags import BagStore
+from pipeline.mil.bags import BaseBagStore, open_bag_store
 from pipeline.mil.base import make_mil
 from pipeline.mil.train import TrainMILConfig
 from pipeline.mil.training import MILModule, Targets, bag_loader, mil_trainer, predict_bags
@@ -117,7 +117,7 @@ class EpochTimer(L.Callback):
         self.times.append(time.perf_counter() - self.start)
 
 
-def ours(store: BagStore, rows: list[dict], model: str, epochs: int, precision: str,
+def ours(store: BaseBagStore, rows: list[dict], model: str, epochs: int, precision: str,
          max_instances: int | None, batch_size: int = 1, seed: int = 0) -> tuple[list, float]:  # fmt: skip
     """The train-mil module and loaders, one fold with the benchmark's split."""
     cfg = TrainMILConfig(model=model, model_args=SIZES[model], epochs=epochs, lr=2e-4,
@@ -159,7 +159,7 @@ def main() -> None:
         ref = statistics.median(ref_times)
         print(f"  {'reference (CLAM-style loop)':44s} {ref:7.2f} s/epoch  AUC {ref_auc:.3f}")
         start = time.perf_counter()
-        store = BagStore(folder, [r["slide_id"] for r in rows])
+        store = open_bag_store(folder, [r["slide_id"] for r in rows], "memory")
         print(f"  bag store loaded once in {time.perf_counter() - start:.2f} s")
         runs = [("abmil", "32-true", None, 1), ("abmil", "bf16-mixed", None, 1)]
         runs += [(m, "bf16-mixed", args.max_instances, 1) for m in args.models.split(",")]

@@ -30,6 +30,7 @@ SCRIPTS = {  # name -> arguments
     "ssl_speed": [],
     "extract_speed": ["--tiles", "256"],
     "mil_speed": [],
+    "mil_scale": [],
 }
 
 

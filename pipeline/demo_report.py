@@ -41,6 +41,14 @@ def pretraining_curves(run: Path, out: Path) -> Path | None:
     return out
 
 
+def _number(cell: str) -> str:
+    """A leaderboard cell: numbers to 3 decimals, names and empty cells as they are."""
+    try:
+        return f"{float(cell):.3f}"
+    except ValueError:
+        return cell
+
+
 def _img(path: Path, root: Path, caption: str = "", width: int | None = None) -> str:
     rel = html.escape(os.path.relpath(path, root))
     style = f" style='width:{width}px'" if width else ""
@@ -130,7 +138,7 @@ def write_report(demo) -> Path:
     parts.append(
         _html_table(
             board[0],
-            [[c if i == 0 else f"{float(c):.3f}" for i, c in enumerate(r)] for r in board[1:]],
+            [[_number(c) for c in r] for r in board[1:]],
         )
     )
     for name in (

@@ -217,6 +217,15 @@ def _random_like(folder: str, weights: str | os.PathLike | None = None, **kwargs
     return load_exported(folder, random_init=True, weights=weights)
 
 
+def spec_weights(spec: str | os.PathLike, weights: str | os.PathLike | None = None) -> str:
+    """``random`` or ``pretrained``: what :func:`load_encoder` would give for ``spec``,
+    without loading it (``random:<folder>``, and ``timm:<arch>`` without ``weights``, are
+    random init)."""
+    prefix, sep, _ = os.fspath(spec).partition(":")
+    random_init = sep and (prefix == "random" or (prefix == "timm" and not weights))
+    return "random" if random_init else "pretrained"
+
+
 def load_encoder(spec: str | os.PathLike, weights: str | os.PathLike | None = None,
                  device: str | torch.device = "cpu", **kwargs) -> Encoder:  # fmt: skip
     """The encoder named by ``spec`` (see the module docstring), in eval mode on ``device``."""

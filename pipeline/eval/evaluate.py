@@ -8,7 +8,8 @@ A suite (YAML) names its encoders (``encoder_specs``: name -> anything ``cpath e
 takes as ``--encoder``) and its tasks. A task is ``kind: tile`` (labelled tiles; linear
 probe, kNN and few-shot on frozen features, plus robustness probes) or ``kind: slide``
 (per-encoder feature folders + a labels CSV; MIL cross-validation over seeds, for
-classification or survival). See ``configs/benchmarks/`` and the README.
+classification or survival). See ``configs/benchmarks/`` and the README. Tile folds
+keep a patient's slides on one side where the data names patients (``case_id``).
 
 Outputs under ``out``: ``results.json`` (every metric with its bootstrap 95% CI, paired
 comparisons between encoders, few-shot curves, robustness), ``leaderboard.csv``
@@ -41,7 +42,10 @@ class EvaluateConfig:
         episodes: few-shot episodes per shot count.
         knn_k: neighbours of the kNN protocol.
         knn_temperature: temperature of the kNN votes.
-        robustness: run the site-leakage and stain-shift probes on tile tasks.
+        robustness: run the robustness probes on tile tasks: site predicted on held-out
+            slides, the PathoROB robustness index and the stain-shift drop.
+        robustness_k: neighbours of the PathoROB robustness index (Kömen et al., 2025;
+            11 as PathoROB uses for Camelyon).
         bootstrap: bootstrap resamples for confidence intervals and paired tests.
         batch_size: tiles per forward pass when embedding.
         workers: DataLoader workers reading tiles.
@@ -60,6 +64,7 @@ class EvaluateConfig:
     knn_k: int = 20
     knn_temperature: float = 0.07
     robustness: bool = True
+    robustness_k: int = 11
     bootstrap: int = 1000
     batch_size: int = 64
     workers: int = 0

@@ -1,13 +1,14 @@
 """Tile-level protocols on frozen features: linear probe, kNN and SimpleShot few-shot.
 
 Each protocol fits on a training set and predicts a test set; :func:`cross_validate`
-runs one over grouped folds (no slide on both sides) or a fixed train/test split, and
+runs one over grouped folds (no patient, or where patients are unknown no slide, on both
+sides) or a fixed train/test split, and
 returns pooled out-of-fold predictions. The choices follow the published pathology
 encoder benchmarks (UNI, Chen et al., Nature Medicine 2024; eva):
 
 - linear probe: standardised features, L-BFGS logistic regression, the inverse
   regularisation ``C`` chosen from a small sweep on a validation split of the training
-  set (grouped by slide), then refit on the whole training set;
+  set (grouped as the folds), then refit on the whole training set;
 - kNN: cosine similarity, ``k = 20`` neighbours, votes weighted by ``exp(sim / T)`` with
   ``T = 0.07`` (Wu et al., CVPR 2018; DINO's kNN evaluation);
 - SimpleShot (Wang et al., 2019): features centred by the training pool's mean and
@@ -22,13 +23,13 @@ from dataclasses import dataclass
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import GroupKFold, GroupShuffleSplit, StratifiedShuffleSplit
 from sklearn.neighbors import KNeighborsClassifier, NearestCentroid
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler, normalize
 
 from pipeline.errors import PipelineError
+from pipeline.mil.metrics import balanced_accuracy
 
 C_SWEEP = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
@@ -52,7 +53,7 @@ def choose_c(x: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int = 0,
     fit, val = _validation_split(y, groups, seed)
     if len(np.unique(y[fit])) < len(np.unique(y)) or len(val) == 0:
         return 1.0
-    scores = [balanced_accuracy_score(y[val], _logistic(c).fit(x[fit], y[fit]).predict(x[val]))
+    scores = [balanced_accuracy(y[val], _logistic(c).fit(x[fit], y[fit]).predict(x[val]))
               for c in sweep]  # fmt: skip
     return float(sweep[int(np.argmax(scores))])
 
@@ -112,7 +113,7 @@ def few_shot(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_
             support = np.concatenate([rng.choice(by_class[c], k, replace=False) for c in classes])
             with np.errstate(invalid="ignore", divide="ignore"):  # 1 shot: no class variance
                 model = NearestCentroid().fit(train_t[support], train_y[support])
-            scores.append(float(balanced_accuracy_score(test_y, model.predict(test_t))))
+            scores.append(balanced_accuracy(test_y, model.predict(test_t)))
         out[k] = scores
     return out
 
@@ -128,8 +129,9 @@ class Folds:
 
     @classmethod
     def make(cls, labels: np.ndarray, groups: np.ndarray, split: np.ndarray | None = None,
-             folds: int = 5) -> Folds:  # fmt: skip
-        """A fixed train/test split when ``split`` is given, else k folds grouped by slide."""
+             folds: int = 5, what: str = "slide") -> Folds:  # fmt: skip
+        """A fixed train/test split when ``split`` is given, else k folds grouped by
+        ``groups``: each item's patient, or its slide (``what`` names which, for errors)."""
         if split is not None:
             train, test = np.flatnonzero(split == "train"), np.flatnonzero(split == "test")
             if len(train) == 0 or len(test) == 0:
@@ -138,7 +140,7 @@ class Folds:
         n_groups = len(np.unique(groups))
         if n_groups < 2:
             raise PipelineError(
-                "all tiles come from one slide: cross-validation by slide needs two or more "
+                f"all tiles come from one {what}: cross-validation by {what} needs two or more "
                 "(or give a split column with train/test)"
             )
         cv = GroupKFold(n_splits=min(folds, n_groups))

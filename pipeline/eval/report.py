@@ -1,6 +1,7 @@
 """Outputs of ``cpath evaluate``: ``results.json``, ``leaderboard.csv`` (encoders x task
-columns and the mean rank, as pathology foundation-model papers report it),
-``report.md`` and ``report.html`` (tables plus the figures of each task)."""
+columns and the mean rank, as pathology foundation-model papers report it, plus each
+tile task's PathoROB robustness index, which is not ranked), ``report.md`` and
+``report.html`` (tables plus the figures of each task)."""
 
 from __future__ import annotations
 
@@ -31,20 +32,32 @@ def _plain(value):
     return value
 
 
+def _finite(values: dict) -> bool:
+    return all(v is not None and np.isfinite(v) for v in values.values())
+
+
 def leaderboard(results: dict) -> tuple[list[str], list[dict]]:
     """``(columns, rows)``: one row per encoder with each task column's value, its rank
-    (1 = best, ties share the mean rank) and the mean rank over the columns."""
+    (1 = best, ties share the mean rank) and the mean rank over the columns; then each
+    tile task's robustness index (``TASK/robustness_index``), shown but not ranked: it
+    measures robustness to sites, not performance."""
     encoders = list(results["encoders"])
-    columns, values = [], {}
+    columns, values, unranked = [], {}, []
     for task, r in results["tasks"].items():
         if r.get("status") != "ok":
             continue
         for col in r["columns"]:
             got = {e: (r["scores"][col].get(e) or {}).get("value") for e in encoders}
-            if all(v is not None and np.isfinite(v) for v in got.values()):
+            if _finite(got):
                 columns.append(f"{task}/{col}")
                 values[columns[-1]] = got
-    rows = [{"encoder": e} for e in encoders]
+        rob = r.get("robustness") or {}
+        got = {e: ((rob.get(e) or {}).get("robustness_index") or {}).get("value") for e in encoders}
+        if rob and _finite(got):
+            unranked.append(f"{task}/robustness_index")
+            values[unranked[-1]] = got
+    weights = results.get("weights") or {}
+    rows = [{"encoder": e, "weights": weights.get(e, "")} for e in encoders]
     ranks = {e: [] for e in encoders}
     for col in columns:
         order = rankdata([-values[col][e] for e in encoders], method="average")
@@ -53,8 +66,13 @@ def leaderboard(results: dict) -> tuple[list[str], list[dict]]:
             ranks[e].append(float(rank))
     for row in rows:
         row["mean_rank"] = float(np.mean(ranks[row["encoder"]])) if columns else None
+        row.update({col: values[col][row["encoder"]] for col in unranked})
     rows.sort(key=lambda r: (r["mean_rank"] is None, r["mean_rank"]))
-    return columns, rows
+    return columns + unranked, rows
+
+
+def _board_name(row: dict) -> str:
+    return f"{row['encoder']} (random init)" if row.get("weights") == "random" else row["encoder"]
 
 
 def _fmt(v, digits: int = 3) -> str:
@@ -89,14 +107,19 @@ def _task_tables(name: str, r: dict) -> list[tuple[str, list[str], list[list[str
     if r.get("robustness"):
         rows = []
         for e, rob in r["robustness"].items():
-            leak, shift = rob.get("leakage", {}), rob.get("stain_shift", {})
-            rows.append([e, f"{leak.get('target', '')}: {_fmt(leak.get('slide_probe_accuracy'))} "
-                            f"(chance {_fmt(leak.get('chance'))}, silhouette "
-                            f"{_fmt(leak.get('silhouette'))})" if leak else "n/a",
+            leak, shift = rob.get("leakage") or {}, rob.get("stain_shift") or {}
+            ri = rob.get("robustness_index") or {}
+            rows.append([e, f"{_fmt(leak.get('balanced_accuracy'))} (chance {_fmt(leak.get('chance'))}, "
+                            f"silhouette {_fmt(leak.get('silhouette'))}; {leak.get('sites')} sites, "
+                            f"{leak.get('groups')} {leak.get('grouped_by')}s)"
+                         if "balanced_accuracy" in leak else f"n/a ({leak.get('skipped', 'not run')})",
+                         f"{_fmt(ri.get('value'))} (k={ri.get('k')}, across {ri.get('confounder')}s)"
+                         if "value" in ri else f"n/a ({ri.get('skipped', 'not run')})",
                          _fmt(shift.get("clean")), _fmt(shift.get("shifted")), _fmt(shift.get("drop"))])  # fmt: skip
         tables.append((f"{name}: robustness",
-                       ["encoder", "slide/site predicted from features (accuracy)",
-                        "linear clean", "linear stain-shifted", "drop"], rows))  # fmt: skip
+                       ["encoder", "site predicted on held-out slides (balanced accuracy)",
+                        "PathoROB robustness index", "linear clean", "linear stain-shifted",
+                        "drop"], rows))  # fmt: skip
     return tables
 
 
@@ -130,22 +153,33 @@ for(var i=0;i<im.length;i++){if(im[i].complete&&im[i].naturalWidth>0){ok++;}}
 document.body.setAttribute('data-images-loaded',ok+'/'+im.length);});</script>"""
 
 
+ROBUSTNESS_NOTE = ("robustness_index: PathoROB robustness index (Kömen et al., 2025): the share "
+                   "of same-class neighbours from other sites (or slides) among same-class-other-"
+                   "site and other-class-same-site neighbours; 1 = neighbours follow biology, "
+                   "0 = they follow the site. Not in the mean rank.")  # fmt: skip
+
+
 def write_outputs(results: dict, out: Path) -> None:
     """``results.json``, ``leaderboard.csv``, ``report.md`` and ``report.html`` in ``out``."""
     results = _plain(results)
     atomic_write_text(out / "results.json", json.dumps(results, indent=1))
     columns, rows = leaderboard(results)
     with atomic_path(out / "leaderboard.csv") as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["encoder", *columns, "mean_rank"])
+        writer = csv.DictWriter(f, fieldnames=["encoder", "weights", *columns, "mean_rank"])
         writer.writeheader()
         writer.writerows(rows)
     board = (["encoder", *columns, "mean rank"],
-             [[r["encoder"], *(_fmt(r[c]) for c in columns), _fmt(r["mean_rank"], 2)] for r in rows])  # fmt: skip
+             [[_board_name(r), *(_fmt(r[c]) for c in columns), _fmt(r["mean_rank"], 2)] for r in rows])  # fmt: skip
     encoders = ", ".join(f"{k} = {v}" for k, v in results["encoders"].items())
+    if any(r["weights"] == "random" for r in rows):
+        encoders += " (random init: a baseline, not a pretrained encoder)"
     md = ["# Encoder evaluation", "", f"Encoders: {encoders}", "", "## Leaderboard", "",
           _md_table(*board), ""]  # fmt: skip
     parts = [f"<h1>Encoder evaluation</h1><p>Encoders: {html.escape(encoders)}</p>",
              "<h2>Leaderboard</h2>", _html_table(*board)]  # fmt: skip
+    if any(c.endswith("/robustness_index") for c in columns):
+        md += [ROBUSTNESS_NOTE, ""]
+        parts.append(f"<p>{html.escape(ROBUSTNESS_NOTE)}</p>")
     for name, r in results["tasks"].items():
         md += [f"## {name} ({r.get('kind')})", ""]
         parts.append(f"<h2>{html.escape(name)} ({html.escape(str(r.get('kind')))})</h2>")
@@ -156,6 +190,8 @@ def write_outputs(results: dict, out: Path) -> None:
         facts = f"{r.get('n_items')} items" + (
             f" from {r['n_slides']} slides" if r.get("n_slides") else ""
         )
+        if r.get("grouped_by") == "patient":
+            facts += f" of {r['n_groups']} patients (folds keep each patient on one side)"
         md += [facts, ""]
         parts.append(f"<p>{html.escape(facts)}</p>")
         for title, header, trows in _task_tables(name, r):

@@ -3,6 +3,7 @@ suite for every encoder, statistics, then the leaderboard and report."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
@@ -15,22 +16,23 @@ from pipeline.config import save_config
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.eval.evaluate import EvaluateConfig, selected_encoders
 from pipeline.eval.protocols import Folds, cross_validate, few_shot
+from pipeline.eval.robustness import leakage_probe, robustness_index
 from pipeline.eval.slides import run_slide_task, slide_metric
 from pipeline.eval.stats import bootstrap_ci, paired_bootstrap
-from pipeline.eval.tiles import STAIN_SHIFT, cached_features, embed_tiles, read_tile_set
-from pipeline.io import atomic_write_text
+from pipeline.eval.tiles import STAIN_SHIFT, TileSet, cached_features, embed_tiles, read_tile_set
+from pipeline.io import atomic_path, atomic_write_text
 from pipeline.mil.metrics import classification_metric, classification_metrics
-from pipeline.stain.report import slide_clustering
 
 log = logging.getLogger(__name__)
 TILE_METRIC = "balanced_accuracy"  # the leaderboard metric of tile protocols
-# version of the scoring in cached task results: 2 = cluster bootstrap (slides, patients)
-RESULT_VERSION = 2
+# version of the scoring in cached task results: 2 = cluster bootstrap (slides, patients);
+# 3 = tile folds by patient, site probe on held-out slides, PathoROB robustness index
+RESULT_VERSION = 3
 
 
 def _scored(y: np.ndarray, probs: np.ndarray, metric: str, cfg: EvaluateConfig,
             groups: np.ndarray) -> dict:  # fmt: skip
-    """The metric with its cluster-bootstrap CI (``groups``: each item's slide)."""
+    """The metric with its cluster-bootstrap CI (``groups``: each item's patient or slide)."""
     ci = bootstrap_ci(lambda a, p: classification_metric(metric, a, p), y, probs,
                       n=cfg.bootstrap, seed=cfg.seed, groups=groups)  # fmt: skip
     return {"value": classification_metric(metric, y, probs), "ci": list(ci),
@@ -54,8 +56,8 @@ def _settings(cfg: EvaluateConfig) -> dict:
     """The settings a task's scores depend on (besides the task and its inputs)."""
     from pipeline import __version__
 
-    keys = ("folds", "shots", "episodes", "knn_k", "knn_temperature", "robustness", "bootstrap",
-            "seed")  # fmt: skip
+    keys = ("folds", "shots", "episodes", "knn_k", "knn_temperature", "robustness",
+            "robustness_k", "bootstrap", "seed")  # fmt: skip
     return {"version": __version__, "result_version": RESULT_VERSION,
             **{k: getattr(cfg, k) for k in keys}}  # fmt: skip
 
@@ -85,14 +87,19 @@ def cached_result(path: Path, key: dict, compute) -> dict:
     return result
 
 
-def leakage_probe(x: np.ndarray, target: np.ndarray, seed: int = 0) -> dict | None:
-    """How well tiles' slide or site is predictable from their features (see
-    :func:`pipeline.stain.report.slide_clustering`): values well above ``chance`` mean the
-    features carry slide or site identity (batch effects) besides the tissue."""
-    _, counts = np.unique(target, return_counts=True)
-    if len(counts) < 2 or counts.min() < 2:
-        return None
-    return slide_clustering(x, target, seed=seed)
+def write_folds(path: Path, tiles: TileSet, folds: Folds) -> None:
+    """``folds.csv``: each tile's source, slide, patient, label and the fold that tests it
+    (empty for tiles only trained on, as the training part of a fixed split)."""
+    tested = np.full(len(tiles), "", dtype=object)
+    for i, (_, test) in enumerate(folds):
+        tested[test] = str(i)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["item", "source", "row", "slide_id", "case_id", "label", "test_fold"])
+        for i, (source, row) in enumerate(tiles.source):
+            case = "" if tiles.patients is None else tiles.patients[i]
+            w.writerow([i, source, row, tiles.groups[i], case, tiles.labels[i], tested[i]])
 
 
 def tile_task(name: str, task: dict, encoders: dict[str, str], cfg: EvaluateConfig, out: Path,
@@ -101,7 +108,9 @@ def tile_task(name: str, task: dict, encoders: dict[str, str], cfg: EvaluateConf
 
     tiles = read_tile_set(task.get("data"), task.get("sites"), task.get("groups"),
                           task.get("group_pattern"))  # fmt: skip
-    folds = Folds.make(tiles.labels, tiles.groups, tiles.split, int(task.get("folds", cfg.folds)))
+    by, clusters = tiles.fold_groups()  # patient where known, else slide
+    folds = Folds.make(tiles.labels, clusters, tiles.split, int(task.get("folds", cfg.folds)), by)
+    write_folds(out / "tasks" / name / "folds.csv", tiles, folds)
     protocols = list(task.get("protocols", ["linear", "knn", "fewshot"]))
     classes = np.unique(tiles.labels)
     y = np.searchsorted(classes, tiles.labels)
@@ -119,7 +128,9 @@ def tile_task(name: str, task: dict, encoders: dict[str, str], cfg: EvaluateConf
             raise PipelineError(f"encoder '{e}': {len(feats[e]['features'])} features for "
                                 f"{len(tiles)} tiles; delete {out / 'cache' / e} and rerun")  # fmt: skip
     key = {"task": task, "encoders": encoders, "settings": _settings(cfg),
-           "inputs": _digest(y, tiles.groups, *(a for e in encoders for a in feats[e].values()))}  # fmt: skip
+           "inputs": _digest(y, tiles.groups, clusters,
+                             *([] if tiles.sites is None else [tiles.sites]),
+                             *(a for e in encoders for a in feats[e].values()))}  # fmt: skip
     return cached_result(out / "tasks" / name / "result.json", key,
                          lambda: _score_tiles(name, task, tiles, feats, folds, protocols, classes, y,
                                               encoders, cfg, out))  # fmt: skip
@@ -129,8 +140,10 @@ def _score_tiles(name, task, tiles, feats, folds, protocols, classes, y, encoder
                  out) -> dict:  # fmt: skip
     from pipeline.eval import plots
 
+    by, clusters = tiles.fold_groups()  # folds, C-sweep splits and bootstrap keep these whole
     result = {"kind": "tile", "data": str(task.get("data")), "n_items": len(tiles),
-              "n_slides": len(np.unique(tiles.groups)), "classes": classes.tolist(),
+              "n_slides": len(np.unique(tiles.groups)), "grouped_by": by,
+              "n_groups": len(np.unique(clusters)), "classes": classes.tolist(),
               "folds": len(folds.splits), "columns": {}, "scores": {}, "comparisons": {},
               "fewshot": {}, "robustness": {}, "figures": {}}  # fmt: skip
     figures = out / "figures"
@@ -144,9 +157,9 @@ def _score_tiles(name, task, tiles, feats, folds, protocols, classes, y, encoder
                 {"k": cfg.knn_k, "temperature": cfg.knn_temperature} if protocol == "knn" else {}
             )
             items, probs, _ = cross_validate(protocol, feats[e]["features"], tiles.labels,
-                                             tiles.groups, folds, cfg.seed, **kwargs)  # fmt: skip
+                                             clusters, folds, cfg.seed, **kwargs)  # fmt: skip
             preds[e] = probs
-            scored[e] = _scored(y[items], probs, TILE_METRIC, cfg, tiles.groups[items])
+            scored[e] = _scored(y[items], probs, TILE_METRIC, cfg, clusters[items])
             curves[e] = (y[items], probs)
         result["scores"][protocol] = scored
         tested = folds.test_items()  # the items of preds, in their order
@@ -157,7 +170,7 @@ def _score_tiles(name, task, tiles, feats, folds, protocols, classes, y, encoder
                 TILE_METRIC, y_items[idx], p[idx]
             ),
             cfg,
-            tiles.groups[tested],
+            clusters[tested],
         )
         result["figures"][f"{protocol}_roc"] = plots.roc_curves(
             figures / f"{name}_{protocol}_roc.png", curves, classes, f"{name}: {protocol} probe"
@@ -192,17 +205,29 @@ def _score_tiles(name, task, tiles, feats, folds, protocols, classes, y, encoder
             figures / f"{name}_fewshot.png", result["fewshot"], f"{name}: few-shot (SimpleShot)"
         )
     target_name, target = "slide", tiles.groups  # what features should not encode
+    known = np.ones(len(tiles), bool)
     if tiles.sites is not None and len(np.unique(tiles.sites[tiles.sites != ""])) >= 2:
-        target_name, target = "site", tiles.sites
+        target_name, target, known = "site", tiles.sites, tiles.sites != ""
     if cfg.robustness:
         for e in encoders:
-            entry = {}
-            leak = leakage_probe(feats[e]["features"], target, cfg.seed)
-            if leak:
-                entry["leakage"] = {"target": target_name, **leak}
+            x = feats[e]["features"]
+            leak, why = None, "no site per tile: give the task a site column or a sites file"
+            if target_name == "site":  # the site of held-out slides, from their features
+                leak = leakage_probe(x[known], target[known], clusters[known], cfg.seed)
+                why = f"needs two or more sites with tiles of two or more {by}s each"
+            # PathoROB: neighbours of the same class across sites (or slides), not of the
+            # same site; with sites, a tile's own slide is no candidate neighbour
+            ri = robustness_index(x[known], tiles.labels[known], target[known],
+                                  tiles.groups[known] if target_name == "site" else None,
+                                  k=cfg.robustness_k)  # fmt: skip
+            ri_why = (
+                f"no {target_name} with tiles of two classes, or no class at two {target_name}s"
+            )
+            entry = {"leakage": {"target": "site", "grouped_by": by, **(leak or {"skipped": why})},
+                     "robustness_index": {"confounder": target_name, **(ri or {"skipped": ri_why})}}  # fmt: skip
             if "shifted" in feats[e]:
                 items, probs, _ = cross_validate("linear", feats[e]["features"], tiles.labels,
-                                                 tiles.groups, folds, cfg.seed,
+                                                 clusters, folds, cfg.seed,
                                                  test_x=feats[e]["shifted"])  # fmt: skip
                 shifted = classification_metric("balanced_accuracy", y[items], probs)
                 clean = result["scores"].get("linear", {}).get(e, {}).get("value")
@@ -281,7 +306,7 @@ def _score_slides(name, task, kind, per_encoder, cfg, out) -> dict:
 
 def run_suite(cfg: EvaluateConfig) -> dict:
     """Every task for every encoder; writes the outputs and returns ``results.json``'s dict."""
-    from pipeline.encoders import load_encoder
+    from pipeline.encoders import load_encoder, spec_weights
     from pipeline.eval.report import write_outputs
     from pipeline.extract import resolve_device
 
@@ -299,7 +324,9 @@ def run_suite(cfg: EvaluateConfig) -> dict:
             loaded[name] = load_encoder(encoders[name], device=device)
         return loaded[name]
 
-    results = {"encoders": encoders, "tasks": {}}
+    # random-init encoders are baselines: results, leaderboard and report say so
+    weights = {e: spec_weights(spec) for e, spec in encoders.items()}
+    results = {"encoders": encoders, "weights": weights, "tasks": {}}
     for i, task in enumerate(cfg.tasks):
         name = str(task.get("name") or f"task{i}")
         kind = task.get("kind", "tile")

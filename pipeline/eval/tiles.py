@@ -3,8 +3,8 @@
 A tile task's ``data`` is one of
 
 - a CSV of tiles in preprocessed slides: ``coords,index,label`` plus optional
-  ``slide_id`` (folds are grouped by it), ``split`` (``train``/``test``: a fixed split
-  instead of cross-validation) and ``site`` (for the site-leakage probe);
+  ``slide_id``, ``case_id`` (the patient), ``split`` (``train``/``test``: a fixed split
+  instead of cross-validation) and ``site`` (for the robustness probes);
 - a folder of images in class subfolders (``<label>/*.png``), or with ``train/`` and
   ``test/`` above the class subfolders (the layout of CRC-100K, MHIST, BACH ...). Folds
   (and bootstrap clusters) group the images by the task's ``groups`` (a CSV
@@ -14,6 +14,11 @@ A tile task's ``data`` is one of
   image is its own group, which a warning flags where there is no fixed split;
 - ``{coords: DIR, demo: DIR, per_slide: N}``: the demo cohort's tiles labelled tumour or
   normal from its ground-truth masks.
+
+Cross-validation folds (and bootstrap clusters) group tiles by patient where the data
+names one, a ``case_id`` column of the CSV or of the task's ``sites`` file (the slide
+labels CSV ``slide_id,case_id,site``), else by slide: two slides of one patient never fall
+on both sides of a split.
 
 Features are computed once per encoder and tile set, with and without a fixed stain
 shift (for the stain-robustness test), and cached in ``EVAL/cache/<encoder>/<task>.npz``
@@ -50,16 +55,25 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TileSet:
-    """Labelled tiles: where to read them, and per tile its label, slide, split and site."""
+    """Labelled tiles: where to read them, and per tile its label, slide (``groups``: the
+    slide, or for image folders the given slide or patient), split, site and patient."""
 
     source: list[tuple[str, str | int]]  # (coords file, row) or (image file, 0)
     labels: np.ndarray
     groups: np.ndarray
     split: np.ndarray | None = None
     sites: np.ndarray | None = None
+    patients: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def fold_groups(self) -> tuple[str, np.ndarray]:
+        """``("patient", case ids)`` where patients are known, else ``("slide", slide ids)``:
+        the clusters that folds and bootstrap resamples keep whole."""
+        if self.patients is not None:
+            return "patient", self.patients
+        return "slide", self.groups
 
     def digest(self) -> str:
         text = json.dumps([self.source, self.labels.tolist(), self.groups.tolist()], default=str)
@@ -82,7 +96,25 @@ def _from_rows(rows: list[dict], where: Path) -> TileSet:
     )
     split = np.array([r["split"] for r in rows]) if rows and rows[0].get("split") else None
     sites = np.array([r["site"] for r in rows]) if rows and rows[0].get("site") else None
-    return TileSet(source, labels, groups, split, sites)
+    patients = None
+    if any(r.get("case_id") for r in rows):
+        patients = _patients(groups, [r.get("case_id") or "" for r in rows], where)
+    return TileSet(source, labels, groups, split, sites, patients)
+
+
+def _patients(slides: np.ndarray, cases: list[str], where: str | os.PathLike) -> np.ndarray:
+    """Each tile's patient from its slide's ``case_id`` (``cases``, "" where unknown: the
+    slide is then its own patient); a slide under two patients is an error."""
+    by_slide: dict[str, str] = {}
+    for slide, case in zip(slides.tolist(), cases, strict=True):
+        if case and by_slide.setdefault(slide, case) != case:
+            raise PipelineError(f"{where}: slide {slide} has two case_id values "
+                                f"({by_slide[slide]}, {case}); give each slide one patient")  # fmt: skip
+    missing = sorted({s for s in slides.tolist() if s not in by_slide})
+    if missing:
+        log.warning("%s: no case_id for %d slides (%s); each is its own patient in the folds",
+                    where, len(missing), ", ".join(missing[:3]))  # fmt: skip
+    return np.array([by_slide.get(s, f"slide:{s}") for s in slides.tolist()])
 
 
 def image_groups(root: Path, images: list[Path], groups: str | os.PathLike | None = None,
@@ -146,9 +178,10 @@ def read_tile_set(data: str | os.PathLike | dict, sites: str | os.PathLike | Non
                   groups: str | os.PathLike | None = None,
                   group_pattern: str | None = None) -> TileSet:  # fmt: skip
     """The tile set a task names (see the module docstring); ``sites``: a CSV with
-    ``slide_id,site`` (the slide labels file) that gives each tile its slide's site;
-    ``groups`` / ``group_pattern``: the slide or patient of each image of an image folder
-    (see :func:`image_groups`)."""
+    ``slide_id,site`` and optionally ``case_id`` (the slide labels file) that gives each
+    tile its slide's site and patient, where the tile data does not; ``groups`` /
+    ``group_pattern``: the slide or patient of each image of an image folder (see
+    :func:`image_groups`)."""
     folder = not isinstance(data, dict) and Path(data).is_dir()
     if (groups is not None or group_pattern is not None) and not folder:
         raise ConfigError(f"tile data {data}: groups and group_pattern are for image folders; "
@@ -178,10 +211,19 @@ def read_tile_set(data: str | os.PathLike | dict, sites: str | os.PathLike | Non
         raise PipelineError(
             f"{data}: only one class ({tiles.labels[0]}); a tile task needs two or more"
         )
-    if sites is not None and tiles.sites is None:
-        with open(sites, newline="") as f:
-            by_slide = {r["slide_id"]: r.get("site", "") for r in csv.DictReader(f)}
-        tiles.sites = np.array([by_slide.get(g, "") for g in tiles.groups])
+    if sites is not None:
+        try:
+            with open(sites, newline="") as f:
+                table = list(csv.DictReader(f))
+            by_slide = {r["slide_id"]: r for r in table}
+        except (OSError, KeyError) as exc:
+            raise PipelineError(f"{sites}: cannot read the slide labels (slide_id,site[,case_id] "
+                                f"columns) for tile data {data} ({exc})") from exc  # fmt: skip
+        if tiles.sites is None:
+            tiles.sites = np.array([by_slide.get(g, {}).get("site") or "" for g in tiles.groups])
+        if tiles.patients is None and any(r.get("case_id") for r in table):
+            cases = [by_slide.get(g, {}).get("case_id") or "" for g in tiles.groups]
+            tiles.patients = _patients(tiles.groups, cases, sites)
     return tiles
 
 

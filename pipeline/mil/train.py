@@ -6,11 +6,14 @@
 Outputs under ``out``: ``splits.csv`` (made unless ``--splits`` is given; reused on a rerun
 while it fits the labelled slides, their patients and labels, and the split settings),
 ``fold_<k>/model.ckpt`` (the best epoch by validation loss), ``predictions.csv``
-(out-of-fold: slide_id, case_id, fold, label, per-class probabilities or risk),
-``metrics.json`` (per fold, mean +- std, and a bootstrap 95% CI on the pooled out-of-fold
-predictions, resampling patients) and ``config.yaml``. Finished folds are reused on a
-rerun while the labels (their content), features, splits and training settings are the
-same; reporting settings (``bootstrap``, ``progress``, ``device``, ...) do not count.
+(out-of-fold: slide_id, case_id, fold, label, and per-class probabilities, or time, event,
+risk and ``surv_<t>``, the predicted survival at the quartiles ``t`` of the patients' event
+times), ``metrics.json`` (per fold, mean +- std, and a bootstrap 95% CI on the pooled
+out-of-fold predictions, resampling patients; for survival Harrell's ``c_index``, the
+integrated time-dependent AUC ``td_auc`` and the integrated Brier score ``ibs`` at those
+times) and ``config.yaml``. Finished folds are reused on a rerun while the labels (their
+content), features, splits and training settings are the same; reporting settings
+(``bootstrap``, ``progress``, ``device``, ...) do not count.
 """
 
 from __future__ import annotations
@@ -46,14 +49,25 @@ class TrainMILConfig:
         balanced: sample training bags with class-balanced weights.
         bag_weight: weight of the bag loss against CLAM/DSMIL auxiliary losses.
         survival_loss: nll (discrete time) or cox.
-        time_bins: discrete-time bins (quantiles of event times) for the nll loss.
+        cox_ties: how the cox loss handles tied event times: efron (Efron, 1977) or breslow
+            (Breslow, 1974), as torchsurv's neg_partial_log_likelihood.
+        time_bins: discrete-time bins for the nll loss: quantiles of the event times of each
+            fold's training patients (one time per patient).
         ordinal: labels are ordered (adds quadratic weighted kappa).
         bootstrap: bootstrap resamples for the confidence intervals.
         missing: labelled slides without a feature file: error, or skip them.
         seed: seed of splits, sampling and initialisation.
-        device: auto, cpu or cuda.
+        device: auto (a GPU when torch sees one, else the CPU), cpu, cuda or cuda:N; training
+            and prediction run there.
         precision: auto (bf16-mixed on a GPU, else 32-true), 32-true or bf16-mixed.
         progress: show progress bars.
+        store: where the bags' features are held while training: memory (all slides in
+            one float32 tensor, 4 bytes per feature), disk (each bag read from its feature
+            file when needed, with a small cache; memory does not grow with the cohort), or
+            auto (memory when the float32 size fits memory_budget_gb, else disk). Bags,
+            models and predictions are the same with either.
+        memory_budget_gb: most GB (10^9 bytes) of float32 features that store auto holds in
+            memory (None: a quarter of the machine's memory).
     """
 
     features: Path | None = None
@@ -75,6 +89,7 @@ class TrainMILConfig:
     balanced: bool = True
     bag_weight: float = 0.7
     survival_loss: Literal["nll", "cox"] = "nll"
+    cox_ties: Literal["efron", "breslow"] = "efron"
     time_bins: int = 4
     ordinal: bool = False
     bootstrap: int = 1000
@@ -83,6 +98,8 @@ class TrainMILConfig:
     device: str = "auto"
     precision: Literal["auto", "32-true", "bf16-mixed"] = "auto"
     progress: bool = True
+    store: Literal["auto", "memory", "disk"] = "auto"
+    memory_budget_gb: float | None = None
 
 
 def run(cfg: TrainMILConfig) -> int:

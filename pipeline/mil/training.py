@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import shutil
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -22,9 +23,16 @@ from tqdm.auto import tqdm
 from pipeline.config import config_to_dict, save_config
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.io import atomic_path, atomic_write_text, sha256_file
-from pipeline.mil.bags import BagStore, collate
+from pipeline.mil.bags import BaseBagStore, collate, open_bag_store
 from pipeline.mil.base import make_mil
-from pipeline.mil.metrics import bootstrap_cis, classification_metrics, concordance_index
+from pipeline.mil.metrics import (
+    baseline_survival_function,
+    bootstrap_cis,
+    classification_metrics,
+    neg_partial_log_likelihood,
+    survival_horizons,
+    survival_metrics,
+)
 from pipeline.mil.splits import (
     fold_members,
     make_splits,
@@ -50,12 +58,23 @@ def nll_survival_loss(
     return torch.where(event > 0, observed, censored).mean()
 
 
-def cox_loss(risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor) -> torch.Tensor:
-    """Negative Cox partial log-likelihood over the batch (Breslow, no tie correction)."""
-    order = torch.argsort(time, descending=True)
-    risk, event = risk.float()[order], event.float()[order]
-    at_risk = torch.logcumsumexp(risk, dim=0)  # log sum over t_j >= t_i
-    return -((risk - at_risk) * event).sum() / event.sum().clamp_min(1)
+def cox_loss(risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor,
+             ties: str = "efron") -> torch.Tensor:  # fmt: skip
+    """Negative Cox partial log-likelihood (Cox, 1972) per event, by torchsurv's
+    ``neg_partial_log_likelihood``. ``risk`` (``B``) is the log relative hazard (higher =
+    earlier event); tied event times by Efron's (1977) or Breslow's (1974) method (``ties``),
+    so the loss does not depend on the order of the bags. The sum over event times is divided
+    by the number of events (torchsurv's ``mean`` divides by the number of distinct event
+    times). Zero, on the graph, without an event or with fewer than two bags."""
+    risk = risk.float().reshape(-1)  # B
+    observed = event.reshape(-1) > 0  # B
+    if risk.numel() < 2 or not bool(observed.any()):
+        return risk.sum() * 0.0
+    with warnings.catch_warnings():  # torchsurv warns on every batch with tied times
+        warnings.filterwarnings("ignore", message="Ties in `time` detected")
+        total = neg_partial_log_likelihood(risk, observed, time.reshape(-1).float(),
+                                           ties_method=ties, reduction="sum")  # fmt: skip
+    return total / observed.sum()
 
 
 def survival_risk(logits: torch.Tensor, loss: str) -> torch.Tensor:
@@ -72,11 +91,14 @@ class MILModule(L.LightningModule):
     def __init__(self, model: str, in_dim: int, n_out: int, model_args: dict, task: str,
                  lr: float, weight_decay: float, epochs: int, bag_weight: float,
                  survival_loss: str, class_weights: list[float] | None = None,
-                 standardize: bool = False):  # fmt: skip
+                 standardize: bool = False, cox_ties: str = "efron"):  # fmt: skip
         super().__init__()
         self.save_hyperparameters()
         self.model = make_mil(model, in_dim, n_out, **model_args)
         self.weights = torch.tensor(class_weights) if class_weights else None
+        # the Cox loss compares bags: validation collects the per-bag risks, times and events
+        # of the epoch (one bag per step) and scores them together at its end
+        self.val_risks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         # per-feature mean and std of the training instances (saved with the model)
         self.register_buffer("feature_mean", torch.zeros(in_dim))
         self.register_buffer("feature_std", torch.ones(in_dim))
@@ -93,8 +115,19 @@ class MILModule(L.LightningModule):
             w = self.weights.to(self.device) if self.weights is not None else None
             return F.cross_entropy(logits.float(), batch["y"], weight=w)
         if hp.survival_loss == "cox":
-            return cox_loss(logits[:, 0], batch["time"], batch["event"])
+            return cox_loss(logits[:, 0], batch["time"], batch["event"], self.cox_ties)
+        if "bin" not in batch:
+            raise ValueError("the nll loss needs time bins: use Targets.for_training")
         return nll_survival_loss(logits, batch["bin"], batch["event"])
+
+    @property
+    def cox_ties(self) -> str:
+        return self.hparams.get("cox_ties", "efron")
+
+    @property
+    def whole_set_loss(self) -> bool:
+        """The validation loss is the Cox loss of all validation bags together."""
+        return self.hparams.task == "survival" and self.hparams.survival_loss == "cox"
 
     def loss(self, batch: dict) -> torch.Tensor:
         hp = self.hparams
@@ -115,8 +148,21 @@ class MILModule(L.LightningModule):
         self.log("train_loss", loss, on_epoch=True, on_step=False, batch_size=len(batch["y"]))
         return loss
 
+    def on_validation_epoch_start(self) -> None:
+        self.val_risks.clear()
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        if self.whole_set_loss:  # the bag's risk, scored with the others at the epoch's end
+            risk = self(batch["x"], batch["mask"])["logits"][:, 0].float()  # B
+            self.val_risks.append((risk, batch["time"], batch["event"]))
+            return
         self.log("val_loss", self.loss(batch), on_epoch=True, batch_size=len(batch["y"]))
+
+    def on_validation_epoch_end(self) -> None:
+        if self.whole_set_loss and self.val_risks:
+            risk, time, event = (torch.cat(parts) for parts in zip(*self.val_risks, strict=True))
+            self.log("val_loss", cox_loss(risk, time, event, self.cox_ties))
+            self.val_risks.clear()
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -150,28 +196,48 @@ def read_labels(path: Path, task: str) -> list[dict]:
     return rows
 
 
-class Targets:
-    """Per-slide tensors of the training targets."""
+def bin_edges(rows: list[dict], time_bins: int) -> np.ndarray:
+    """The ``time_bins - 1`` inner edges of the discrete-time bins (Zadeh and Schmid, 2020):
+    quantiles of the event times of the patients of ``rows`` (of all their times when none
+    has an event), one value per patient, its first slide's (a patient's slides share time
+    and event), so patients with many slides do not weigh more."""
+    first: dict[str, dict] = {}
+    for r in rows:
+        first.setdefault(r["case_id"], r)
+    patients = list(first.values())
+    events = [r["time"] for r in patients if r["event"]]
+    times = np.array(events if events else [r["time"] for r in patients], dtype=float)
+    return np.quantile(times, np.linspace(0, 1, time_bins + 1))[1:-1]
 
-    def __init__(self, rows: list[dict], task: str, classes: list[str], time_bins: int):
-        self.task, self.classes = task, classes
+
+class Targets:
+    """Per-slide tensors of the training targets. For survival, the discrete-time bins are
+    fitted on a fold's training slides only (:meth:`for_training`); before that, batches have
+    time and event but no ``bin``."""
+
+    def __init__(self, rows: list[dict], task: str, classes: list[str], time_bins: int,
+                 train_ids: list[str] | None = None):  # fmt: skip
+        self.task, self.classes, self.time_bins = task, classes, time_bins
         self.by_id = {r["slide_id"]: r for r in rows}
-        if task == "survival":
-            times = (
-                np.array([r["time"] for r in rows if r["event"]])
-                if any(r["event"] for r in rows)
-                else np.array([r["time"] for r in rows])
-            )
-            self.edges = np.quantile(times, np.linspace(0, 1, time_bins + 1))[1:-1]
+        self.edges: np.ndarray | None = None
+        if task == "survival" and train_ids is not None:
+            self.edges = bin_edges([self.by_id[s] for s in train_ids], time_bins)
+
+    def for_training(self, train_ids: list[str]) -> Targets:
+        """These targets with the bins of :func:`bin_edges` of the slides ``train_ids``."""
+        return Targets(list(self.by_id.values()), self.task, self.classes, self.time_bins,
+                       train_ids)  # fmt: skip
 
     def batch(self, ids: list[str]) -> dict:
         rows = [self.by_id[s] for s in ids]
         if self.task == "classification":
             return {"y": torch.tensor([self.classes.index(r["label"]) for r in rows])}
         time = np.array([r["time"] for r in rows])
-        return {"y": torch.zeros(len(rows)), "time": torch.tensor(time, dtype=torch.float32),
-                "event": torch.tensor([r["event"] for r in rows], dtype=torch.float32),
-                "bin": torch.from_numpy(np.searchsorted(self.edges, time, side="right"))}  # fmt: skip
+        out = {"y": torch.zeros(len(rows)), "time": torch.tensor(time, dtype=torch.float32),
+               "event": torch.tensor([r["event"] for r in rows], dtype=torch.float32)}  # fmt: skip
+        if self.edges is not None:
+            out["bin"] = torch.from_numpy(np.searchsorted(self.edges, time, side="right"))
+        return out
 
 
 def bag_loader(ids, store, targets, cfg, train: bool, generator) -> DataLoader:
@@ -187,39 +253,80 @@ def bag_loader(ids, store, targets, cfg, train: bool, generator) -> DataLoader:
         counts = {c: labels.count(c) for c in set(labels)}
         weights = torch.tensor([1.0 / counts[c] for c in labels])
         sampler = WeightedRandomSampler(weights, len(ids), replacement=True, generator=generator)
-    # evaluation: one bag per step, or all bags at once for the Cox loss (it compares bags)
-    size = (
-        cfg.batch_size
-        if train
-        else (len(ids) if cfg.survival_loss == "cox" and cfg.task == "survival" else 1)
-    )
+    # evaluation: one whole bag per step (the Cox validation loss is computed from the
+    # collected per-bag risks at the end of the epoch, see MILModule)
+    size = cfg.batch_size if train else 1
     return DataLoader(ids, batch_size=max(1, size), sampler=sampler,
                       shuffle=train and sampler is None, collate_fn=collate_fn, generator=generator)  # fmt: skip
 
 
-def predict_bags(module: MILModule, ids, store, targets, cfg) -> list[np.ndarray]:
-    """Per whole bag: class probabilities (C) or the survival risk (1)."""
+def predict_logits(module: MILModule, ids, store, precision: str = "32-true") -> torch.Tensor:
+    """``N x C`` float32 logits (on the CPU) of the whole bags ``ids``, one bag at a time on
+    the module's device, under bf16 autocast when ``precision`` is bf16-mixed (as Lightning
+    trains with it)."""
     module.eval()
-    outs = []
-    with torch.inference_mode():
+    device = module.device
+    outs = [torch.zeros(0, module.hparams.n_out)]  # no bags: 0 x C
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                              enabled=precision.startswith("bf16"))  # fmt: skip
+    with torch.inference_mode(), autocast:
         for slide_id in ids:
-            x, mask = collate(store, [slide_id])
-            logits = module(x.to(module.device), mask.to(module.device))["logits"]
-            if cfg.task == "classification":
-                outs.append(torch.softmax(logits.float(), -1)[0].cpu().numpy())
-            else:
-                outs.append(survival_risk(logits, cfg.survival_loss).cpu().numpy())
-    return outs
+            x, mask = collate(store, [slide_id])  # 1 x N x D, 1 x N
+            logits = module(x.to(device), mask.to(device))["logits"]  # 1 x C
+            outs.append(logits.float().cpu())
+    return torch.cat(outs)
+
+
+def predict_bags(module: MILModule, ids, store, targets, cfg,
+                 precision: str = "32-true") -> list[np.ndarray]:  # fmt: skip
+    """Per whole bag: class probabilities (C) or the survival risk (1); see
+    :func:`predict_logits`."""
+    logits = predict_logits(module, ids, store, precision)  # N x C
+    if cfg.task == "classification":
+        return list(torch.softmax(logits, -1).numpy())
+    return list(survival_risk(logits, cfg.survival_loss)[:, None].numpy())
+
+
+def discrete_survival(logits: torch.Tensor, edges: np.ndarray,
+                      horizons: list[float]) -> np.ndarray:  # fmt: skip
+    """``N x H`` survival probabilities at ``horizons`` of the discrete-time model: the
+    probability of surviving every bin that ends at or before the horizon (bin ``k`` holds
+    times in ``[edges[k-1], edges[k])``), ``prod_{j<k} (1 - sigmoid(logits_j))`` for a
+    horizon in bin ``k``: deaths in a bin count at its end, as in the likelihood of
+    :func:`nll_survival_loss`. ``logits``: ``N x K``."""
+    surv = torch.cumprod(1 - torch.sigmoid(logits.double()), dim=1)  # N x K: after bin k
+    surv = torch.cat([torch.ones_like(surv[:, :1]), surv], dim=1)  # N x K+1: before bin k
+    k = torch.from_numpy(np.searchsorted(edges, np.asarray(horizons, float), side="right"))
+    return surv[:, k].numpy()  # N x H
+
+
+def cox_survival(train_risk: np.ndarray, train_time: np.ndarray, train_event: np.ndarray,
+                 risk: np.ndarray, horizons: list[float]) -> np.ndarray:  # fmt: skip
+    """``N x H`` survival probabilities at ``horizons`` of a Cox model, ``S_0(t) ^ exp(risk)``,
+    with the Breslow (1972) baseline survival ``S_0`` of the training slides' log hazards
+    (torchsurv ``baseline_survival_function``), a step function of time that is 1 before the
+    first training time; NaN without a training event."""
+    time = torch.as_tensor(np.asarray(train_time, np.float64).reshape(-1))  # M
+    event = torch.as_tensor(np.asarray(train_event).reshape(-1) > 0)  # M
+    new = torch.as_tensor(np.asarray(risk, np.float64).reshape(-1))  # N
+    at = torch.as_tensor(np.asarray(horizons, np.float64).reshape(-1))  # H
+    if len(time) < 2 or not bool(event.any()):
+        return np.full((len(new), len(at)), np.nan)
+    log_hz = torch.as_tensor(np.asarray(train_risk, np.float64).reshape(-1))  # M
+    baseline = baseline_survival_function(log_hz, event, time)  # at the sorted unique times
+    step = torch.searchsorted(baseline["time"], at, right=True) - 1  # H: last time <= t
+    s0 = torch.where(step >= 0, baseline["baseline_survival"][step.clamp_min(0)], 1.0)  # H
+    return (s0[None, :] ** torch.exp(new)[:, None]).numpy()  # N x H
 
 
 # the settings that change a fold's model or predictions; the others (bootstrap, ordinal,
 # progress, device, out, missing, the spelling of paths) only change how results are reported
 TRAINING_SETTINGS = ("model", "model_args", "task", "epochs", "patience", "lr", "weight_decay",
                      "batch_size", "max_instances", "standardize", "balanced", "bag_weight",
-                     "survival_loss", "time_bins", "seed", "precision")  # fmt: skip
+                     "survival_loss", "cox_ties", "time_bins", "seed", "precision")  # fmt: skip
 
 
-def training_fingerprint(cfg: TrainMILConfig, store: BagStore, splits: list[dict]) -> dict:
+def training_fingerprint(cfg: TrainMILConfig, store: BaseBagStore, splits: list[dict]) -> dict:
     """What finished folds depend on: the training settings, the labels file's content, the
     feature files read and the splits (a change of any retrains the folds)."""
     settings = config_to_dict(cfg)
@@ -308,7 +415,8 @@ def train_cv(cfg: TrainMILConfig) -> dict:
     made_with = previous.get("splits") if "training" in previous else None  # older runs: unknown
     splits = run_splits(cfg, out, rows, made_with)
     folds = sum(1 for k in splits[0] if k.startswith("fold_"))
-    store = BagStore(cfg.features, [r["slide_id"] for r in rows])
+    budget = None if cfg.memory_budget_gb is None else int(cfg.memory_budget_gb * 1e9)
+    store = open_bag_store(cfg.features, [r["slide_id"] for r in rows], cfg.store, budget)
     record = {"training": training_fingerprint(cfg, store, splits), "splits": split_settings(cfg)}
     if previous.get("training") != record["training"]:  # other inputs or settings: start over
         for fold_dir in out.glob("fold_*"):
@@ -326,6 +434,7 @@ def train_cv(cfg: TrainMILConfig) -> dict:
         else (1 if cfg.survival_loss == "cox" else cfg.time_bins)
     )
     known = set(targets.by_id)
+    horizons = _horizons(rows) if cfg.task == "survival" else []
     predictions = []
     bar = tqdm(total=folds * cfg.epochs, desc=f"train-mil {out.parent.name}/{out.name}",
                unit="epoch", disable=not cfg.progress)  # fmt: skip
@@ -338,12 +447,23 @@ def train_cv(cfg: TrainMILConfig) -> dict:
         }
         bar.set_postfix(fold=f"{k + 1}/{folds}")
         if not done.is_file():
-            _train_fold(cfg, k, fold_dir, roles, store, targets, n_out, classes, bar)
+            _train_fold(cfg, k, fold_dir, roles, store, targets, n_out, classes, bar, horizons)
         bar.update(cfg.epochs * (k + 1) - bar.n)  # early stopping skips the rest of a fold
         with open(done, newline="") as f:
             predictions += list(csv.DictReader(f))
     bar.close()
     return _write_results(cfg, out, predictions, classes, targets)
+
+
+def _horizons(rows: list[dict]) -> list[float]:
+    """The times the survival metrics are evaluated at (:func:`survival_horizons`): quartiles
+    of the patients' event times (one per patient, its first slide's), the same in every fold
+    (they are not used in training)."""
+    first: dict[str, dict] = {}
+    for r in rows:
+        first.setdefault(r["case_id"], r)
+    patients = list(first.values())
+    return survival_horizons([r["time"] for r in patients], [r["event"] for r in patients])
 
 
 class _EpochBar(L.Callback):
@@ -356,26 +476,47 @@ class _EpochBar(L.Callback):
         self.bar.update(1)
 
 
+def mil_device(cfg: TrainMILConfig) -> torch.device:
+    """The device train-mil trains and predicts on: ``cfg.device`` (cpu, cuda or cuda:N),
+    or with auto the GPU when torch sees one, else the CPU."""
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError as exc:
+        raise ConfigError(f"device '{cfg.device}': use auto, cpu, cuda or cuda:N") from exc
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device '{cfg.device}': use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device '{cfg.device}', but torch sees no GPU; use auto or cpu")
+    return device
+
+
 def mil_trainer(cfg: TrainMILConfig, **kwargs) -> L.Trainer:
-    """One-device Lightning trainer: GPU with bf16 autocast when present, else CPU. Progress
-    is shown per epoch over all folds by :func:`train_cv`, not per step."""
-    cuda = torch.cuda.is_available() and cfg.device != "cpu"
+    """One-device Lightning trainer on :func:`mil_device`: a GPU with bf16 autocast (precision
+    auto), or the CPU. Progress is shown per epoch over all folds by :func:`train_cv`, not per
+    step."""
+    device = mil_device(cfg)
+    cuda = device.type == "cuda"
     precision = cfg.precision if cfg.precision != "auto" else ("bf16-mixed" if cuda else "32-true")
-    return L.Trainer(max_epochs=cfg.epochs, accelerator="gpu" if cuda else "cpu", devices=1,
+    devices = [device.index] if cuda and device.index is not None else 1
+    return L.Trainer(max_epochs=cfg.epochs, accelerator="gpu" if cuda else "cpu", devices=devices,
                      precision=precision, enable_progress_bar=False,
                      enable_model_summary=False, log_every_n_steps=1, num_sanity_val_steps=0,
                      **kwargs)  # fmt: skip
 
 
-def _train_fold(cfg, k, fold_dir, roles, store, targets, n_out, classes, bar) -> None:
+def _train_fold(cfg, k, fold_dir, roles, store, targets, n_out, classes, bar,
+                horizons: list[float] = ()) -> None:  # fmt: skip
     if fold_dir.exists():
         shutil.rmtree(fold_dir)
     fold_dir.mkdir(parents=True)
     L.seed_everything(cfg.seed + k, verbose=False)
     generator = torch.Generator().manual_seed(cfg.seed + k)
+    targets = targets.for_training(roles["train"])  # bins from the fold's training patients
     module = MILModule(cfg.model, store.dim, n_out, dict(cfg.model_args), cfg.task, cfg.lr,
                        cfg.weight_decay, cfg.epochs, cfg.bag_weight, cfg.survival_loss,
-                       standardize=cfg.standardize)  # fmt: skip
+                       standardize=cfg.standardize, cox_ties=cfg.cox_ties)  # fmt: skip
     if cfg.standardize:
         module.feature_mean, module.feature_std = store.statistics(roles["train"])
     # with a validation split: the best epoch by validation loss, and early stopping;
@@ -388,21 +529,32 @@ def _train_fold(cfg, k, fold_dir, roles, store, targets, n_out, classes, bar) ->
     trainer = mil_trainer(cfg, logger=CSVLogger(fold_dir, name="", version=""), callbacks=callbacks)
     train = bag_loader(roles["train"], store, targets, cfg, True, generator)
     val = bag_loader(roles["val"], store, targets, cfg, False, generator) if roles["val"] else None
-    trainer.fit(module, train, val)
+    with warnings.catch_warnings():
+        if val is None:  # no validation split: the last epoch is the model, by design
+            warnings.filterwarnings("ignore", message="You defined a `validation_step` but have no")
+        trainer.fit(module, train, val)
+    # the best epoch, predicted on the device and with the precision it was trained with
+    device = trainer.strategy.root_device
     best = MILModule.load_from_checkpoint(
-        ckpt.best_model_path or ckpt.last_model_path, map_location="cpu"
-    )
-    outs = predict_bags(best, roles["test"], store, targets, cfg)
+        ckpt.best_model_path or ckpt.last_model_path, map_location=device
+    ).to(device)
+    logits = predict_logits(best, roles["test"], store, str(trainer.precision))  # N x C
+    if cfg.task == "classification":
+        outs = list(torch.softmax(logits, -1).numpy())
+    else:
+        outs = list(survival_risk(logits, cfg.survival_loss)[:, None].numpy())
+        surv = _fold_survival(cfg, best, roles, store, targets, logits, horizons,
+                              str(trainer.precision))  # fmt: skip
     with atomic_path(fold_dir / "predictions.csv") as tmp, open(tmp, "w", newline="") as f:
         fields = ["slide_id", "case_id", "fold", "label"]
         fields += (
             [f"prob_{c}" for c in classes]
             if cfg.task == "classification"
-            else ["time", "event", "risk"]
+            else ["time", "event", "risk", *(f"surv_{h:g}" for h in horizons)]
         )
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
-        for slide_id, value in zip(roles["test"], outs, strict=True):
+        for i, (slide_id, value) in enumerate(zip(roles["test"], outs, strict=True)):
             r = targets.by_id[slide_id]
             row = {"slide_id": slide_id, "case_id": r["case_id"], "fold": k, "label": r["label"]}
             if cfg.task == "classification":
@@ -411,7 +563,30 @@ def _train_fold(cfg, k, fold_dir, roles, store, targets, n_out, classes, bar) ->
                 row.update(
                     {"time": r["time"], "event": r["event"], "risk": f"{float(value[0]):.6f}"}
                 )
+                row.update(
+                    {f"surv_{h:g}": f"{s:.6f}" for h, s in zip(horizons, surv[i], strict=True)}
+                )
             writer.writerow(row)
+
+
+def _fold_survival(cfg, best, roles, store, targets, logits, horizons, precision) -> np.ndarray:
+    """``N x H`` predicted survival of the test slides at ``horizons``: from the hazards of
+    the discrete-time model, or for Cox from the Breslow baseline of the training slides."""
+    if not horizons:
+        return np.zeros((len(logits), 0))
+    if cfg.survival_loss != "cox":
+        return discrete_survival(logits, targets.edges, horizons)
+    train_risk = predict_logits(best, roles["train"], store, precision)[:, 0].numpy()
+    rows = [targets.by_id[s] for s in roles["train"]]
+    return cox_survival(train_risk, np.array([r["time"] for r in rows]),
+                        np.array([r["event"] for r in rows]), logits[:, 0].numpy(), horizons)  # fmt: skip
+
+
+def _nan_stat(stat, values: list[float]) -> float:
+    """``stat`` (nanmean, nanstd) over the finite fold values; NaN when none is (a metric
+    undefined in every fold, e.g. an AUC without a second class)."""
+    values = np.asarray(values, np.float64)
+    return float(stat(values)) if np.isfinite(values).any() else float("nan")
 
 
 def _scores(cfg, rows: list[dict], classes: list[str]) -> dict[str, float]:
@@ -420,7 +595,10 @@ def _scores(cfg, rows: list[dict], classes: list[str]) -> dict[str, float]:
         probs = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in rows])
         return classification_metrics(y, probs, cfg.ordinal)
     t, e, risk = (np.array([float(r[k]) for r in rows]) for k in ("time", "event", "risk"))
-    return {"c_index": concordance_index(t, e, risk)}
+    cols = [k for k in rows[0] if k.startswith("surv_")]  # predicted survival at horizons
+    horizons = [float(k[len("surv_") :]) for k in cols]
+    survival = np.array([[float(r[k]) for k in cols] for r in rows]) if cols else None
+    return survival_metrics(t, e, risk, survival, horizons or None)
 
 
 def _write_results(cfg, out: Path, predictions: list[dict], classes, targets) -> dict:
@@ -439,8 +617,8 @@ def _write_results(cfg, out: Path, predictions: list[dict], classes, targets) ->
     }
     metrics = {
         "model": cfg.model, "task": cfg.task, "folds": per_fold,
-        "mean": {n: float(np.nanmean([f[n] for f in per_fold])) for n in names},
-        "std": {n: float(np.nanstd([f[n] for f in per_fold])) for n in names},
+        "mean": {n: _nan_stat(np.nanmean, [f[n] for f in per_fold]) for n in names},
+        "std": {n: _nan_stat(np.nanstd, [f[n] for f in per_fold]) for n in names},
         "pooled": pooled, "n_slides": len(predictions), "classes": classes,
     }  # fmt: skip
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))

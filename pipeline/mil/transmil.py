@@ -106,7 +106,9 @@ class TransLayer(nn.Module):
 
 class PPEG(nn.Module):
     """Pyramid position encoding: 7x7, 5x5 and 3x3 depthwise convolutions of the tokens laid
-    out on a square grid, added to them (the class token passes through)."""
+    out on a square grid, added to them (the class token passes through). Each bag has its
+    own grid: bag ``b``'s first ``sides[b]^2`` tokens, row by row; the tokens after them
+    (batch padding) pass through."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -114,11 +116,16 @@ class PPEG(nn.Module):
             nn.Conv2d(dim, dim, k, padding=k // 2, groups=dim) for k in (7, 5, 3)
         )
 
-    def forward(self, x: torch.Tensor, side: int) -> torch.Tensor:
-        cls, tokens = x[:, :1], x[:, 1:]  # B x 1 x D, B x side^2 x D
-        grid = tokens.transpose(1, 2).reshape(x.shape[0], -1, side, side)  # B x D x s x s
-        grid = grid + sum(conv(grid) for conv in self.convs)
-        return torch.cat([cls, grid.flatten(2).transpose(1, 2)], dim=1)
+    def forward(self, x: torch.Tensor, sides: list[int]) -> torch.Tensor:
+        cls, tokens = x[:, :1], x[:, 1:]  # B x 1 x D, B x L x D (L >= every side^2)
+        out = tokens.clone()
+        for side in sorted(set(sides)):  # the bags of one grid size together
+            rows = torch.tensor([b for b, s in enumerate(sides) if s == side], device=x.device)
+            cells = tokens[rows, : side * side]  # b x s^2 x D
+            grid = cells.transpose(1, 2).reshape(len(rows), -1, side, side)  # b x D x s x s
+            grid = grid + sum(conv(grid) for conv in self.convs)
+            out[rows, : side * side] = grid.flatten(2).transpose(1, 2)
+        return torch.cat([cls, out], dim=1)
 
 
 @register_mil("transmil")
@@ -133,8 +140,13 @@ class TransMIL(nn.Module):
         landmarks: Nystrom landmarks (256 in the paper; fewer for small bags).
         dropout: attention output dropout.
 
-    Bags are laid out on the smallest square grid; the filler cells are masked. ``attention``
-    is the class token's (approximate) attention over the instances in the last layer.
+    Each bag is laid out on its own smallest square grid, ``ceil(sqrt(n))`` cells a side for
+    ``n`` instances, its instances in order and then its first instances again to fill the
+    grid, as in the reference implementation; so a bag's output does not depend on the other
+    bags of its batch (up to the Nystrom landmarks of bags over four times the landmark
+    count, which depend on the padded length). ``attention`` is the class token's
+    (approximate) attention over the instances in the last layer, that of a repeated
+    instance's copies summed.
     """
 
     def __init__(self, in_dim: int, n_classes: int, hidden: int = 512, heads: int = 8,
@@ -150,15 +162,28 @@ class TransMIL(nn.Module):
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor, labels=None) -> dict:
         b, n, _ = features.shape
-        side = max(1, math.ceil(math.sqrt(n)))
-        h = self.embed(features) * mask.unsqueeze(-1)  # B x N x H, padding zeroed
-        h = F.pad(h, (0, 0, 0, side * side - n))  # B x side^2 x H
-        grid_mask = F.pad(mask, (0, side * side - n), value=False)
-        x = torch.cat([self.cls_token.expand(b, -1, -1), h], dim=1)
-        full_mask = torch.cat([torch.ones_like(mask[:, :1]), grid_mask], dim=1)
+        counts = mask.sum(1)  # B: instances per bag
+        # each bag's grid side, ceil(sqrt(count)) (an empty bag: one masked cell)
+        sides = [math.isqrt(c - 1) + 1 if c > 0 else 1 for c in counts.tolist()]
+        cells = max(s * s for s in sides)  # L: the longest grid
+        # cell p of bag b holds its (p mod count)-th instance: the instances in order, then
+        # the first ones again up to side^2 (fewer than count of them)
+        order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)  # B x N: real first
+        p = torch.arange(cells, device=mask.device)  # L
+        source = order.gather(1, p % counts.clamp_min(1)[:, None])  # B x L
+        areas = torch.tensor([s * s for s in sides], device=mask.device)  # B
+        grid_mask = (p < areas[:, None]) & (counts[:, None] > 0)  # B x L
+        h = self.embed(features)  # B x N x H
+        h = h.gather(1, source[..., None].expand(-1, -1, h.shape[-1]))  # B x L x H
+        h = h * grid_mask.unsqueeze(-1)  # padding zeroed
+        x = torch.cat([self.cls_token.expand(b, -1, -1), h], dim=1)  # B x 1+L x H
+        full_mask = torch.cat([torch.ones_like(mask[:, :1]), grid_mask], dim=1)  # B x 1+L
         x, _ = self.layer1(x, full_mask)
-        x = self.ppeg(x * full_mask.unsqueeze(-1), side)
+        x = self.ppeg(x * full_mask.unsqueeze(-1), sides)
         x, attention = self.layer2(x, full_mask)
         cls = self.norm(x)[:, 0]  # B x H
-        weights = attention[:, 1 : n + 1] * mask  # B x N
+        # the class token's attention per instance: its cells' attention summed
+        cell_attention = attention[:, 1:] * grid_mask  # B x L
+        weights = torch.zeros_like(mask, dtype=cell_attention.dtype)  # B x N
+        weights = weights.scatter_add(1, source, cell_attention) * mask
         return {"logits": self.classifier(cls), "attention": weights, "embedding": cls}

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import GroupKFold, cross_val_predict
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
@@ -23,6 +22,7 @@ from sklearn.preprocessing import StandardScaler
 
 from pipeline.data.tiles import TileDataset
 from pipeline.errors import PipelineError
+from pipeline.mil.metrics import balanced_accuracy
 
 
 def read_labelled_tiles(
@@ -88,7 +88,7 @@ def knn_probe(features: np.ndarray, labels: np.ndarray, groups: np.ndarray, k: i
         knn = KNeighborsClassifier(n_neighbors=min(k, len(train)), metric="cosine",
                                    weights="distance")  # fmt: skip
         pred[test] = knn.fit(x[train], labels[train]).predict(x[test])
-    return float(balanced_accuracy_score(labels, pred))
+    return balanced_accuracy(labels, pred)
 
 
 def linear_probe(features: np.ndarray, labels: np.ndarray, groups: np.ndarray, c: float = 1.0,
@@ -96,4 +96,4 @@ def linear_probe(features: np.ndarray, labels: np.ndarray, groups: np.ndarray, c
     """Balanced accuracy of standardised logistic regression (L-BFGS), cross-validated by slide."""
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
     pred = cross_val_predict(clf, features, labels, groups=groups, cv=_folds(groups, folds))
-    return float(balanced_accuracy_score(labels, pred))
+    return balanced_accuracy(labels, pred)

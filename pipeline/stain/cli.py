@@ -4,11 +4,17 @@ cpath stain --action fit --method macenko --target TILE.png --out stain.json
 cpath stain --action apply --stain stain.json --input IN.png --out OUT.png
 cpath stain --action apply --stain stain.json --input SLIDE.svs --region x,y,w,h --out OUT.png
 cpath stain --action report --stain stain.json --input runs/prep/coords --out report.json
+cpath stain --action report --stain stain.json --input runs/prep/coords --encoder runs/pretrain/encoder
+
+The report measures how strongly tiles cluster by slide before and after normalization
+(:mod:`pipeline.stain.report`), on the tiles' colour statistics or, with ``--encoder``, on
+that encoder's features; the report and its log say which were measured.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -22,6 +28,7 @@ from pipeline.io import atomic_path, atomic_write_text
 from pipeline.stain.base import STAIN_METHODS, load_normalizer, make_normalizer
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,6 +44,10 @@ class StainConfig:
         region: apply on a slide: "x,y,w,h" in level-0 px (read at level 0).
         out: output file: stain.json (fit), PNG (apply), report JSON (report).
         tiles_per_slide: report: tiles sampled per slide.
+        encoder: report: measure this encoder's features instead of colour statistics (an
+            exported folder, timm:<arch> or hf-hub:<org>/<name>, as `cpath extract --encoder`).
+        encoder_weights: report: local weights for a timm:<arch> encoder or, of the same
+            architecture, for an exported folder (as `cpath extract --encoder_weights`).
         device: cpu or cuda.
     """
 
@@ -50,6 +61,8 @@ class StainConfig:
     region: str | None = None
     out: Path | None = None
     tiles_per_slide: int = 32
+    encoder: str | None = None
+    encoder_weights: Path | None = None
     device: str = "cpu"
 
 
@@ -114,31 +127,58 @@ def apply(cfg: StainConfig) -> Path:
     return out
 
 
-def report(cfg: StainConfig) -> dict:
+def sample_tiles(coords: Path, per_slide: int, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+    """``(N x 3 x H x W uint8 tiles, N slide indices)``: up to ``per_slide`` tiles of every
+    coords file in ``coords`` (a seeded sample), the tiles the report measures."""
     from pipeline.data.tiles import TileDataset
-    from pipeline.stain.report import colour_features, slide_clustering
 
-    coords = _require(cfg.input, "--input COORDS_DIR (from cpath preprocess)", "report")
-    normalizer = load_normalizer(_require(cfg.stain, "--stain stain.json", "report"), cfg.device)
     files = sorted(coords.glob("*.h5"))
     if len(files) < 2:
         raise PipelineError(f"{coords}: need coords files of at least two slides")
     dataset = TileDataset(files)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     picks, slides = [], []
     for s in range(len(files)):
         start, stop = int(dataset.offsets[s]), int(dataset.offsets[s + 1])
-        rows = rng.choice(
-            np.arange(start, stop), min(cfg.tiles_per_slide, stop - start), replace=False
-        )
+        rows = rng.choice(np.arange(start, stop), min(per_slide, stop - start), replace=False)
         picks += rows.tolist()
         slides += [s] * len(rows)
-    tiles = torch.stack([dataset[i]["image"] for i in picks]).to(cfg.device)
+    tiles = torch.stack([dataset[i]["image"] for i in picks])
+    dataset.close()
+    return tiles, np.array(slides)
+
+
+def report(cfg: StainConfig) -> dict:
+    """Slide clustering (:func:`pipeline.stain.report.slide_clustering`) of sampled tiles
+    before and after normalization, measured on their colour statistics or, with
+    ``cfg.encoder``, on that encoder's features (``"features"`` in the result says which)."""
+    from pipeline.stain import report as measures
+
+    coords = _require(cfg.input, "--input COORDS_DIR (from cpath preprocess)", "report")
+    normalizer = load_normalizer(_require(cfg.stain, "--stain stain.json", "report"), cfg.device)
+    if cfg.encoder:
+        from pipeline.encoders import load_encoder
+
+        with torch.random.fork_rng(devices=[]):  # random-init encoders (timm:<arch>) repeat
+            torch.manual_seed(0)
+            encoder = load_encoder(cfg.encoder, weights=cfg.encoder_weights, device=cfg.device)
+        measured = f"features of encoder {encoder.name}"
+
+        def describe(images: torch.Tensor) -> np.ndarray:
+            return measures.encoder_features(encoder, images)
+    else:
+        measured, describe = measures.COLOUR_STATISTICS, measures.colour_features
+    tiles, slides = sample_tiles(coords, cfg.tiles_per_slide)
+    tiles = tiles.to(cfg.device)
     normalized = torch.cat([normalizer(tiles[i : i + 256]) for i in range(0, len(tiles), 256)])
+    log.info("stain report: slide clustering of %d tiles of %d slides, measured on %s",
+             len(tiles), len(np.unique(slides)), measured)  # fmt: skip
+    before, after = describe(tiles), describe(normalized)  # N x D each
     result = {
-        "features": "colour statistics (RGB and L*a*b* mean and std)",
-        "before": slide_clustering(colour_features(tiles), np.array(slides)),
-        "after": slide_clustering(colour_features(normalized), np.array(slides)),
+        "features": measured,
+        "feature_dim": int(before.shape[1]),
+        "before": measures.slide_clustering(before, slides),
+        "after": measures.slide_clustering(after, slides),
         "passthrough": normalizer.passthrough,
         "method": normalizer.method,
     }
@@ -155,6 +195,7 @@ def run(cfg: StainConfig) -> None:
         print(f"normalized -> {apply(cfg)}")
     else:
         r = report(cfg)
+        print(f"slide clustering measured on {r['features']} ({r['feature_dim']} per tile)")
         for when in ("before", "after"):
             m = r[when]
             print(f"{when:>6} normalization: slide-ID probe accuracy {m['slide_probe_accuracy']:.3f} "

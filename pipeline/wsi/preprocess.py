@@ -39,7 +39,7 @@ from pipeline.errors import ConfigError, PipelineError
 from pipeline.io import atomic_path, atomic_write_text, shard_suffix, write_manifest
 from pipeline.wsi.contours import mask_polygons, polygons_to_geojson
 from pipeline.wsi.coords import read_coords, write_coords
-from pipeline.wsi.reader import Slide
+from pipeline.wsi.reader import MPP_RANGE, Slide
 from pipeline.wsi.slides import SlideEntry, list_slides, parse_shard, shard_slides
 from pipeline.wsi.tiling import tile_grid
 from pipeline.wsi.tissue import TISSUE_METHODS, TissueConfig, make_tissue_detector
@@ -61,7 +61,7 @@ class PreprocessConfig:
         tile_size: tile side in px at the target resolution.
         overlap: overlap of neighbouring tiles in px at the target resolution.
         min_tissue: keep tiles whose tissue share is at least this (0-1).
-        level0_mpp: level-0 resolution of slides whose metadata has none.
+        level0_mpp: level-0 resolution (um per px) of every slide, overriding its metadata (a slide list's mpp column sets it per slide); a value more than 5% from the metadata's is logged as a warning.
         workers: slides processed in parallel (processes).
         shard: "i/n" to process every n-th slide from the i-th (else SLURM array task x torchrun or srun rank).
         thumbnails: write QC thumbnails.
@@ -98,6 +98,11 @@ class PreprocessConfig:
             raise ConfigError(f"--overlap must be in [0, tile_size), got {self.overlap}")
         if not 0.0 <= self.min_tissue <= 1.0:
             raise ConfigError(f"--min-tissue must be in [0, 1], got {self.min_tissue}")
+        if self.level0_mpp is not None and not MPP_RANGE[0] <= self.level0_mpp <= MPP_RANGE[1]:
+            raise ConfigError(
+                f"--level0-mpp {self.level0_mpp} is not a level-0 resolution in um per px "
+                f"({MPP_RANGE[0]}-{MPP_RANGE[1]}; 0.25 is typical of 40x, 0.5 of 20x)"
+            )
         if self.tissue.method not in TISSUE_METHODS:
             raise ConfigError(f"unknown --tissue.method '{self.tissue.method}'; "
                               f"known: {', '.join(sorted(TISSUE_METHODS))}")  # fmt: skip
@@ -111,7 +116,12 @@ class PreprocessConfig:
             "min_tissue": self.min_tissue,
             "tissue_method": self.tissue.method,
             "tissue_params": json.dumps(asdict(self.tissue), sort_keys=True),
+            "tissue_rules": TISSUE_RULES,
         }
+
+
+# The version of the tissue and ink rules: coords files made by other rules are redone.
+TISSUE_RULES = 2
 
 
 def _same(stored: object, wanted: object) -> bool:
@@ -123,6 +133,10 @@ def _same(stored: object, wanted: object) -> bool:
 def _is_done(coords_path: Path, params: dict, entry: SlideEntry) -> dict | None:
     """Attributes of an existing coords file made from ``entry``'s slide with ``params``
     and the level-0 mpp the slide resolves to now, else None.
+
+    A given mpp (``entry.level0_mpp``) overrides the metadata: a file made from the
+    metadata is redone when a value is given now, and a file made from a given value is
+    redone when that value changed or is no longer given.
 
     Files it cannot judge (unreadable, another tool's or an older schema, a key
     missing) are not done: the slide is processed again.
@@ -136,9 +150,10 @@ def _is_done(coords_path: Path, params: dict, entry: SlideEntry) -> dict | None:
         if attrs.get("slide_path") != str(Path(entry.path).resolve()):
             return None
         # The metadata resolves as before (same file); only a user-given mpp can change.
-        if attrs.get("mpp_source") == "override" and not (
-            entry.level0_mpp is not None and _same(attrs.get("level0_mpp"), entry.level0_mpp)
-        ):
+        if attrs.get("mpp_source") == "override":
+            if entry.level0_mpp is None or not _same(attrs.get("level0_mpp"), entry.level0_mpp):
+                return None
+        elif entry.level0_mpp is not None:
             return None
         return attrs
     except Exception as exc:  # noqa: BLE001 - any doubt means redo the slide
@@ -198,6 +213,9 @@ def process_slide(entry: SlideEntry, cfg: PreprocessConfig) -> dict:
             return row
         _remove_stale_temporaries(out, entry.slide_id)
         with Slide(entry.path, level0_mpp=entry.level0_mpp) as slide:
+            warning = slide.override_warning()
+            if warning:
+                log.warning("slide %s: %s", entry.slide_id, warning)
             level0_mpp = slide.mpp
             row.update(level0_mpp=round(level0_mpp, 6), mpp_source=slide.mpp_source)
             thumb = slide.thumbnail_at_mpp(cfg.tissue.mpp)

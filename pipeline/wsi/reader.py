@@ -5,15 +5,17 @@ Sakura, Ventana, Zeiss, DICOM, generic tiled TIFF). Other images (non-tiled TIFF
 PNG, JPEG) up to ``MAX_PLAIN_PIXELS`` are read whole through tifffile or Pillow as a
 one-level slide; larger ones are refused with a request to convert them.
 
-The level-0 mpp is resolved by a chain, and its source is recorded:
+The level-0 mpp is a value given by the user (``--level0-mpp`` or a CSV column; source
+``override``) when there is one: it overrides the metadata, so that a slide whose
+metadata is wrong can be corrected. Otherwise it is resolved from the metadata by a
+chain, and its source is recorded:
 
 1. ``openslide``: the vendor's own metadata, as OpenSlide reports ``openslide.mpp-x``
    (source ``aperio-mpp`` when it comes from an Aperio ``MPP`` field, ``tiff-resolution``
    for generic TIFFs, else ``openslide-<vendor>``);
 2. ``tiff-resolution``: the TIFF XResolution/YResolution tags (unit cm or inch);
 3. ``aperio-mpp``: the ``|MPP = ..`` field of an Aperio ImageDescription;
-4. ``objective-power``: the objective magnification (40x -> 0.25, 20x -> 0.5 mpp);
-5. ``override``: a value given by the user (``--level0-mpp`` or a CSV column).
+4. ``objective-power``: the objective magnification (40x -> 0.25, 20x -> 0.5 mpp).
 
 Coordinates are always level-0 pixels; sizes say at which mpp they are.
 """
@@ -34,6 +36,7 @@ from pipeline.errors import SlideError
 
 MPP_RANGE = (0.05, 50.0)  # plausible level-0 resolutions; outside is metadata junk
 MPP_TOLERANCE = 0.02  # relative difference of resolutions read as equal (scanner calibration)
+MPP_OVERRIDE_WARNING = 0.05  # a given mpp this far from the metadata's is logged as a warning
 
 try:  # OpenSlide's C read into our own buffer (openslide-python's ctypes binding)
     from ctypes import POINTER, c_uint32
@@ -97,6 +100,20 @@ def mpp_from_tiff_tags(x_res: float | None, y_res: float | None, unit: str | Non
 
 
 def resolve_mpp(properties: dict[str, str], override: float | None = None) -> Resolution | None:
+    """The level-0 resolution: ``override`` (a user's value) when given, else the metadata's.
+
+    Raises ``ValueError`` for an override outside :data:`MPP_RANGE`.
+    """
+    if override is not None:
+        if not _plausible(override):
+            raise ValueError(
+                f"level-0 mpp {override} is outside {MPP_RANGE[0]}-{MPP_RANGE[1]} um per px"
+            )
+        return Resolution(float(override), float(override), "override")
+    return metadata_mpp(properties)
+
+
+def metadata_mpp(properties: dict[str, str]) -> Resolution | None:
     """Apply the mpp chain (module docstring) to OpenSlide-style ``properties``."""
     vendor = properties.get("openslide.vendor", "")
     mx, my = _float(properties.get("openslide.mpp-x")), _float(properties.get("openslide.mpp-y"))
@@ -129,9 +146,6 @@ def resolve_mpp(properties: dict[str, str], override: float | None = None) -> Re
     power = _float(properties.get("openslide.objective-power") or properties.get("aperio.AppMag"))
     if power and _plausible(10.0 / power):
         return Resolution(10.0 / power, 10.0 / power, "objective-power")
-
-    if _plausible(override):
-        return Resolution(float(override), float(override), "override")
     return None
 
 
@@ -217,6 +231,9 @@ def _to_rgb(array: np.ndarray, path: Path) -> np.ndarray:
 class Slide:
     """A whole-slide image with its level-0 resolution.
 
+    ``level0_mpp``, when given, is the slide's level-0 um per px and overrides its
+    metadata (:attr:`metadata_resolution` keeps what the metadata says).
+
     >>> with Slide("x.svs") as s:
     ...     tile = s.read_at_mpp((1024, 2048), 256, 0.5)  # 256 x 256 RGB at 0.5 um/px
     """
@@ -234,7 +251,13 @@ class Slide:
         self.level_dimensions = tuple(tuple(d) for d in self._handle.level_dimensions)
         self.level_downsamples = tuple(float(d) for d in self._handle.level_downsamples)
         self.dimensions = self.level_dimensions[0]
-        self.resolution = resolve_mpp(self.properties, level0_mpp)
+        self.metadata_resolution = metadata_mpp(self.properties)
+        try:
+            self.resolution = resolve_mpp(self.properties, level0_mpp)
+        except ValueError as exc:
+            self.close()
+            raise SlideError(f"{self.path}: the given {exc}; check --level0-mpp or the "
+                             "slide list's 'mpp' column.") from None  # fmt: skip
 
     def _open(self):
         import openslide
@@ -274,14 +297,28 @@ class Slide:
         if self.resolution is None:
             raise SlideError(
                 f"{self.path}: no resolution (mpp) in the file's metadata (no OpenSlide mpp, "
-                "TIFF resolution tags, Aperio MPP or objective power). Give it with "
-                "--level0-mpp (all such slides) or an 'mpp' column in the slide list CSV."
+                "TIFF resolution tags, Aperio MPP or objective power). Give it with an 'mpp' "
+                "column in the slide list CSV, or --level0-mpp (for every slide of the run)."
             )
         return self.resolution.mpp
 
     @property
     def mpp_source(self) -> str | None:
         return None if self.resolution is None else self.resolution.source
+
+    def override_warning(self) -> str | None:
+        """A message when a given level-0 mpp departs from the metadata's by more than
+        :data:`MPP_OVERRIDE_WARNING`, else None."""
+        given, meta = self.resolution, self.metadata_resolution
+        if given is None or given.source != "override" or meta is None:
+            return None
+        change = given.mpp / meta.mpp - 1
+        if abs(change) <= MPP_OVERRIDE_WARNING:
+            return None
+        return (
+            f"{self.path}: the given level-0 mpp {given.mpp:g} overrides {meta.mpp:g} from "
+            f"the slide's metadata ({meta.source}), {change:+.0%} apart; {given.mpp:g} is used"
+        )
 
     def best_level(self, downsample: float) -> int:
         """Coarsest level whose downsample does not exceed ``downsample`` (1% tolerance)."""

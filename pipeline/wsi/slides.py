@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import ConfigError
+from pipeline.wsi.reader import MPP_RANGE
 
 SLIDE_SUFFIXES = {
     ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".svslide",
@@ -22,7 +23,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SlideEntry:
-    """One slide to process: its id (output file stem), path and optional mpp override."""
+    """One slide to process: its id (output file stem), path and optional level-0 mpp,
+    which overrides the slide's metadata."""
 
     slide_id: str
     path: Path
@@ -50,6 +52,11 @@ def _from_csv(path: Path) -> list[SlideEntry]:
             mpp = float(mpp_text) if mpp_text.strip() else None
         except ValueError:
             raise ConfigError(f"{path}, line {i}: mpp '{mpp_text}' is not a number.") from None
+        if mpp is not None and not MPP_RANGE[0] <= mpp <= MPP_RANGE[1]:
+            raise ConfigError(
+                f"{path}, line {i}: mpp {mpp_text} is not a level-0 resolution in um per px "
+                f"({MPP_RANGE[0]}-{MPP_RANGE[1]}; 0.25 is typical of 40x, 0.5 of 20x)."
+            )
         entries.append(SlideEntry(row.get("slide_id") or _slide_id(slide), slide, mpp))
     return entries
 
@@ -100,11 +107,11 @@ def list_slides(
     """Slides named by ``spec``: a folder (searched recursively), a glob, a CSV or one file.
 
     A CSV has a ``path`` column (relative paths are relative to the CSV) and optional
-    ``slide_id`` and ``mpp`` columns. ``level0_mpp`` is the fallback resolution of
-    slides whose metadata has none (a CSV ``mpp`` wins over it). A folder of DICOM files
-    is one slide named after the folder. Folder scans and globs skip ``exclude`` (the
-    output folder, when it lies inside the slides folder) and label/macro pictures
-    (``label.jpg``, ``<id>_macro.png``, ...). Ordered by slide id.
+    ``slide_id`` and ``mpp`` columns. A given level-0 mpp (``level0_mpp`` for every
+    slide, or a CSV ``mpp``, which wins over it) overrides the slide's metadata. A
+    folder of DICOM files is one slide named after the folder. Folder scans and globs
+    skip ``exclude`` (the output folder, when it lies inside the slides folder) and
+    label/macro pictures (``label.jpg``, ``<id>_macro.png``, ...). Ordered by slide id.
     """
     text = str(spec)
     if not text:

@@ -40,7 +40,7 @@ class TissueConfig:
         max_hole_um2: holes inside tissue smaller than this are filled.
         closing_um: radius of the morphological closing that joins nearby fragments.
         min_saturation: lowest accepted Otsu threshold on HSV saturation (0-1).
-        exclude_pen: remove blue, green and black ink and grey-black artefacts.
+        exclude_pen: remove blue, green and black marker strokes (colours H&E never takes).
     """
 
     method: str = "hsv_otsu"
@@ -66,17 +66,60 @@ def to_hsv(rgb: np.ndarray) -> np.ndarray:
     return hsv.astype(np.float32) * np.float32(1 / 255)
 
 
-def ink_mask(hsv: np.ndarray) -> np.ndarray:
-    """Pen ink and dark artefacts: blue and green marker, black marker, grey-black debris.
+# Pen-ink colour rules, on 0-255 RGB. Established pen filters (the deep-histopath / HistomicsTK
+# family) flag blue ink as "R low, B high" and green ink as "R low, G and B high": marker ink
+# lies on the cyan side of the colour wheel, with more green than red. H&E does not go
+# there: haematoxylin is violet-blue (G at or below R, however blue or dark), eosin pink
+# (G lowest). A few pixels of real H&E reach these colours at full resolution (nucleus
+# edges, tissue-marking dye grains), never a stroke of them: ink must also form a stroke.
+INK_BLUE_OVER_RG = 30  # blue ink: B exceeds max(R, G) by this, and G exceeds R
+INK_GREEN_OVER_R = 25  # green ink (green to teal): G exceeds R by this
+INK_BLACK_MAX = 100  # black ink: every channel below this ...
+INK_BLACK_CHROMA = 24  # ... and max - min below this or a quarter of the max (grey)
+# Looser colours that extend a stroke found by the rules above into its faint or
+# tissue-blended edges (hysteresis): only pixels connected to a stroke are taken.
+INK_EDGE_BLUE_OVER_RG = 15
+INK_EDGE_GREEN_OVER_R = 10
+INK_EDGE_BLACK_MAX = 120
+INK_EDGE_BLACK_CHROMA = 30  # or 40% of the max
+INK_MIN_WIDTH_UM = 24.0  # ink counts where it forms a stroke this wide, which specks do not
 
-    H&E is pink to purple (hue ~0.75-1.0 and ~0-0.05); blue ink sits at hue ~0.55-0.70 and
-    green at ~0.2-0.5, both strongly saturated; black ink and folds are dark and grey.
+
+def _stroke_cores(ink: np.ndarray, radius_px: float) -> np.ndarray:
+    """Pixels of ``ink`` whose every neighbour within ``radius_px`` is ink too (the image
+    border counts as ink): the cores of strokes wider than twice the radius."""
+    k = int(radius_px)
+    if k <= 3:  # erosion by a small disk is faster than a distance transform
+        yy, xx = np.ogrid[-k : k + 1, -k : k + 1]
+        disk_ = xx * xx + yy * yy <= radius_px * radius_px
+        return ndimage.binary_erosion(ink, structure=disk_, border_value=1)
+    return ndimage.distance_transform_edt(ink) > radius_px
+
+
+def ink_mask(rgb: np.ndarray, mpp: float) -> np.ndarray:
+    """Marker strokes on an RGB uint8 image at ``mpp`` um per px: blue, green and black ink.
+
+    A pixel is ink when its colour is one H&E never takes: blue with G above R (the cyan
+    side of blue; haematoxylin is violet-blue), green above red by a margin, or dark and
+    grey (black ink; dark but saturated nuclei are not grey). Ink counts only where it
+    forms a stroke at least ``INK_MIN_WIDTH_UM`` wide, which a pen draws and ink-coloured
+    specks (dust, tissue-marking dye grains) do not; each stroke then takes the connected
+    pixels of ink-like colour around it (its faint and tissue-blended edges).
     """
-    h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
-    blue = (h > 0.55) & (h < 0.70) & (s > 0.30)
-    green = (h > 0.20) & (h < 0.50) & (s > 0.20)
-    black = (v < 0.30) & (s < 0.45)
-    return blue | green | black
+    r, g, b = (rgb[..., i].astype(np.int16) for i in range(3))
+    high = np.maximum(np.maximum(r, g), b)
+    chroma = high - np.minimum(np.minimum(r, g), b)
+    blue_over = b - np.maximum(r, g)
+    green_over = g - r
+    ink = ((blue_over > INK_BLUE_OVER_RG) & (green_over > 0)) | (green_over > INK_GREEN_OVER_R)
+    ink |= (high < INK_BLACK_MAX) & (chroma < np.maximum(INK_BLACK_CHROMA, high // 4))
+    core = _stroke_cores(ink, INK_MIN_WIDTH_UM / 2 / mpp)
+    if not core.any():
+        return core
+    edge = (blue_over > INK_EDGE_BLUE_OVER_RG) | (green_over > INK_EDGE_GREEN_OVER_R)
+    grey = chroma < np.maximum(INK_EDGE_BLACK_CHROMA, high * 2 // 5)
+    edge |= (high < INK_EDGE_BLACK_MAX) & grey
+    return ndimage.binary_propagation(core, mask=ink | edge)
 
 
 @register_tissue_method("hsv_otsu")
@@ -95,7 +138,7 @@ class HSVOtsu:
         cfg = self.cfg
         hsv = to_hsv(thumbnail)  # H x W x 3 in [0, 1]
         sat = hsv[..., 1]
-        ink = ink_mask(hsv) if cfg.exclude_pen else np.zeros(sat.shape, bool)
+        ink = ink_mask(thumbnail, mpp) if cfg.exclude_pen else np.zeros(sat.shape, bool)
         usable = ~ink & (hsv[..., 2] > 0.15)
         values = sat[usable]
         if values.size == 0 or values.max() - values.min() < 1e-3:

@@ -24,6 +24,7 @@ def results(tiny_demo):
 def test_tile_protocols_carry_intervals_comparisons_fewshot_and_robustness(results):
     tiles = results["tasks"]["tumour-tiles"]
     assert tiles["status"] == "ok" and tiles["n_slides"] == 6
+    assert tiles["grouped_by"] == "patient" and tiles["n_groups"] == 5  # one with two slides
     for col in ("linear", "knn"):
         for e in ("pretrained", "random"):
             entry = tiles["scores"][col][e]
@@ -34,7 +35,12 @@ def test_tile_protocols_carry_intervals_comparisons_fewshot_and_robustness(resul
     assert set(tiles["fewshot"]["pretrained"]) >= {"1", "2", "4", "8", "16"}
     for e in ("pretrained", "random"):
         rob = tiles["robustness"][e]
-        assert rob["leakage"]["target"] == "site" and rob["leakage"]["chance"] == 0.25
+        # only site A has two patients: no other site can be predicted on a held-out patient
+        assert (
+            rob["leakage"]["target"] == "site" and "two or more sites" in rob["leakage"]["skipped"]
+        )
+        ri = rob["robustness_index"]
+        assert ri["confounder"] == "site" and ri["k"] == 11 and 0 <= ri["value"] <= 1
         assert rob["stain_shift"]["drop"] == pytest.approx(
             rob["stain_shift"]["clean"] - rob["stain_shift"]["shifted"]
         )

@@ -49,3 +49,55 @@ def test_bad_group_options_are_named(folder, tmp_path):
         read_tile_set(folder, groups=tmp_path / "few.csv")
     with pytest.raises(ConfigError, match="not both"):
         read_tile_set(folder, groups=tmp_path / "few.csv", group_pattern="P")
+
+
+def _tiles_csv(path, with_case: bool = True):
+    """Tiles of 8 patients with two slides each (16 slides, 6 tiles per slide, both classes)."""
+    rows = ["coords,index,label,slide_id" + (",case_id" if with_case else "")]
+    for p in range(8):
+        for s in range(2):
+            for t in range(6):
+                case = f",P{p}" if with_case else ""
+                rows.append(f"S{p}_{s}.h5,{t},{'tumor' if t % 2 else 'normal'},S{p}_{s}{case}")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def _patient_of(slide: str) -> str:
+    return "P" + slide[1:].split("_")[0]
+
+
+def _sides(tiles, folds):
+    """Per fold: the patients whose slides fall on both sides of the split."""
+    return [{_patient_of(s) for s in tiles.groups[train]} & {_patient_of(s) for s in tiles.groups[test]}
+            for train, test in folds]  # fmt: skip
+
+
+def test_tile_folds_keep_both_slides_of_a_patient_on_one_side(tmp_path):
+    tiles = read_tile_set(_tiles_csv(tmp_path / "tiles.csv"))
+    by, groups = tiles.fold_groups()
+    assert by == "patient" and sorted(np.unique(groups)) == [f"P{p}" for p in range(8)]
+    folds = Folds.make(tiles.labels, groups, folds=4, what=by)
+    assert _sides(tiles, folds) == [set()] * 4
+    assert all(_sides(tiles, Folds.make(tiles.labels, tiles.groups, folds=4)))  # by slide: split
+    # the slide labels file names patients where the tile table does not
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide_id,case_id,site\n" + "".join(
+        f"S{p}_{s},P{p},{'AB'[p % 2]}\n" for p in range(8) for s in range(2)))  # fmt: skip
+    from_labels = read_tile_set(_tiles_csv(tmp_path / "plain.csv", with_case=False), sites=labels)
+    np.testing.assert_array_equal(from_labels.fold_groups()[1], groups)
+    assert set(from_labels.sites) == {"A", "B"}
+    assert (
+        _sides(from_labels, Folds.make(from_labels.labels, from_labels.fold_groups()[1], folds=4))
+        == [set()] * 4
+    )
+    # without patients, the folds fall back to slides
+    plain = read_tile_set(tmp_path / "plain.csv")
+    assert plain.fold_groups()[0] == "slide" and len(np.unique(plain.fold_groups()[1])) == 16
+
+
+def test_a_slide_with_two_patients_is_refused(tmp_path):
+    path = _tiles_csv(tmp_path / "tiles.csv")
+    path.write_text(path.read_text().replace("S0_0,P0\n", "S0_0,P7\n", 1))
+    with pytest.raises(PipelineError, match="slide S0_0 has two case_id values"):
+        read_tile_set(path)

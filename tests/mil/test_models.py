@@ -42,10 +42,35 @@ def test_padding_is_ignored_and_outputs_are_finite(name):
     if "attention" in a:
         att = a["attention"]
         assert att.shape[:2] == (2, 40) and (att[1, 25:] == 0).all()
-    if name != "transmil":  # TransMIL's grid and landmarks depend on the padded length
+    if name != "transmil":  # TransMIL's Nystrom landmarks depend on the padded length
         with torch.no_grad():
             alone = m(x[1:, :25], mask[1:, :25])["logits"]
         assert torch.allclose(alone, a["logits"][1:], atol=1e-5)
+
+
+def test_transmil_lays_each_bag_on_its_own_grid():
+    """A bag's TransMIL output is the same alone as beside a longer bag in a padded batch
+    (exact attention: at most four times the landmark count of tokens)."""
+    torch.manual_seed(0)
+    m = make_mil("transmil", D, C, hidden=32, heads=4, landmarks=16).eval()
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(7, D, generator=g), torch.randn(40, D, generator=g)  # grids 3x3, 7x7
+    x = 1e3 * torch.randn(2, 40, D, generator=g)  # garbage in the padding
+    x[0, :7], x[1] = a, b
+    mask = torch.zeros(2, 40, dtype=torch.bool)
+    mask[0, :7], mask[1] = True, True
+    with torch.no_grad():
+        alone = m(a[None], torch.ones(1, 7, dtype=torch.bool))
+        batch = m(x, mask)
+        last = m(b[None], torch.ones(1, 40, dtype=torch.bool))
+    assert torch.allclose(alone["logits"], batch["logits"][:1], atol=1e-5)
+    assert torch.allclose(last["logits"], batch["logits"][1:], atol=1e-5)
+    assert torch.allclose(alone["attention"], batch["attention"][:1, :7], atol=1e-6)
+    assert (batch["attention"][0, 7:] == 0).all()
+    # the grid is filled with the bag's first instances again, as the reference does
+    with torch.no_grad():
+        nine = m(torch.cat([a, a[:2]])[None], torch.ones(1, 9, dtype=torch.bool))["logits"]
+    assert torch.allclose(alone["logits"], nine, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["abmil", "clam_sb", "mean", "max", "dsmil"])

@@ -274,7 +274,92 @@ def test_every_setting_is_either_training_or_reporting():
     from pipeline.mil.training import TRAINING_SETTINGS
 
     elsewhere = {"features", "labels", "splits", "folds", "val_share"}  # by content or splits
-    reporting = {"out", "ordinal", "bootstrap", "missing", "device", "progress"}
+    reporting = {"out", "ordinal", "bootstrap", "missing", "device", "progress", "store",
+                 "memory_budget_gb"}
     assert {f.name for f in fields(TrainMILConfig)} == set(
         TRAINING_SETTINGS
     ) | elsewhere | reporting
+
+
+def _roles(out, k: int) -> dict[str, list[str]]:
+    splits = _read(out / "splits.csv")
+    return {role: [r["slide_id"] for r in splits if r[f"fold_{k}"] == role]
+            for role in ("train", "val", "test")}  # fmt: skip
+
+
+def _outputs(module, planted, slide_ids, bf16: bool = False) -> torch.Tensor:
+    """``N x C`` logits of the whole bags, one at a time, as the module computes them."""
+    from pipeline.features import read_features
+
+    module.eval()
+    logits = []
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        for s in slide_ids:
+            x = torch.from_numpy(np.asarray(read_features(planted / "feats" / f"{s}.h5")[0]))
+            x = x.float()[None]  # 1 x N x D
+            mask = torch.ones(x.shape[:2], dtype=torch.bool)
+            logits.append(module(x, mask)["logits"].float())
+    return torch.cat(logits)
+
+
+def test_cox_validation_loss_is_the_cox_loss_of_the_per_bag_risks(planted, tmp_path):
+    from pipeline.mil.training import MILModule
+
+    out = tmp_path / "run"
+    metrics = train_cv(cfg(planted, out, task="survival", survival_loss="cox", epochs=1,
+                           val_share=0.3, bootstrap=20))  # fmt: skip
+    val = _roles(out, 0)["val"]
+    labels = {r["slide_id"]: r for r in _read(planted / "labels.csv")}
+    assert len(val) >= 5 and sum(int(labels[s]["event"]) for s in val) >= 2
+    logged = [float(r["val_loss"]) for r in _read(out / "fold_0" / "metrics.csv") if r["val_loss"]]
+    module = MILModule.load_from_checkpoint(out / "fold_0" / "model.ckpt", map_location="cpu")
+    risk = _outputs(module, planted, val)[:, 0]  # N
+    time = torch.tensor([float(labels[s]["time"]) for s in val])
+    event = torch.tensor([float(labels[s]["event"]) for s in val])
+    assert logged == [pytest.approx(cox_loss(risk, time, event).item(), abs=1e-5)]
+    assert {"c_index", "td_auc", "ibs"} == set(metrics["pooled"])
+    preds = _read(out / "predictions.csv")
+    cols = [k for k in preds[0] if k.startswith("surv_")]
+    surv = np.array([[float(r[k]) for k in cols] for r in preds])  # slides x 3 horizons
+    assert len(cols) == 3 and ((surv >= 0) & (surv <= 1)).all()
+    assert (np.diff(surv, axis=1) <= 0).all()  # survival falls with time
+
+
+def test_discrete_time_predictions_use_the_bins_of_the_training_fold(planted, tmp_path):
+    from pipeline.mil.training import MILModule, bin_edges, discrete_survival, read_labels
+
+    out = tmp_path / "run"
+    metrics = train_cv(cfg(planted, out, task="survival", survival_loss="nll", epochs=1,
+                           val_share=0.0, bootstrap=0))  # fmt: skip
+    assert np.isfinite(metrics["pooled"]["ibs"]["value"])
+    labels = {r["slide_id"]: r for r in read_labels(planted / "labels.csv", "survival")}
+    preds = {r["slide_id"]: r for r in _read(out / "predictions.csv")}
+    cols = [k for k in next(iter(preds.values())) if k.startswith("surv_")]
+    horizons = [float(k[5:]) for k in cols]
+    for k in range(3):
+        roles = _roles(out, k)
+        edges = bin_edges([labels[s] for s in roles["train"]], 4)
+        module = MILModule.load_from_checkpoint(
+            out / f"fold_{k}" / "model.ckpt", map_location="cpu"
+        )
+        logits = _outputs(module, planted, roles["test"])  # N x 4
+        got = np.array([[float(preds[s][c]) for c in cols] for s in roles["test"]])
+        np.testing.assert_allclose(got, discrete_survival(logits, edges, horizons), atol=1e-6)
+        risk = [float(preds[s]["risk"]) for s in roles["test"]]
+        np.testing.assert_allclose(risk, survival_risk(logits, "nll").numpy(), atol=1e-6)
+
+
+def test_predictions_are_the_trained_modules_outputs_at_its_precision(planted, tmp_path):
+    from pipeline.mil.training import MILModule
+
+    out = tmp_path / "run"
+    train_cv(cfg(planted, out, folds=2, epochs=1, val_share=0.0, bootstrap=0, device="cpu",
+                 precision="bf16-mixed"))  # fmt: skip
+    preds = {r["slide_id"]: r for r in _read(out / "predictions.csv")}
+    test = _roles(out, 0)["test"]
+    got = np.array([[float(preds[s][f"prob_{c}"]) for c in ("normal", "tumor")] for s in test])
+    module = MILModule.load_from_checkpoint(out / "fold_0" / "model.ckpt", map_location="cpu")
+    bf16 = torch.softmax(_outputs(module, planted, test, bf16=True), -1).numpy()
+    fp32 = torch.softmax(_outputs(module, planted, test), -1).numpy()
+    np.testing.assert_allclose(got, bf16, atol=1e-6)  # as trained: bf16 autocast
+    assert np.abs(got - fp32).max() > 1e-4  # which differs from fp32 here

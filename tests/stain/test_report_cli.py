@@ -1,15 +1,24 @@
 import json
+import logging
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
 
 from pipeline.cli import main
 from pipeline.data.tiles import TileDataset
+from pipeline.encoders import load_encoder
+from pipeline.eval.robustness import sampled_silhouette
+from pipeline.ssl.export import save_encoder
 from pipeline.stain import load_normalizer
-from pipeline.stain.report import slide_clustering
+from pipeline.stain.cli import sample_tiles
+from pipeline.stain.report import colour_features, encoder_features, slide_clustering
 from pipeline.wsi.preprocess import PreprocessConfig, preprocess
+
+TINY = {"num_classes": 0, "img_size": 64, "patch_size": 16, "depth": 2, "embed_dim": 48,
+        "num_heads": 2}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -53,18 +62,51 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "too little tissue" in capsys.readouterr().err
 
 
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory):
+    """A tiny exported ViT (64 px, 2 blocks, 48-d features)."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", **TINY)
+    return save_encoder(model.state_dict(), "vit_tiny_patch16_224", TINY,
+                        tmp_path_factory.mktemp("enc") / "encoder", input_size=64)  # fmt: skip
+
+
 def test_normalization_reduces_slide_clustering_of_the_demo_cohort(
-    coords_dir, stain_json, tmp_path
+    coords_dir, stain_json, tmp_path, capsys, caplog
 ):
     """The demo's sites differ in stain colour: tiles cluster by slide until normalized."""
-    assert main(["stain", "--action", "report", "--stain", str(stain_json), "--input",
-                 str(coords_dir), "--out", str(tmp_path / "r.json"), "--tiles-per-slide", "24"]) == 0  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        assert main(["stain", "--action", "report", "--stain", str(stain_json), "--input",
+                     str(coords_dir), "--out", str(tmp_path / "r.json"), "--tiles-per-slide", "24"]) == 0  # fmt: skip
     report = json.loads((tmp_path / "r.json").read_text())
+    assert report["features"] == "colour statistics" and report["feature_dim"] == 12
+    assert "measured on colour statistics" in capsys.readouterr().out + caplog.text
     before, after = report["before"], report["after"]
     assert before["slides"] == 6 and before["chance"] == pytest.approx(1 / 6)
     assert before["slide_probe_accuracy"] > 2 * before["chance"]
     assert after["slide_probe_accuracy"] < before["slide_probe_accuracy"] - 0.1
     assert after["silhouette"] < before["silhouette"]
+    tiles, slides = sample_tiles(coords_dir, 24)  # the tiles the report measured
+    assert before["silhouette"] == pytest.approx(sampled_silhouette(colour_features(tiles), slides))
+
+
+def test_report_measures_the_features_of_a_given_encoder(
+    coords_dir, stain_json, encoder_dir, tmp_path, capsys, caplog
+):
+    with caplog.at_level(logging.INFO):
+        assert main(["stain", "--action", "report", "--stain", str(stain_json), "--input",
+                     str(coords_dir), "--out", str(tmp_path / "r.json"), "--tiles-per-slide", "8",
+                     "--encoder", str(encoder_dir)]) == 0  # fmt: skip
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["features"] == f"features of encoder {encoder_dir}"
+    assert report["feature_dim"] == 48
+    assert f"measured on features of encoder {encoder_dir}" in capsys.readouterr().out + caplog.text
+    tiles, slides = sample_tiles(coords_dir, 8)  # the tiles the report measured
+    encoder = load_encoder(encoder_dir)
+    expected = slide_clustering(encoder_features(encoder, tiles), slides)
+    assert report["before"] == pytest.approx(expected, rel=1e-6, abs=1e-6)
+    normalized = encoder_features(encoder, load_normalizer(stain_json)(tiles))
+    assert report["after"]["silhouette"] == pytest.approx(sampled_silhouette(normalized, slides))
 
 
 def test_slide_clustering_on_planted_clusters():

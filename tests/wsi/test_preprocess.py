@@ -1,5 +1,6 @@
 import csv
 import json
+import logging
 import os
 import shutil
 import signal
@@ -14,11 +15,12 @@ import pytest
 from PIL import Image
 
 from pipeline.config import load_config
-from pipeline.wsi.coords import read_coords
+from pipeline.wsi.coords import read_coords, write_coords
 from pipeline.wsi.preprocess import PreprocessConfig, preprocess, process_slide, run
 from pipeline.wsi.reader import Slide
 from pipeline.wsi.slides import list_slides, parse_shard, shard_slides
 from pipeline.wsi.tissue import TissueConfig, make_tissue_detector
+from tests.wsi.conftest import first_slide
 
 
 def _manifest(out, name="manifest.csv"):
@@ -169,18 +171,27 @@ def test_shards_partition_the_slides(tmp_path, tiny_cohort):
     assert len(list((tmp_path / "coords").glob("*.h5"))) == len(entries)
 
 
-def test_csv_list_supplies_mpp_and_ids(tmp_path, metadata_files, cmu_svs):
+def test_csv_list_supplies_mpp_and_ids(tmp_path, metadata_files, cmu_svs, caplog):
     listing = tmp_path / "slides.csv"
     listing.write_text(f"path,slide_id,mpp\n{metadata_files['png']},carcinoma,0.25\n"
-                       f"{cmu_svs},cmu,\n")  # fmt: skip
+                       f"{cmu_svs},cmu,\n{cmu_svs},cmu_fixed,0.25\n")  # fmt: skip
     cfg = load_config(PreprocessConfig, slides=str(listing), out=str(tmp_path / "o"),
                       tile_size=128, min_tissue=0.3)  # fmt: skip
-    rows = {r["slide_id"]: r for r in preprocess(cfg, progress=False)}
+    with caplog.at_level(logging.WARNING, logger="pipeline.wsi.preprocess"):
+        rows = {r["slide_id"]: r for r in preprocess(cfg, progress=False)}
     assert rows["carcinoma"]["status"] == "ok" and rows["carcinoma"]["mpp_source"] == "override"
     assert rows["cmu"]["status"] == "ok" and rows["cmu"]["mpp_source"] == "aperio-mpp"
     assert float(rows["cmu"]["level0_mpp"]) == pytest.approx(0.499)
     table = read_coords(tmp_path / "o" / "coords" / "carcinoma.h5")
     assert table.patch_size_level0 == 256  # 128 px at 0.5 mpp from a 0.25-mpp image
+    # the CSV's mpp overrides the metadata's 0.499 of the same slide, with a warning
+    assert rows["cmu_fixed"]["mpp_source"] == "override"
+    assert float(rows["cmu_fixed"]["level0_mpp"]) == 0.25
+    assert read_coords(tmp_path / "o" / "coords" / "cmu_fixed.h5").patch_size_level0 == 256
+    assert read_coords(tmp_path / "o" / "coords" / "cmu.h5").patch_size_level0 == 128
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "cmu_fixed" in warnings[0], warnings
+    assert "0.25 overrides 0.499" in warnings[0] and "0.25 is used" in warnings[0]
 
 
 def test_config_errors(tmp_path):
@@ -250,8 +261,18 @@ def test_rerun_redoes_slides_whose_resolution_or_file_changed(tmp_path, metadata
     other.mkdir()
     os.symlink(cmu_svs.resolve(), other / "he.svs")  # another slide with the same id
     assert status(None, other) == ["ok"]
-    assert status(0.3, other) == ["skipped"]  # the metadata's mpp wins: nothing changes
     assert read_coords(out / "coords" / "he.h5").attrs["mpp_source"] == "aperio-mpp"
+    assert status(None, other) == ["skipped"]
+    assert status(0.3, other) == ["ok"]  # a given mpp overrides the metadata's
+    assert read_coords(out / "coords" / "he.h5").attrs["mpp_source"] == "override"
+    assert status(None, other) == ["ok"]  # and back to the metadata's when no longer given
+    table = read_coords(out / "coords" / "he.h5")
+    assert table.attrs["mpp_source"] == "aperio-mpp" and table.attrs["tissue_rules"] == 2
+    # a coords file made by earlier tissue rules (no tissue_rules attribute) is redone
+    root = {k: v for k, v in table.attrs.items() if k != "tissue_rules"}
+    write_coords(out / "coords" / "he.h5", table.coords, table.tissue_fraction, root)
+    assert status(None, other) == ["ok"]
+    assert status(None, other) == ["skipped"]
 
 
 def _process_or_die(entry, cfg):
@@ -273,3 +294,54 @@ def test_worker_killed_fails_its_slide_and_the_others_finish(tmp_path, cmu_svs, 
     assert rows["crash"]["status"] == "failed" and "worker process" in rows["crash"]["error"]
     assert rows["a"]["status"] == rows["d"]["status"] == "ok", rows
     assert sorted(p.stem for p in (out / "coords").glob("*.h5")) == ["a", "d"]
+
+
+def test_given_level0_mpp_overrides_the_metadata_and_a_new_value_retiles(tmp_path, tiny_cohort,
+                                                                         caplog):  # fmt: skip
+    """A slide whose metadata says 0.25 mpp, tiled with --level0-mpp: tiles at the given
+    value, a warning when it is more than 5% off, and a changed value re-tiles."""
+    source = first_slide(tiny_cohort, site="C")  # 0.25 mpp in its Aperio metadata
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    os.symlink(source, slides / "c.svs")
+    out = tmp_path / "out"
+
+    def tile(level0_mpp):
+        cfg = PreprocessConfig(slides=str(slides), out=out, tile_size=128, level0_mpp=level0_mpp)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="pipeline.wsi.preprocess"):
+            (row,) = preprocess(cfg, progress=False)
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        return row, read_coords(out / "coords" / "c.h5"), warnings
+
+    row, table, warnings = tile(None)
+    assert (row["status"], row["mpp_source"], table.patch_size_level0) == ("ok", "aperio-mpp", 256)
+    assert warnings == []
+    row, table, warnings = tile(0.3)  # 20% off the metadata: used, with a warning
+    assert (row["status"], row["mpp_source"], float(row["level0_mpp"])) == ("ok", "override", 0.3)
+    assert (table.attrs["level0_mpp"], table.attrs["mpp_source"]) == (0.3, "override")
+    assert table.patch_size_level0 == 213  # round(128 * 0.5 / 0.3)
+    step = np.diff(np.unique(table.coords[:, 0]))  # the grid at 0.5 mpp of a 0.3-mpp slide
+    assert np.abs(step - 128 * 0.5 / 0.3).max() < 1
+    assert len(warnings) == 1 and "slide c:" in warnings[0] and str(slides / "c.svs") in warnings[0]
+    assert "0.3 overrides 0.25" in warnings[0] and "(aperio-mpp)" in warnings[0]
+    assert "0.3 is used" in warnings[0]
+    row, _, _ = tile(0.3)
+    assert row["status"] == "skipped" and row["mpp_source"] == "override"
+    row, table, warnings = tile(0.26)  # a changed value re-tiles; 4% off: no warning
+    assert (row["status"], table.attrs["level0_mpp"], table.patch_size_level0) == ("ok", 0.26, 246)
+    assert warnings == []
+    row, table, _ = tile(None)  # no value given any more: the metadata's again
+    assert (row["status"], row["mpp_source"], table.patch_size_level0) == ("ok", "aperio-mpp", 256)
+
+
+def test_implausible_given_mpp_is_a_config_error(tmp_path, cmu_svs):
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--level0-mpp 4000.0 is not a level-0 resolution"):
+        preprocess(PreprocessConfig(slides=str(cmu_svs), out=tmp_path, level0_mpp=4000.0))
+    listing = tmp_path / "slides.csv"
+    listing.write_text(f"path,mpp\n{cmu_svs},0.5\n{cmu_svs},0\n")
+    with pytest.raises(ConfigError, match="line 3: mpp 0 is not a level-0 resolution") as err:
+        list_slides(listing)
+    assert str(listing) in str(err.value)

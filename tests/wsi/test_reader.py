@@ -30,15 +30,31 @@ def test_mpp_chain_sources(metadata_files, kind, mpp, source):
         assert slide.mpp_source == source
 
 
-def test_override_is_the_last_resort(metadata_files):
+def test_given_mpp_overrides_the_metadata(metadata_files):
     with Slide(metadata_files["png"]) as slide:
         with pytest.raises(SlideError, match="--level0-mpp") as err:
             _ = slide.mpp
         assert str(metadata_files["png"]) in str(err.value)
     with Slide(metadata_files["png"], level0_mpp=0.3) as slide:
         assert (slide.mpp, slide.mpp_source) == (0.3, "override")
-    with Slide(metadata_files["generic"], level0_mpp=0.3) as slide:  # metadata wins
-        assert slide.mpp_source == "tiff-resolution"
+        assert slide.override_warning() is None  # no metadata to disagree with
+    with Slide(metadata_files["generic"], level0_mpp=0.3) as slide:  # wrong metadata corrected
+        assert (slide.mpp, slide.mpp_source) == (0.3, "override")
+        assert (slide.metadata_resolution.mpp, slide.metadata_resolution.source) == (
+            pytest.approx(0.25),
+            "tiff-resolution",
+        )
+        np.testing.assert_array_equal(  # 100 px at 0.6 mpp are 200 level-0 px at 0.3 mpp
+            slide.read_at_mpp((0, 0), 100, 0.6), slide.read_tile((0, 0), (200, 200), (100, 100))
+        )
+        warning = slide.override_warning()
+        assert str(metadata_files["generic"]) in warning
+        assert "0.3 overrides 0.25" in warning and "0.3 is used" in warning
+    with Slide(metadata_files["generic"], level0_mpp=0.26) as slide:  # 4% apart: no warning
+        assert slide.mpp == 0.26 and slide.override_warning() is None
+    with pytest.raises(SlideError, match="outside 0.05-50") as err:
+        Slide(metadata_files["generic"], level0_mpp=250.0)  # px per mm, not um per px
+    assert str(metadata_files["generic"]) in str(err.value)
 
 
 def test_aperio_description_without_openslide_mpp():
