@@ -59,7 +59,7 @@ def peak_memory(coords: Path, encoder: str, device: str, batch: int, workers: in
         f"extract(ExtractConfig(coords={str(coords)!r}, encoder={encoder!r}, out={str(coords.parent / 'mem')!r},"
         f" device={device!r}, batch_size={batch}, workers={workers}, progress=False, overwrite=True))\n"
         "print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))\n"
-    )  # fmt: skip
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(json.loads(out.stdout.strip().splitlines()[-1]))
 
@@ -82,8 +82,11 @@ def main() -> None:
     batch = torch.stack([tiles[i % len(tiles)]["image"] for i in range(args.batch_size)])
     batch = batch.to(device)  # b x 3 x H x W uint8, real tiles
     stain = load_normalizer(args.stain_norm, device=device) if args.stain_norm else None
-    autocast = torch.autocast(device.type, dtype=AUTOCAST.get(args.precision, torch.float32),
-                              enabled=args.precision in AUTOCAST)  # fmt: skip
+    autocast = torch.autocast(
+        device.type,
+        dtype=AUTOCAST.get(args.precision, torch.float32),
+        enabled=args.precision in AUTOCAST,
+    )
     steps = max(1, args.tiles // args.batch_size)
 
     def model_only(normalizer=None) -> None:
@@ -108,10 +111,17 @@ def main() -> None:
         models, e2e, startups = [], [], []
         for round_ in range(3):  # alternate the two, medians: this machine's speed drifts
             models.append(model_rate())
-            cfg = ExtractConfig(coords=folder, encoder=args.encoder, out=Path(tmp) / f"f{round_}",
-                                batch_size=args.batch_size, workers=args.workers,
-                                device=str(device), precision=args.precision, progress=False,
-                                stain_norm=args.stain_norm)  # fmt: skip
+            cfg = ExtractConfig(
+                coords=folder,
+                encoder=args.encoder,
+                out=Path(tmp) / f"f{round_}",
+                batch_size=args.batch_size,
+                workers=args.workers,
+                device=str(device),
+                precision=args.precision,
+                progress=False,
+                stain_norm=args.stain_norm,
+            )
             start = time.perf_counter()
             rows = extract(cfg)
             loop = sum(r["seconds"] for r in rows)  # first batch to the last file
@@ -119,8 +129,10 @@ def main() -> None:
             startups.append(time.perf_counter() - start - loop)
         model_rate_, e2e_rate = statistics.median(models), statistics.median(e2e)
         startup = statistics.median(startups)
-        print(f"{args.encoder} on {device} ({torch.get_num_threads()} threads), batch "
-              f"{args.batch_size}, {args.precision}, {size}-px tiles, {args.workers} workers")  # fmt: skip
+        print(
+            f"{args.encoder} on {device} ({torch.get_num_threads()} threads), batch "
+            f"{args.batch_size}, {args.precision}, {size}-px tiles, {args.workers} workers"
+        )
         print(f"  model-only forward   {model_rate_:8.1f} tiles/s (median of 3)")
         print(
             f"  end-to-end extract   {e2e_rate:8.1f} tiles/s ({n} tiles, median of 3; start-up {startup:.1f} s)"

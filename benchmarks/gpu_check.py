@@ -187,8 +187,11 @@ def split_batch(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[s
         return x[:, rank * h : (rank + 1) * h].reshape(views * h, *x.shape[2:])
 
     local = batch["local"]
-    return {"global": take(batch["global"]), "masks": take(batch["masks"]),
-            "local": take(local) if local.numel() else local}  # fmt: skip
+    return {
+        "global": take(batch["global"]),
+        "masks": take(batch["masks"]),
+        "local": take(local) if local.numel() else local,
+    }
 
 
 def synthetic_he(count: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -230,8 +233,9 @@ def peak_memory(device: torch.device) -> str:
     return f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
 
 
-def median_time(fn: Callable[[], object], device: torch.device, steps: int, warmup: int,
-                cap_s: float = 60.0) -> float:  # fmt: skip
+def median_time(
+    fn: Callable[[], object], device: torch.device, steps: int, warmup: int, cap_s: float = 60.0
+) -> float:
     """Median seconds of ``fn`` over up to ``steps`` synchronised calls after ``warmup`` calls
     (at least 3 timed calls, fewer than ``steps`` when they take longer than ``cap_s``)."""
     for _ in range(warmup):
@@ -316,11 +320,16 @@ def synthetic_batch(cfg, patch: int, b: int, device: torch.device) -> dict[str, 
     items = [([dummy, dummy], [dummy] * d.local_crops) for _ in range(b)]
     masks = Collate((grid, grid), cfg.loss)(items)["masks"]  # 2B x N bool
     g, s = d.global_size, d.local_size
-    local = (torch.randn(d.local_crops * b, 3, s, s, device=device) if d.local_crops
-             else torch.zeros(0, device=device))  # fmt: skip
-    return {"global": torch.randn(2 * b, 3, g, g, device=device),  # 2B x 3 x G x G
-            "local": local,  # nB x 3 x L x L
-            "masks": masks.to(device)}  # fmt: skip
+    local = (
+        torch.randn(d.local_crops * b, 3, s, s, device=device)
+        if d.local_crops
+        else torch.zeros(0, device=device)
+    )
+    return {
+        "global": torch.randn(2 * b, 3, g, g, device=device),  # 2B x 3 x G x G
+        "local": local,  # nB x 3 x L x L
+        "masks": masks.to(device),
+    }
 
 
 def crops(cfg) -> str:
@@ -328,8 +337,9 @@ def crops(cfg) -> str:
     return f"2 x {d.global_size} + {d.local_crops} x {d.local_size} px, {cfg.trainer.precision}"
 
 
-def ssl_part(label: str, preset: Path, device: torch.device, peak: float | None,
-             steps: int, warmup: int) -> Row:  # fmt: skip
+def ssl_part(
+    label: str, preset: Path, device: torch.device, peak: float | None, steps: int, warmup: int
+) -> Row:
     """Speed, MFU and peak memory of a preset's full step on synthetic crops."""
     cfg = load_preset(preset)
     module, optimizer = build_module(cfg, device)
@@ -361,22 +371,35 @@ def ssl_part(label: str, preset: Path, device: torch.device, peak: float | None,
     seconds = median_time(lambda: step(batch), device, steps, warmup=max(0, warmup - 2))
     util = mfu(flops, seconds, peak)
     batch_text = f"batch {b}" + (f" (preset {preset_b}: out of memory)" if b != preset_b else "")
-    notes = (f"{flops / 1e12:.3g} TFLOP per step (FlopCounterMode), "
-             f"{flops / seconds / 1e12:.3g} TFLOP/s" if flops else flop_note)  # fmt: skip
-    return Row(f"SSL step {label}", f"{preset.name}: {cfg.model.arch}, {batch_text}, {crops(cfg)}",
-               f"{b / seconds:.0f} images/s", f"{seconds * 1e3:.0f} ms/step",
-               f"{100 * util:.1f} %" if util is not None else "n/a", peak_memory(device), notes,
-               measured=True)  # fmt: skip
+    notes = (
+        f"{flops / 1e12:.3g} TFLOP per step (FlopCounterMode), {flops / seconds / 1e12:.3g} TFLOP/s"
+        if flops
+        else flop_note
+    )
+    return Row(
+        f"SSL step {label}",
+        f"{preset.name}: {cfg.model.arch}, {batch_text}, {crops(cfg)}",
+        f"{b / seconds:.0f} images/s",
+        f"{seconds * 1e3:.0f} ms/step",
+        f"{100 * util:.1f} %" if util is not None else "n/a",
+        peak_memory(device),
+        notes,
+        measured=True,
+    )
 
 
-def data_part(preset: Path, coords: Path, device: torch.device, steps: int,
-              cap_s: float = 60.0) -> Row:  # fmt: skip
+def data_part(
+    preset: Path, coords: Path, device: torch.device, steps: int, cap_s: float = 60.0
+) -> Row:
     """The data pipeline's share of a ViT-B/16 step: the real DataLoader against synthetic
     crops already on the GPU, over the same number of steps."""
     part = "SSL data share ViT-B/16"
     if not coords.exists():
-        return Row(part, preset.name, notes=f"skipped: no coords at {coords} "
-                   "(run `cpath demo --stop-after preprocess`)")  # fmt: skip
+        return Row(
+            part,
+            preset.name,
+            notes=f"skipped: no coords at {coords} (run `cpath demo --stop-after preprocess`)",
+        )
     from pipeline.ssl.data import PretrainDataModule
 
     preset_workers = load_preset(preset).data.workers
@@ -420,13 +443,18 @@ def data_part(preset: Path, coords: Path, device: torch.device, steps: int,
     run(lambda: step(batch), 3)
     synthetic_s, _ = run(lambda: step(batch), timed)
     share = max(0.0, 1 - synthetic_s / real_s)
-    return Row(part, f"{preset.name}, batch {b}, {crops(cfg)}, {workers} workers (preset "
-               f"{preset_workers}), {tiles} tiles of {slides} slides in {coords}",
-               f"real {b / real_s:.0f} / synthetic {b / synthetic_s:.0f} images/s",
-               f"{real_s * 1e3:.0f} / {synthetic_s * 1e3:.0f} ms/step",
-               "-", peak_memory(device),
-               f"data share {100 * share:.0f} % of a step (1 - synthetic/real, {timed} steps "
-               f"after {warmup} warm-up; first batch after {first:.1f} s)", measured=True)  # fmt: skip
+    return Row(
+        part,
+        f"{preset.name}, batch {b}, {crops(cfg)}, {workers} workers (preset "
+        f"{preset_workers}), {tiles} tiles of {slides} slides in {coords}",
+        f"real {b / real_s:.0f} / synthetic {b / synthetic_s:.0f} images/s",
+        f"{real_s * 1e3:.0f} / {synthetic_s * 1e3:.0f} ms/step",
+        "-",
+        peak_memory(device),
+        f"data share {100 * share:.0f} % of a step (1 - synthetic/real, {timed} steps "
+        f"after {warmup} warm-up; first batch after {first:.1f} s)",
+        measured=True,
+    )
 
 
 # -- extraction and stain normalisation -------------------------------------------------
@@ -441,9 +469,13 @@ def encoder_spec(label: str, folder: Path) -> str:
     if not kwargs:
         return f"timm:{arch}"
     folder.mkdir(parents=True, exist_ok=True)
-    config = {"architecture": arch, "model_args": {**kwargs, "num_classes": 0},
-              "input_size": int(kwargs.get("img_size", 224)), "mean": list(IMAGENET_MEAN),
-              "std": list(IMAGENET_STD)}  # fmt: skip
+    config = {
+        "architecture": arch,
+        "model_args": {**kwargs, "num_classes": 0},
+        "input_size": int(kwargs.get("img_size", 224)),
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+    }
     (folder / "config.json").write_text(json.dumps(config, indent=1))
     return f"random:{folder}"
 
@@ -468,8 +500,9 @@ def tile_subset(coords_dir: Path, tiles: int, folder: Path) -> tuple[int, int]:
             n = min(left, len(t))
             slide_id = f"{t.attrs.get('slide_id') or path.stem}-{copy}"
             fraction = t.tissue_fraction[:n] if t.tissue_fraction is not None else np.ones(n)
-            write_coords(folder / f"{slide_id}.h5", t.coords[:n], fraction,
-                         {**t.attrs, "slide_id": slide_id})  # fmt: skip
+            write_coords(
+                folder / f"{slide_id}.h5", t.coords[:n], fraction, {**t.attrs, "slide_id": slide_id}
+            )
             left -= n
         copy += 1
     return len(tables), copy
@@ -491,8 +524,15 @@ def model_only_rate(encoder, images: torch.Tensor, device: torch.device, steps: 
     return images.shape[0] / median_time(forward, device, steps, warmup=3)
 
 
-def extraction_part(label: str, coords: Path, device: torch.device, batch: int, workers: int,
-                    steps: int, workdir: Path) -> Row:  # fmt: skip
+def extraction_part(
+    label: str,
+    coords: Path,
+    device: torch.device,
+    batch: int,
+    workers: int,
+    steps: int,
+    workdir: Path,
+) -> Row:
     """Tiles/s of ``extract`` on real tiles against a model-only forward of the same size."""
     from pipeline.encoders import load_encoder
 
@@ -507,9 +547,14 @@ def extraction_part(label: str, coords: Path, device: torch.device, batch: int, 
     del encoder, images
     free_memory()
     if not has_coords:
-        return Row(part, f"{setup}, {size}-px random tiles", f"model-only {model_rate:.0f} tiles/s",
-                   notes=f"pipeline skipped: no coords at {coords} (run `cpath demo "
-                   "--stop-after preprocess`)", measured=True)  # fmt: skip
+        return Row(
+            part,
+            f"{setup}, {size}-px random tiles",
+            f"model-only {model_rate:.0f} tiles/s",
+            notes=f"pipeline skipped: no coords at {coords} (run `cpath demo "
+            "--stop-after preprocess`)",
+            measured=True,
+        )
     from pipeline.extract import ExtractConfig
     from pipeline.extraction import extract
 
@@ -517,9 +562,17 @@ def extraction_part(label: str, coords: Path, device: torch.device, batch: int, 
     folder.mkdir(parents=True)
     n = max(MIN_TILES, 4 * workers * batch)  # several batches per worker: start-up amortised
     slides, passes = tile_subset(coords, n, folder)
-    cfg = ExtractConfig(coords=folder, encoder=spec, out=folder.parent / f"features-{folder.name}",
-                        batch_size=batch, workers=workers, device=str(device), precision="bf16",
-                        progress=False, overwrite=True)  # fmt: skip
+    cfg = ExtractConfig(
+        coords=folder,
+        encoder=spec,
+        out=folder.parent / f"features-{folder.name}",
+        batch_size=batch,
+        workers=workers,
+        device=str(device),
+        precision="bf16",
+        progress=False,
+        overwrite=True,
+    )
     start = time.perf_counter()
     rows = extract(cfg)
     loop = sum(r["seconds"] for r in rows)  # first batch to the last file
@@ -528,11 +581,17 @@ def extraction_part(label: str, coords: Path, device: torch.device, batch: int, 
     if failed:
         raise RuntimeError(f"{len(failed)} slides not extracted: {failed[0]['error']}")
     rate = n / loop
-    return Row(part, f"{setup}, {workers} workers, {n} tiles of {size} px ({passes} passes over "
-               f"{slides} slides)",
-               f"pipeline {rate:.0f} / model-only {model_rate:.0f} tiles/s",
-               f"{loop:.1f} s for {n} tiles (start-up {startup:.0f} s)", "-", peak_memory(device),
-               f"ratio pipeline / model-only {rate / model_rate:.2f}", measured=True)  # fmt: skip
+    return Row(
+        part,
+        f"{setup}, {workers} workers, {n} tiles of {size} px ({passes} passes over "
+        f"{slides} slides)",
+        f"pipeline {rate:.0f} / model-only {model_rate:.0f} tiles/s",
+        f"{loop:.1f} s for {n} tiles (start-up {startup:.0f} s)",
+        "-",
+        peak_memory(device),
+        f"ratio pipeline / model-only {rate / model_rate:.2f}",
+        measured=True,
+    )
 
 
 def stain_tiles(coords: Path, count: int) -> tuple[torch.Tensor, list[torch.Tensor], str]:
@@ -582,11 +641,17 @@ def stain_part(coords: Path, device: torch.device, batch: int, steps: int, workd
     share = stain_s / (stain_s + forward_s)
     passed = normalizer.passthrough / max(1, normalizer.seen)
     h, w = images.shape[-2:]
-    return Row("stain share (Macenko)", f"batch {batch} of {h} x {w} px, {source}; ViT-B/16 "
-               "bf16 forward", "-", f"Macenko {stain_s * 1e3:.1f} / forward "
-               f"{forward_s * 1e3:.1f} ms per batch", "-", peak_memory(device),
-               f"normalisation {100 * share:.0f} % of normalisation + forward "
-               f"({100 * passed:.0f} % of tiles passed through unchanged)", measured=True)  # fmt: skip
+    return Row(
+        "stain share (Macenko)",
+        f"batch {batch} of {h} x {w} px, {source}; ViT-B/16 bf16 forward",
+        "-",
+        f"Macenko {stain_s * 1e3:.1f} / forward {forward_s * 1e3:.1f} ms per batch",
+        "-",
+        peak_memory(device),
+        f"normalisation {100 * share:.0f} % of normalisation + forward "
+        f"({100 * passed:.0f} % of tiles passed through unchanged)",
+        measured=True,
+    )
 
 
 # -- DDP equality -----------------------------------------------------------------------
@@ -605,15 +670,20 @@ def tiny_step(device: torch.device, rank: int = 0, world: int = 1) -> dict:
     masks = torch.zeros(2 * b, n, dtype=torch.bool)
     for i in range(2 * b):  # every global crop masked, so each half holds as many masked crops
         masks[i, : 1 + (5 * i) % (n // 2)] = True
-    batch = {"global": torch.randn(2 * b, 3, d.global_size, d.global_size, generator=g),
-             "local": torch.randn(d.local_crops * b, 3, d.local_size, d.local_size, generator=g),
-             "masks": masks}  # fmt: skip
+    batch = {
+        "global": torch.randn(2 * b, 3, d.global_size, d.global_size, generator=g),
+        "local": torch.randn(d.local_crops * b, 3, d.local_size, d.local_size, generator=g),
+        "masks": masks,
+    }
     batch = {k: v.to(device) for k, v in split_batch(batch, rank, world).items()}
     ids = [device.index] if device.type == "cuda" else None
     model = DistributedDataParallel(module, device_ids=ids) if world > 1 else module
     model(batch).backward()
-    grads = {name: p.grad.detach().cpu().clone()
-             for name, p in module.student.named_parameters() if p.grad is not None}  # fmt: skip
+    grads = {
+        name: p.grad.detach().cpu().clone()
+        for name, p in module.student.named_parameters()
+        if p.grad is not None
+    }
     optimizer.step()
     module.update_teacher(MOMENTUM)
     params = {name: p.detach().cpu().clone() for name, p in module.named_parameters()}
@@ -663,8 +733,9 @@ def ddp_part(workdir: Path, timeout_s: float = 180.0) -> Row:
         torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
         torch.backends.cudnn.allow_tf32 = cudnn_tf32
     out = workdir / "ddp-rank0.pt"
-    context = mp.start_processes(_ddp_worker, args=(2, free_port(), str(out)), nprocs=2,
-                                 join=False, start_method="spawn")  # fmt: skip
+    context = mp.start_processes(
+        _ddp_worker, args=(2, free_port(), str(out)), nprocs=2, join=False, start_method="spawn"
+    )
     deadline = time.perf_counter() + timeout_s
     while not context.join(timeout=5):
         if time.perf_counter() > deadline:
@@ -677,12 +748,20 @@ def ddp_part(workdir: Path, timeout_s: float = 180.0) -> Row:
     grad_max = max(float(g.abs().max()) for g in single["grads"].values())
     param_diff = max_difference(single["params"], ddp["params"])
     verdict = "equal up to rounding" if grad_diff <= 1e-4 * grad_max else "DIFFERENT"
-    return Row(part, f"{TINY.name} (KoLeo off), fp32, TF32 off, NCCL: batch {single['images']} in "
-               f"1 process vs 2 x {ddp['images']}", "-", "-", "-", "-",
-               f"{verdict}: max abs difference of the gradients {grad_diff:.2e} (largest "
-               f"gradient {grad_max:.2e}); of the parameters after AdamW + EMA {param_diff:.2e} "
-               f"(AdamW's first step moves a weight by up to lr = {LR:g} whatever its gradient's "
-               "size, so gradients near AdamW's eps can differ by that much)", measured=True)  # fmt: skip
+    return Row(
+        part,
+        f"{TINY.name} (KoLeo off), fp32, TF32 off, NCCL: batch {single['images']} in "
+        f"1 process vs 2 x {ddp['images']}",
+        "-",
+        "-",
+        "-",
+        "-",
+        f"{verdict}: max abs difference of the gradients {grad_diff:.2e} (largest "
+        f"gradient {grad_max:.2e}); of the parameters after AdamW + EMA {param_diff:.2e} "
+        f"(AdamW's first step moves a weight by up to lr = {LR:g} whatever its gradient's "
+        "size, so gradients near AdamW's eps can differ by that much)",
+        measured=True,
+    )
 
 
 # -- main -------------------------------------------------------------------------------
@@ -693,25 +772,39 @@ def machine_line(device: torch.device, peak_text: str) -> str:
         gpus = f"{torch.cuda.device_count()} x {props.name} ({props.total_memory / 2**30:.0f} GiB)"
     else:
         gpus = f"no GPU ({device.type})"
-    return (f"Machine: {gpus}, "
-            f"torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN "
-            f"{torch.backends.cudnn.version()}, {os.cpu_count()} CPUs; MFU peak: {peak_text}")  # fmt: skip
+    return (
+        f"Machine: {gpus}, "
+        f"torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN "
+        f"{torch.backends.cudnn.version()}, {os.cpu_count()} CPUs; MFU peak: {peak_text}"
+    )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--coords", default=str(ROOT / "runs/demo/preprocess/coords"),
-                        help="coords folder of `cpath preprocess` (real tiles)")  # fmt: skip
+    parser.add_argument(
+        "--coords",
+        default=str(ROOT / "runs/demo/preprocess/coords"),
+        help="coords folder of `cpath preprocess` (real tiles)",
+    )
     parser.add_argument("--out", default=None, help="also write the table to this file")
-    parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="peak dense bf16 TFLOP/s of the GPU for MFU (default: by name)")  # fmt: skip
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="peak dense bf16 TFLOP/s of the GPU for MFU (default: by name)",
+    )
     parser.add_argument("--steps", type=int, default=8, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=3, help="warm-up steps per measurement")
     parser.add_argument("--batch-size", type=int, default=256, help="extraction/stain batch")
-    parser.add_argument("--workers", type=int, default=max(1, min(16, (os.cpu_count() or 2) - 2)),
-                        help="extraction DataLoader workers")  # fmt: skip
-    parser.add_argument("--budget-s", type=float, default=400.0,
-                        help="start no new part after this many seconds")  # fmt: skip
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=max(1, min(16, (os.cpu_count() or 2) - 2)),
+        help="extraction DataLoader workers",
+    )
+    parser.add_argument(
+        "--budget-s", type=float, default=400.0, help="start no new part after this many seconds"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print(NO_GPU, flush=True)
@@ -735,8 +828,14 @@ def run_checks(args: argparse.Namespace, device: torch.device) -> int:
     def part(name: str, setup: str, need_s: float, fn: Callable[[], Row]) -> None:
         """Run one part into ``rows``: its row, or a row saying why it failed or was skipped."""
         if clock.left() < need_s:
-            rows.append(Row(name, setup, notes=f"skipped: time budget ({max(0, clock.left()):.0f} "
-                            f"s of {args.budget_s:.0f} s left, needs about {need_s:.0f} s)"))  # fmt: skip
+            rows.append(
+                Row(
+                    name,
+                    setup,
+                    notes=f"skipped: time budget ({max(0, clock.left()):.0f} "
+                    f"s of {args.budget_s:.0f} s left, needs about {need_s:.0f} s)",
+                )
+            )
             clock.log(f"{name}: skipped (time budget)")
             return
         clock.log(f"{name}: start")
@@ -753,16 +852,33 @@ def run_checks(args: argparse.Namespace, device: torch.device) -> int:
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
         work = Path(tmp)
         for label, preset in PRESETS.items():
-            part(f"SSL step {label}", preset.name, 30,
-                 lambda label=label, preset=preset: ssl_part(label, preset, device, peak, s, w))  # fmt: skip
-        part("SSL data share ViT-B/16", PRESETS["ViT-B/16"].name, 90,
-             lambda: data_part(PRESETS["ViT-B/16"], coords, device, max(s, 20)))  # fmt: skip
+            part(
+                f"SSL step {label}",
+                preset.name,
+                30,
+                lambda label=label, preset=preset: ssl_part(label, preset, device, peak, s, w),
+            )
+        part(
+            "SSL data share ViT-B/16",
+            PRESETS["ViT-B/16"].name,
+            90,
+            lambda: data_part(PRESETS["ViT-B/16"], coords, device, max(s, 20)),
+        )
         for label in ENCODERS:
-            part(f"extraction {label}", ENCODERS[label][0], 60,
-                 lambda label=label: extraction_part(label, coords, device, b, args.workers, s,
-                                                     work))  # fmt: skip
-        part("stain share (Macenko)", f"batch {b}", 20,
-             lambda: stain_part(coords, device, b, s, work))  # fmt: skip
+            part(
+                f"extraction {label}",
+                ENCODERS[label][0],
+                60,
+                lambda label=label: extraction_part(
+                    label, coords, device, b, args.workers, s, work
+                ),
+            )
+        part(
+            "stain share (Macenko)",
+            f"batch {b}",
+            20,
+            lambda: stain_part(coords, device, b, s, work),
+        )
         ddp_need = 60 if torch.cuda.device_count() > 1 else 0
         part("DDP 1 vs 2 GPUs", TINY.name, ddp_need, lambda: ddp_part(work))
 

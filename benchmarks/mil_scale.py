@@ -48,9 +48,15 @@ DIM = 1024
 
 def cohort_rows(n_slides: int) -> list[dict]:
     """Label rows of the first ``n_slides`` slides, with a ``split`` of train or val."""
-    return [{"slide_id": f"slide{i:04d}", "case_id": f"slide{i:04d}",
-             "label": "pos" if i % 2 else "neg",
-             "split": "val" if i % 10 in (0, 3, 6) else "train"} for i in range(n_slides)]  # fmt: skip
+    return [
+        {
+            "slide_id": f"slide{i:04d}",
+            "case_id": f"slide{i:04d}",
+            "label": "pos" if i % 2 else "neg",
+            "split": "val" if i % 10 in (0, 3, 6) else "train",
+        }
+        for i in range(n_slides)
+    ]
 
 
 def _complete(path: Path, tiles: int) -> bool:
@@ -103,8 +109,11 @@ def page_cache_gb(paths: list[Path]) -> float | None:
     """GB of the files held in the page cache now (``fincore``; None without it)."""
     if not shutil.which("fincore"):
         return None
-    done = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", *map(str, paths)],
-                          capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--output", "RES", *map(str, paths)],
+        capture_output=True,
+        text=True,
+    )
     return sum(int(v) for v in done.stdout.split()) / 1e9 if done.returncode == 0 else None
 
 
@@ -147,22 +156,42 @@ def measure(spec: dict) -> dict:
     targets = Targets(rows, "classification", ["neg", "pos"], cfg.time_bins)
     train = [r["slide_id"] for r in rows if r["split"] == "train"]
     val = [r["slide_id"] for r in rows if r["split"] == "val"]
-    module = MILModule("abmil", store.dim, 2, dict(cfg.model_args), "classification", cfg.lr,
-                       cfg.weight_decay, cfg.epochs, cfg.bag_weight, cfg.survival_loss,
-                       standardize=cfg.standardize)  # fmt: skip
+    module = MILModule(
+        "abmil",
+        store.dim,
+        2,
+        dict(cfg.model_args),
+        "classification",
+        cfg.lr,
+        cfg.weight_decay,
+        cfg.epochs,
+        cfg.bag_weight,
+        cfg.survival_loss,
+        standardize=cfg.standardize,
+    )
     start = time.perf_counter()
     module.feature_mean, module.feature_std = store.statistics(train)
     stats = time.perf_counter() - start
     timer = EpochTimer()
     trainer = mil_trainer(cfg, logger=False, callbacks=[timer], enable_checkpointing=False)
-    trainer.fit(module, bag_loader(train, store, targets, cfg, True, generator),
-                bag_loader(val, store, targets, cfg, False, generator))  # fmt: skip
+    trainer.fit(
+        module,
+        bag_loader(train, store, targets, cfg, True, generator),
+        bag_loader(val, store, targets, cfg, False, generator),
+    )
     disk = isinstance(store, DiskBagStore)
-    return {"store": "disk" if disk else "memory", "peak_rss_mib": peak_rss_mib(),
-            "baseline_mib": baseline, "open_s": opened, "stats_s": stats, "epochs_s": timer.times,
-            "val_loss": float(trainer.callback_metrics["val_loss"]),
-            "reads": store.reads if disk else None, "hits": store.hits if disk else None,
-            "peak_cached_mib": store.peak_cached_bytes / 2**20 if disk else None}  # fmt: skip
+    return {
+        "store": "disk" if disk else "memory",
+        "peak_rss_mib": peak_rss_mib(),
+        "baseline_mib": baseline,
+        "open_s": opened,
+        "stats_s": stats,
+        "epochs_s": timer.times,
+        "val_loss": float(trainer.callback_metrics["val_loss"]),
+        "reads": store.reads if disk else None,
+        "hits": store.hits if disk else None,
+        "peak_cached_mib": store.peak_cached_bytes / 2**20 if disk else None,
+    }
 
 
 def data_path(spec: dict) -> dict:
@@ -192,8 +221,9 @@ def data_path(spec: dict) -> dict:
 
 def run_measure(**spec) -> dict:
     """:func:`measure` in a fresh process (so stores do not share a peak)."""
-    done = subprocess.run([sys.executable, __file__, "--measure", json.dumps(spec)],
-                          capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, __file__, "--measure", json.dumps(spec)], capture_output=True, text=True
+    )
     if done.returncode:
         raise SystemExit(f"measurement {spec} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -202,9 +232,11 @@ def run_measure(**spec) -> dict:
 def describe(r: dict, cold: bool) -> str:
     name = r["store"] + (", cold page cache" if cold else "")
     epochs = ", ".join(f"{t:.1f}" for t in r["epochs_s"])
-    text = (f"    {name:24s} peak RSS {r['peak_rss_mib']:6.0f} MiB  "
-            f"{'open' if r['store'] == 'disk' else 'load'} {r['open_s']:5.2f} s  "
-            f"statistics {r['stats_s']:5.1f} s  epochs {epochs} s  val loss {r['val_loss']:.5f}")  # fmt: skip
+    text = (
+        f"    {name:24s} peak RSS {r['peak_rss_mib']:6.0f} MiB  "
+        f"{'open' if r['store'] == 'disk' else 'load'} {r['open_s']:5.2f} s  "
+        f"statistics {r['stats_s']:5.1f} s  epochs {epochs} s  val loss {r['val_loss']:.5f}"
+    )
     if r["store"] == "disk":
         text += f"  ({r['reads']} bag reads, {r['hits']} cache hits, cache peak {r['peak_cached_mib']:.0f} MiB)"
     return text
@@ -216,10 +248,15 @@ def main() -> None:
     parser.add_argument("--tiles", type=int, default=10_000)
     parser.add_argument("--subset", type=int, default=40, help="slides run with both stores")
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="runs of each store on the subset, alternated")  # fmt: skip
-    parser.add_argument("--folder", type=Path, default=None,
-                        help="where the cohort is written (default /tmp/cpath_mil_scale_<slides>x<tiles>)")  # fmt: skip
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="runs of each store on the subset, alternated"
+    )
+    parser.add_argument(
+        "--folder",
+        type=Path,
+        default=None,
+        help="where the cohort is written (default /tmp/cpath_mil_scale_<slides>x<tiles>)",
+    )
     parser.add_argument(
         "--quick", action="store_true", help="12 slides x 500 tiles, 1 epoch, 1 round"
     )
@@ -235,12 +272,16 @@ def main() -> None:
     written, seconds = make_cohort(folder, args.slides, args.tiles)
     disk_gb = args.slides * args.tiles * DIM * 2 / 1e9
     train = sum(r["split"] == "train" for r in cohort_rows(args.slides))
-    print(f"{args.slides} slides x {args.tiles} tiles x {DIM} float16 ({disk_gb:.2f} GB as float16, "
-          f"{2 * disk_gb:.2f} GB as float32) in {folder}: {written} written in {seconds:.0f} s, "
-          f"{args.slides - written} reused")  # fmt: skip
-    print(f"ABMIL (defaults), fp32, 4096 instances per training bag, {train} train / "
-          f"{args.slides - train} validation bags, {os.cpu_count()} CPUs; epoch = training + "
-          "validation; peak RSS per fresh process")  # fmt: skip
+    print(
+        f"{args.slides} slides x {args.tiles} tiles x {DIM} float16 ({disk_gb:.2f} GB as float16, "
+        f"{2 * disk_gb:.2f} GB as float32) in {folder}: {written} written in {seconds:.0f} s, "
+        f"{args.slides - written} reused"
+    )
+    print(
+        f"ABMIL (defaults), fp32, 4096 instances per training bag, {train} train / "
+        f"{args.slides - train} validation bags, {os.cpu_count()} CPUs; epoch = training + "
+        "validation; peak RSS per fresh process"
+    )
     common = {"folder": str(folder), "epochs": args.epochs}
     print(f"  all {args.slides} slides:")
     full = run_measure(**common, slides=args.slides, store="disk", cold=True)
@@ -249,8 +290,10 @@ def main() -> None:
     cached = page_cache_gb(files)
     if cached is not None:
         size = sum(p.stat().st_size for p in files) / 1e9
-        print(f"    {'':24s} the page cache held {cached:.2f} of the {size:.2f} GB of files "
-              "after the run")  # fmt: skip
+        print(
+            f"    {'':24s} the page cache held {cached:.2f} of the {size:.2f} GB of files "
+            "after the run"
+        )
     print(f"    {'memory':24s} not run: it would hold {2 * disk_gb:.2f} GB of float32 features")
     sub_gb = args.subset * args.tiles * DIM * 2 / 1e9
     print(
@@ -269,24 +312,32 @@ def main() -> None:
     }
     best = {k: min(t) for k, t in epochs.items()}
     middle = {k: statistics.median(t) for k, t in epochs.items()}
-    print(f"  ratio disk / memory epoch time: {best['disk'] / best['memory']:.2f}x on the best "
-          f"epoch of each ({best['disk']:.2f} / {best['memory']:.2f} s), "
-          f"{middle['disk'] / middle['memory']:.2f}x on the medians of {len(epochs['disk'])} "
-          f"epochs each ({middle['disk']:.2f} / {middle['memory']:.2f} s); from a cold page "
-          f"cache {min(cold['epochs_s']) / best['memory']:.2f}x (best epoch)")  # fmt: skip
+    print(
+        f"  ratio disk / memory epoch time: {best['disk'] / best['memory']:.2f}x on the best "
+        f"epoch of each ({best['disk']:.2f} / {best['memory']:.2f} s), "
+        f"{middle['disk'] / middle['memory']:.2f}x on the medians of {len(epochs['disk'])} "
+        f"epochs each ({middle['disk']:.2f} / {middle['memory']:.2f} s); from a cold page "
+        f"cache {min(cold['epochs_s']) / best['memory']:.2f}x (best epoch)"
+    )
     path = run_measure(**common, slides=args.subset, data_path=True)
-    print(f"  batches alone, the two stores taking turns bag by bag (ms per bag, median): training "
-          f"batch of 4096 instances {path['memory_train']:.1f} memory / {path['disk_train']:.1f} "
-          f"disk, whole bag {path['memory_whole']:.1f} / {path['disk_whole']:.1f}")  # fmt: skip
+    print(
+        f"  batches alone, the two stores taking turns bag by bag (ms per bag, median): training "
+        f"batch of 4096 instances {path['memory_train']:.1f} memory / {path['disk_train']:.1f} "
+        f"disk, whole bag {path['memory_whole']:.1f} / {path['disk_whole']:.1f}"
+    )
     same = len({round(r["val_loss"], 6) for r in [*runs, cold]}) == 1
     print(f"  same validation loss with every store: {'yes' if same else 'NO'}")
     base = statistics.median(r["baseline_mib"] for r in [*runs, cold, full])
-    above = {k: max(r["peak_rss_mib"] - r["baseline_mib"] for r in runs if r["store"] == k)
-             for k in ("memory", "disk")}  # fmt: skip
-    print(f"  peak RSS above the Python + torch baseline ({base:.0f} MiB): memory store "
-          f"{above['memory']:.0f} MiB at {args.subset} slides; disk store {above['disk']:.0f} MiB "
-          f"at {args.subset} slides, {full['peak_rss_mib'] - full['baseline_mib']:.0f} MiB at "
-          f"{args.slides}")  # fmt: skip
+    above = {
+        k: max(r["peak_rss_mib"] - r["baseline_mib"] for r in runs if r["store"] == k)
+        for k in ("memory", "disk")
+    }
+    print(
+        f"  peak RSS above the Python + torch baseline ({base:.0f} MiB): memory store "
+        f"{above['memory']:.0f} MiB at {args.subset} slides; disk store {above['disk']:.0f} MiB "
+        f"at {args.subset} slides, {full['peak_rss_mib'] - full['baseline_mib']:.0f} MiB at "
+        f"{args.slides}"
+    )
 
 
 if __name__ == "__main__":

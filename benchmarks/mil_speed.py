@@ -41,9 +41,15 @@ from pipeline.mil.train import TrainMILConfig
 from pipeline.mil.training import MILModule, Targets, bag_loader, mil_trainer, predict_bags
 
 DIM = 1024
-SIZES = {"abmil": {"hidden": 512, "attn_dim": 256}, "clam_sb": {"hidden": 512, "attn_dim": 256},
-         "clam_mb": {"hidden": 512, "attn_dim": 256}, "transmil": {"hidden": 512},
-         "dsmil": {}, "mean": {"hidden": 512}, "max": {"hidden": 512}}  # fmt: skip
+SIZES = {
+    "abmil": {"hidden": 512, "attn_dim": 256},
+    "clam_sb": {"hidden": 512, "attn_dim": 256},
+    "clam_mb": {"hidden": 512, "attn_dim": 256},
+    "transmil": {"hidden": 512},
+    "dsmil": {},
+    "mean": {"hidden": 512},
+    "max": {"hidden": 512},
+}
 
 
 def make_bags(folder: Path, n_bags: int, seed: int = 0) -> list[dict]:
@@ -63,8 +69,14 @@ def make_bags(folder: Path, n_bags: int, seed: int = 0) -> list[dict]:
         writer.write(x, 0)
         writer.close()
         split = "val" if i % 10 in (0, 3, 6) else "train"
-        rows.append({"slide_id": f"bag{i:03d}", "case_id": f"bag{i:03d}",
-                     "label": "pos" if positive else "neg", "split": split})  # fmt: skip
+        rows.append(
+            {
+                "slide_id": f"bag{i:03d}",
+                "case_id": f"bag{i:03d}",
+                "label": "pos" if positive else "neg",
+                "split": split,
+            }
+        )
     return rows
 
 
@@ -117,23 +129,54 @@ class EpochTimer(L.Callback):
         self.times.append(time.perf_counter() - self.start)
 
 
-def ours(store: BaseBagStore, rows: list[dict], model: str, epochs: int, precision: str,
-         max_instances: int | None, batch_size: int = 1, seed: int = 0) -> tuple[list, float]:  # fmt: skip
+def ours(
+    store: BaseBagStore,
+    rows: list[dict],
+    model: str,
+    epochs: int,
+    precision: str,
+    max_instances: int | None,
+    batch_size: int = 1,
+    seed: int = 0,
+) -> tuple[list, float]:
     """The train-mil module and loaders, one fold with the benchmark's split."""
-    cfg = TrainMILConfig(model=model, model_args=SIZES[model], epochs=epochs, lr=2e-4,
-                         max_instances=max_instances, precision=precision, progress=False,
-                         balanced=False, device="cpu", batch_size=batch_size, standardize=False)  # fmt: skip
+    cfg = TrainMILConfig(
+        model=model,
+        model_args=SIZES[model],
+        epochs=epochs,
+        lr=2e-4,
+        max_instances=max_instances,
+        precision=precision,
+        progress=False,
+        balanced=False,
+        device="cpu",
+        batch_size=batch_size,
+        standardize=False,
+    )
     L.seed_everything(seed, verbose=False)
     generator = torch.Generator().manual_seed(seed)
     targets = Targets(rows, "classification", ["neg", "pos"], cfg.time_bins)
     train = [r["slide_id"] for r in rows if r["split"] == "train"]
     val = [r["slide_id"] for r in rows if r["split"] == "val"]
-    module = MILModule(model, store.dim, 2, dict(cfg.model_args), "classification", cfg.lr,
-                       cfg.weight_decay, epochs, cfg.bag_weight, cfg.survival_loss)  # fmt: skip
+    module = MILModule(
+        model,
+        store.dim,
+        2,
+        dict(cfg.model_args),
+        "classification",
+        cfg.lr,
+        cfg.weight_decay,
+        epochs,
+        cfg.bag_weight,
+        cfg.survival_loss,
+    )
     timer = EpochTimer()
     trainer = mil_trainer(cfg, logger=False, callbacks=[timer], enable_checkpointing=False)
-    trainer.fit(module, bag_loader(train, store, targets, cfg, True, generator),
-                bag_loader(val, store, targets, cfg, False, generator))  # fmt: skip
+    trainer.fit(
+        module,
+        bag_loader(train, store, targets, cfg, True, generator),
+        bag_loader(val, store, targets, cfg, False, generator),
+    )
     probs = predict_bags(module, val, store, targets, cfg)
     auc = roc_auc_score([targets.by_id[s]["label"] == "pos" for s in val], [p[1] for p in probs])
     return timer.times, auc
@@ -153,8 +196,10 @@ def main() -> None:
         instances = sum(
             h5py.File(folder / f"{r['slide_id']}.h5")["features"].shape[0] for r in rows
         )
-        print(f"{args.bags} bags, {instances} instances x {DIM}, {torch.get_num_threads()} CPU "
-              f"threads, {args.epochs} epochs; epoch = train + validation, median")  # fmt: skip
+        print(
+            f"{args.bags} bags, {instances} instances x {DIM}, {torch.get_num_threads()} CPU "
+            f"threads, {args.epochs} epochs; epoch = train + validation, median"
+        )
         ref_times, ref_auc = reference(folder, rows, args.epochs)
         ref = statistics.median(ref_times)
         print(f"  {'reference (CLAM-style loop)':44s} {ref:7.2f} s/epoch  AUC {ref_auc:.3f}")

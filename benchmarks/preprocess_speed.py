@@ -54,8 +54,11 @@ def make_huge_slide(path: Path, side: int = 100_000, mpp: float = 0.25) -> None:
     )
     tile = 512
     glass = imagecodecs.jpeg_encode(np.full((tile, tile, 3), 242, np.uint8), level=90)
-    patches = [imagecodecs.jpeg_encode(np.ascontiguousarray(texture[y : y + tile, x : x + tile]), level=90)
-               for y in (0, 488) for x in (0, 488)]  # fmt: skip
+    patches = [
+        imagecodecs.jpeg_encode(np.ascontiguousarray(texture[y : y + tile, x : x + tile]), level=90)
+        for y in (0, 488)
+        for x in (0, 488)
+    ]
 
     def tiles(size: int):
         n = -(-size // tile)
@@ -68,15 +71,24 @@ def make_huge_slide(path: Path, side: int = 100_000, mpp: float = 0.25) -> None:
     sizes = [side]
     while sizes[-1] // 4 >= 1024:
         sizes.append(-(-sizes[-1] // 4))
-    common = {"dtype": np.uint8, "tile": (tile, tile), "compression": "jpeg",
-              "photometric": "rgb", "metadata": None}  # fmt: skip
+    common = {
+        "dtype": np.uint8,
+        "tile": (tile, tile),
+        "compression": "jpeg",
+        "photometric": "rgb",
+        "metadata": None,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     with tifffile.TiffWriter(path, bigtiff=True) as tif:
         desc = aperio_description(side, side, mpp, 40, tile)
         tif.write(tiles(side), shape=(side, side, 3), description=desc, **common)
         thumb = np.full((256, 256, 3), 242, np.uint8)
-        tif.write(thumb, description="Aperio Image Library v12.0.15 \r\nthumbnail", photometric="rgb",
-                  metadata=None)  # fmt: skip
+        tif.write(
+            thumb,
+            description="Aperio Image Library v12.0.15 \r\nthumbnail",
+            photometric="rgb",
+            metadata=None,
+        )
         for size in sizes[1:]:
             tif.write(tiles(size), shape=(size, size, 3), subfiletype=1, **common)
 
@@ -120,19 +132,30 @@ def measure(slide: str, out: str) -> dict:
         t4 = time.perf_counter()
         for y in range(0, h, 4096):  # bare reads of the same level, same chunks
             for x in range(0, w, 4096):
-                s._handle.read_region((round(x * s.level_downsamples[level]),
-                                       round(y * s.level_downsamples[level])), level,
-                                      (min(4096, w - x), min(4096, h - y)))  # fmt: skip
+                s._handle.read_region(
+                    (round(x * s.level_downsamples[level]), round(y * s.level_downsamples[level])),
+                    level,
+                    (min(4096, w - x), min(4096, h - y)),
+                )
         t5 = time.perf_counter()
         size = s.dimensions
     t6 = time.perf_counter()
     row = process_slide(SlideEntry(Path(slide).stem, Path(slide)), cfg)
     t7 = time.perf_counter()
     peak = peak_rss()
-    return {"size": size, "tiles": len(grid.coords), "thumbnail": thumb.shape[:2],
-            "read_s": t1 - t0, "detect_s": t2 - t1, "grid_s": t3 - t2, "bare_read_s": t5 - t4,
-            "job_s": t7 - t6, "status": row["status"], "peak_mib_above_baseline": peak - base,
-            "baseline_mib": base}  # fmt: skip
+    return {
+        "size": size,
+        "tiles": len(grid.coords),
+        "thumbnail": thumb.shape[:2],
+        "read_s": t1 - t0,
+        "detect_s": t2 - t1,
+        "grid_s": t3 - t2,
+        "bare_read_s": t5 - t4,
+        "job_s": t7 - t6,
+        "status": row["status"],
+        "peak_mib_above_baseline": peak - base,
+        "baseline_mib": base,
+    }
 
 
 def run_child(slide: Path, out: Path) -> dict:
@@ -166,13 +189,19 @@ def main() -> None:
         print(
             f"\n{name}: {r['tiles']} tiles at 0.5 mpp, thumbnail {r['thumbnail'][1]}x{r['thumbnail'][0]} px"
         )
-        print(f"  tissue detection + coords: {work:.3f} s (thumbnail read {r['read_s']:.3f} s, "
-              f"detection {r['detect_s']:.3f} s, grid {r['grid_s']:.4f} s)")  # fmt: skip
-        print(f"  bare read_region of the same level: {r['bare_read_s']:.3f} s -> "
-              f"detection + coords / bare read = {work / r['bare_read_s']:.2f}x")  # fmt: skip
+        print(
+            f"  tissue detection + coords: {work:.3f} s (thumbnail read {r['read_s']:.3f} s, "
+            f"detection {r['detect_s']:.3f} s, grid {r['grid_s']:.4f} s)"
+        )
+        print(
+            f"  bare read_region of the same level: {r['bare_read_s']:.3f} s -> "
+            f"detection + coords / bare read = {work / r['bare_read_s']:.2f}x"
+        )
         print(f"  whole per-slide job (with GeoJSON, QC image, coords file): {r['job_s']:.3f} s")
-        print(f"  peak memory above the interpreter baseline: {r['peak_mib_above_baseline']:.0f} MiB "
-              f"(baseline {r['baseline_mib']:.0f} MiB; thumbnail {np.prod(r['thumbnail']) * 3 / 2**20:.0f} MiB)")  # fmt: skip
+        print(
+            f"  peak memory above the interpreter baseline: {r['peak_mib_above_baseline']:.0f} MiB "
+            f"(baseline {r['baseline_mib']:.0f} MiB; thumbnail {np.prod(r['thumbnail']) * 3 / 2**20:.0f} MiB)"
+        )
 
 
 if __name__ == "__main__":

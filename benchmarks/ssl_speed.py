@@ -63,8 +63,9 @@ def main() -> None:
     batch = dm.collate([dm.dataset[i] for i in range(b)])
     batch = {k: v.to(args.device) for k, v in batch.items()}
     optimizer = module.configure_optimizers()
-    autocast = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16,
-                              enabled="bf16" in cfg.trainer.precision)  # fmt: skip
+    autocast = torch.autocast(
+        args.device.split(":")[0], dtype=torch.bfloat16, enabled="bf16" in cfg.trainer.precision
+    )
 
     def full_step() -> None:
         with autocast:
@@ -89,9 +90,11 @@ def main() -> None:
     full = timed(full_step, args.steps, args.device)
     bare = timed(bare_step, args.steps, args.device)
     views = 2 + cfg.data.local_crops
-    print(f"{cfg.model.arch} {cfg.model.arch_kwargs or ''} on {args.device} "
-          f"({torch.get_num_threads()} threads), batch {b}, {cfg.data.global_size}/"
-          f"{cfg.data.local_size} px crops x {views}, {cfg.trainer.precision}")  # fmt: skip
+    print(
+        f"{cfg.model.arch} {cfg.model.arch_kwargs or ''} on {args.device} "
+        f"({torch.get_num_threads()} threads), batch {b}, {cfg.data.global_size}/"
+        f"{cfg.data.local_size} px crops x {views}, {cfg.trainer.precision}"
+    )
     print(f"  full SSL step   {full * 1e3:8.1f} ms  {b / full:7.1f} images/s")
     print(f"  bare fwd+bwd    {bare * 1e3:8.1f} ms  {b / bare:7.1f} images/s")
     print(f"  overhead ratio  {full / bare:8.2f}x (full / bare)")

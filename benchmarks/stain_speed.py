@@ -84,8 +84,10 @@ def main() -> None:
         batched = best_of(lambda n=normalizer: n(tiles))
         loop = best_of(lambda n=normalizer: [n(t) for t in tiles])
         per_tile_b, per_tile_l = batched / len(tiles) * 1e3, loop / len(tiles) * 1e3
-        line = (f"  {name:<9} batched {per_tile_b:6.2f} ms/tile   per-tile loop {per_tile_l:6.2f} "
-                f"ms/tile   speed-up {loop / batched:5.2f}x")  # fmt: skip
+        line = (
+            f"  {name:<9} batched {per_tile_b:6.2f} ms/tile   per-tile loop {per_tile_l:6.2f} "
+            f"ms/tile   speed-up {loop / batched:5.2f}x"
+        )
         reference = torchstain_loop(name, target, tiles)
         if reference is not None:
             per_tile_r = best_of(reference) / len(tiles) * 1e3

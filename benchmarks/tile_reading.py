@@ -60,8 +60,12 @@ def dataset_loop(dataset: TileDataset, indices: np.ndarray) -> float:
 
 
 def loader_rate(dataset: TileDataset, indices: np.ndarray, workers: int) -> float:
-    loader = DataLoader(Subset(dataset, indices.tolist()), batch_size=64, num_workers=workers,
-                        persistent_workers=False)  # fmt: skip
+    loader = DataLoader(
+        Subset(dataset, indices.tolist()),
+        batch_size=64,
+        num_workers=workers,
+        persistent_workers=False,
+    )
     it = iter(loader)
     next(it)  # worker start-up is not tile reading
     start, count = time.perf_counter(), 0
@@ -78,13 +82,16 @@ def main() -> None:
     args = parser.parse_args()
     if not (args.demo / "slides").exists():
         raise SystemExit(f"no demo cohort at {args.demo}: run `make demo` first")
-    preprocess(PreprocessConfig(slides=str(args.demo / "slides"), out=args.out, workers=2),
-               progress=False)  # fmt: skip
+    preprocess(
+        PreprocessConfig(slides=str(args.demo / "slides"), out=args.out, workers=2), progress=False
+    )
     files = sorted((args.out / "coords").glob("*.h5"))
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
-    for label, keep in (("20x slides (1:1 from level 0)", lambda m: m > 0.4),
-                        ("40x slides (512 -> 256 px)", lambda m: m < 0.3)):  # fmt: skip
+    for label, keep in (
+        ("20x slides (1:1 from level 0)", lambda m: m > 0.4),
+        ("40x slides (512 -> 256 px)", lambda m: m < 0.3),
+    ):
         chosen = [f for f in files if keep(read_coords(f).attrs["level0_mpp"])]
         dataset = TileDataset(chosen)
         indices = np.sort(rng.choice(len(dataset), min(args.tiles, len(dataset)), replace=False))
@@ -98,13 +105,17 @@ def main() -> None:
         print(f"  TileDataset:      {ours:7.0f} tiles/s   ratio {ratio:.2f} (median of 5 rounds)")
         shuffled = rng.permutation(indices)
         rounds = [(bare_loop(dataset, shuffled), dataset_loop(dataset, shuffled)) for _ in range(5)]
-        print(f"  shuffled across slides: TileDataset {np.median([r[1] for r in rounds]):.0f} "
-              f"tiles/s, bare {np.median([r[0] for r in rounds]):.0f}, ratio "
-              f"{np.median([r[1] / r[0] for r in rounds]):.2f}")  # fmt: skip
+        print(
+            f"  shuffled across slides: TileDataset {np.median([r[1] for r in rounds]):.0f} "
+            f"tiles/s, bare {np.median([r[0] for r in rounds]):.0f}, ratio "
+            f"{np.median([r[1] / r[0] for r in rounds]):.2f}"
+        )
         for workers in (1, 2):
             rate = loader_rate(dataset, indices, workers)
-            print(f"  DataLoader, {workers} worker(s), batch 64: {rate:7.0f} tiles/s "
-                  f"({rate / bare:.2f}x the bare loop)")  # fmt: skip
+            print(
+                f"  DataLoader, {workers} worker(s), batch 64: {rate:7.0f} tiles/s "
+                f"({rate / bare:.2f}x the bare loop)"
+            )
         dataset.close()
 
 

@@ -68,8 +68,9 @@ def positional_to_options(args: list[str], stage: str, config_cls: type) -> list
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cpath`` console script; returns the exit code."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")  # fmt: skip
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
+    )
     quiet_lightning()
     parser, loaded = build_parser()
     args = list(sys.argv[1:] if argv is None else argv)
@@ -87,8 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cpath {name}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"cpath {name}: interrupted; finished outputs are kept, rerun to resume",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"cpath {name}: interrupted; finished outputs are kept, rerun to resume",
+            file=sys.stderr,
+        )
         return 130
     return int(result) if isinstance(result, int) else 0
 

@@ -32,8 +32,16 @@ log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 SMALL_ABMIL = {"hidden": 64, "attn_dim": 32, "dropout": 0.1}  # configs/mil/abmil-small.yaml
-STAGES = ("preprocess", "stain", "pretrain", "extract", "train-mil", "evaluate", "heatmaps",
-          "report")  # fmt: skip
+STAGES = (
+    "preprocess",
+    "stain",
+    "pretrain",
+    "extract",
+    "train-mil",
+    "evaluate",
+    "heatmaps",
+    "report",
+)
 
 
 @dataclass
@@ -90,15 +98,20 @@ class Demo:
     def preprocess(self) -> str:
         from pipeline.wsi.preprocess import PreprocessConfig, preprocess
 
-        prep = PreprocessConfig(slides=str(self.cfg.data / "slides"), out=self.prep,
-                                workers=self.cfg.workers)  # fmt: skip
+        prep = PreprocessConfig(
+            slides=str(self.cfg.data / "slides"), out=self.prep, workers=self.cfg.workers
+        )
         rows = preprocess(prep, progress=self.cfg.progress)
         failed = [r for r in rows if r["status"] == "failed"]
         if failed:
             raise PipelineError(f"{len(failed)} slides failed, first: {failed[0]['error']}")
         tiles = sum(int(r["n_tiles"]) for r in rows)
-        self.summary["preprocess"] = {"slides": len(rows), "tiles": tiles, "mpp": prep.target_mpp,
-                                      "tile_size": prep.tile_size}  # fmt: skip
+        self.summary["preprocess"] = {
+            "slides": len(rows),
+            "tiles": tiles,
+            "mpp": prep.target_mpp,
+            "tile_size": prep.tile_size,
+        }
         return (
             f"{tiles} tiles of {prep.tile_size} px at {prep.target_mpp} mpp from {len(rows)} slides"
         )
@@ -109,8 +122,10 @@ class Demo:
 
         facts = stain_demo(self.prep / "coords", self.stain_dir)
         self.summary["stain"] = facts
-        return (f"macenko fitted to {facts['reference']}; slide-ID probe on colour "
-                f"{facts['before']:.2f} -> {facts['after']:.2f} after normalization")  # fmt: skip
+        return (
+            f"macenko fitted to {facts['reference']}; slide-ID probe on colour "
+            f"{facts['before']:.2f} -> {facts['after']:.2f} after normalization"
+        )
 
     # 4
     def pretrain(self) -> str:
@@ -120,10 +135,18 @@ class Demo:
 
         if (self.encoder / "model.safetensors").is_file():
             return f"reused {self.encoder}"
-        cfg = load_config(PretrainConfig, CONFIGS / "pretrain" / "tiny-cpu.yaml",
-                          **{"out": self.pretrain_dir, "data.coords": self.prep / "coords",
-                             "data.stain_augment": True, "trainer.max_steps": self.cfg.pretrain_steps,
-                             "trainer.progress_bar": self.cfg.progress, "ckpt_path": "last"})  # fmt: skip
+        cfg = load_config(
+            PretrainConfig,
+            CONFIGS / "pretrain" / "tiny-cpu.yaml",
+            **{
+                "out": self.pretrain_dir,
+                "data.coords": self.prep / "coords",
+                "data.stain_augment": True,
+                "trainer.max_steps": self.cfg.pretrain_steps,
+                "trainer.progress_bar": self.cfg.progress,
+                "ckpt_path": "last",
+            },
+        )
         train(cfg)
         return f"{self.cfg.pretrain_steps} steps of the tiny preset -> {self.encoder}"
 
@@ -135,9 +158,15 @@ class Demo:
 
         done = []
         for name, spec in self.encoders.items():
-            cfg = load_config(ExtractConfig, CONFIGS / "extract" / "tiny-cpu.yaml",
-                              coords=self.prep / "coords", encoder=spec, out=self.features / name,
-                              stain_norm=self.stain_dir / "stain.json", progress=self.cfg.progress)  # fmt: skip
+            cfg = load_config(
+                ExtractConfig,
+                CONFIGS / "extract" / "tiny-cpu.yaml",
+                coords=self.prep / "coords",
+                encoder=spec,
+                out=self.features / name,
+                stain_norm=self.stain_dir / "stain.json",
+                progress=self.cfg.progress,
+            )
             rows = extract(cfg)
             failed = [r for r in rows if r["status"] == "failed"]
             if failed:
@@ -156,18 +185,32 @@ class Demo:
         labels = self.cfg.data / "labels.csv"
         self.summary["mil"] = {}
         runs = [(name, "abmil-small.yaml", {"task": "classification"}) for name in self.encoders]
-        runs.append(("pretrained", "survival-cox.yaml", {"task": "survival", "val_share": 0.0,
-                                                         "model_args": SMALL_ABMIL}))  # fmt: skip
+        runs.append(
+            (
+                "pretrained",
+                "survival-cox.yaml",
+                {"task": "survival", "val_share": 0.0, "model_args": SMALL_ABMIL},
+            )
+        )
         for name, preset, extra in runs:  # same labels and seed: the same patient splits
             run_name = name if extra["task"] == "classification" else "survival"
-            cfg = load_config(TrainMILConfig, CONFIGS / "mil" / preset, features=self.features / name,
-                              labels=labels, out=self.mil / run_name, progress=self.cfg.progress,
-                              folds=self.cfg.folds, **extra)  # fmt: skip
+            cfg = load_config(
+                TrainMILConfig,
+                CONFIGS / "mil" / preset,
+                features=self.features / name,
+                labels=labels,
+                out=self.mil / run_name,
+                progress=self.cfg.progress,
+                folds=self.cfg.folds,
+                **extra,
+            )
             self.summary["mil"][run_name] = train_cv(cfg)["pooled"]
         auc = {n: self.summary["mil"][n]["auc"]["value"] for n in self.encoders}
         c = self.summary["mil"]["survival"]["c_index"]["value"]
-        return (f"ABMIL slide AUC: pretrained {auc['pretrained']:.3f}, random {auc['random']:.3f}; "
-                f"survival c-index {c:.3f}")  # fmt: skip
+        return (
+            f"ABMIL slide AUC: pretrained {auc['pretrained']:.3f}, random {auc['random']:.3f}; "
+            f"survival c-index {c:.3f}"
+        )
 
     # 7
     def evaluate(self) -> str:
@@ -239,17 +282,26 @@ def run(cfg: DemoConfig) -> None:
     if cfg.make_data:
         return
     demo = Demo(cfg)
-    steps = {"preprocess": demo.preprocess, "stain": demo.stain, "pretrain": demo.pretrain,
-             "extract": demo.extract, "train-mil": demo.train_mil, "evaluate": demo.evaluate,
-             "heatmaps": demo.heatmaps_, "report": demo.report}  # fmt: skip
+    steps = {
+        "preprocess": demo.preprocess,
+        "stain": demo.stain,
+        "pretrain": demo.pretrain,
+        "extract": demo.extract,
+        "train-mil": demo.train_mil,
+        "evaluate": demo.evaluate,
+        "heatmaps": demo.heatmaps_,
+        "report": demo.report,
+    }
     for i, name in enumerate(STAGES, start=2):
         stage_start = time.perf_counter()
         print(f"[{i}/{len(STAGES) + 1}] {name} ...", flush=True)
         try:
             text = steps[name]()
         except (PipelineError, ConfigError) as exc:
-            raise PipelineError(f"demo stopped at stage '{name}': {exc}. Fix the cause and run "
-                                "`make demo` again: finished stages are reused.") from exc  # fmt: skip
+            raise PipelineError(
+                f"demo stopped at stage '{name}': {exc}. Fix the cause and run "
+                "`make demo` again: finished stages are reused."
+            ) from exc
         print(f"[{i}/{len(STAGES) + 1}] {name}: {text} ({time.perf_counter() - stage_start:.0f} s)")
         if name == cfg.stop_after:
             break

@@ -71,39 +71,47 @@ def write_report(demo) -> Path:
         labels = list(csv.DictReader(f))
     tumour = [r["slide_id"] for r in labels if r["label"] == "tumor"]
     normal = [r["slide_id"] for r in labels if r["label"] != "tumor"]
-    parts = ["<h1>Demo run</h1>",
-             f"<p>{len(labels)} slides ({len(tumour)} tumour, {len(normal)} normal) of "
-             f"{len({r['case_id'] for r in labels})} patients from {len({r.get('site') for r in labels})} "
-             f"staining sites: {_link(data / 'slides', root, 'slides')}, "
-             f"{_link(data / 'labels.csv', root, 'labels.csv')}, "
-             f"{_link(data / 'ground_truth', root, 'ground-truth masks')}.</p>"]  # fmt: skip
+    parts = [
+        "<h1>Demo run</h1>",
+        f"<p>{len(labels)} slides ({len(tumour)} tumour, {len(normal)} normal) of "
+        f"{len({r['case_id'] for r in labels})} patients from {len({r.get('site') for r in labels})} "
+        f"staining sites: {_link(data / 'slides', root, 'slides')}, "
+        f"{_link(data / 'labels.csv', root, 'labels.csv')}, "
+        f"{_link(data / 'ground_truth', root, 'ground-truth masks')}.</p>",
+    ]
 
     prep = demo.summary.get("preprocess", {})
-    parts += ["<h2>1. Tissue detection and tiling</h2>",
-              f"<p>{prep.get('tiles', '?')} tiles of {prep.get('tile_size', '?')} px at "
-              f"{prep.get('mpp', '?')} um/px; tissue outline and tile grid on each slide "
-              f"({_link(demo.prep / 'manifest.csv', root, 'manifest')}, "
-              f"{_link(demo.prep / 'thumbnails', root, 'all thumbnails')}).</p>"]  # fmt: skip
+    parts += [
+        "<h2>1. Tissue detection and tiling</h2>",
+        f"<p>{prep.get('tiles', '?')} tiles of {prep.get('tile_size', '?')} px at "
+        f"{prep.get('mpp', '?')} um/px; tissue outline and tile grid on each slide "
+        f"({_link(demo.prep / 'manifest.csv', root, 'manifest')}, "
+        f"{_link(demo.prep / 'thumbnails', root, 'all thumbnails')}).</p>",
+    ]
     parts += [
         _img(demo.prep / "thumbnails" / f"{s}.png", root, s, 260) for s in tumour[:2] + normal[:2]
     ]
 
     stain = json.loads((demo.stain_dir / "report.json").read_text())
     before, after = stain["before"], stain["after"]
-    parts += ["<h2>2. Stain normalization</h2>",
-              f"<p>Macenko fitted to the reference tile {html.escape(stain['reference'])} "
-              f"({_link(demo.stain_dir / 'stain.json', root, 'stain.json')}). Top: one tile per slide "
-              "as scanned; bottom: normalized. A probe that tells the slide from a tile's colour "
-              f"statistics scores {before['slide_probe_accuracy']:.2f} before and "
-              f"{after['slide_probe_accuracy']:.2f} after (chance {before['chance']:.2f}). "
-              "Pretraining used stain augmentation (HED and HSV jitter).</p>",
-              _img(demo.stain_dir / "reference.png", root, "reference", 128),
-              _img(demo.stain_dir / "before_after.png", root, "before / after")]  # fmt: skip
+    parts += [
+        "<h2>2. Stain normalization</h2>",
+        f"<p>Macenko fitted to the reference tile {html.escape(stain['reference'])} "
+        f"({_link(demo.stain_dir / 'stain.json', root, 'stain.json')}). Top: one tile per slide "
+        "as scanned; bottom: normalized. A probe that tells the slide from a tile's colour "
+        f"statistics scores {before['slide_probe_accuracy']:.2f} before and "
+        f"{after['slide_probe_accuracy']:.2f} after (chance {before['chance']:.2f}). "
+        "Pretraining used stain augmentation (HED and HSV jitter).</p>",
+        _img(demo.stain_dir / "reference.png", root, "reference", 128),
+        _img(demo.stain_dir / "before_after.png", root, "before / after"),
+    ]
 
     curves = pretraining_curves(demo.pretrain_dir, root / "figures" / "pretraining.png")
-    parts += ["<h2>3. Self-supervised pretraining</h2>",
-              f"<p>DINOv2-style tiny preset ({_link(demo.pretrain_dir / 'config.yaml', root, 'config')}, "
-              f"{_link(demo.encoder, root, 'exported encoder')}).</p>"]  # fmt: skip
+    parts += [
+        "<h2>3. Self-supervised pretraining</h2>",
+        f"<p>DINOv2-style tiny preset ({_link(demo.pretrain_dir / 'config.yaml', root, 'config')}, "
+        f"{_link(demo.encoder, root, 'exported encoder')}).</p>",
+    ]
     if curves:
         parts.append(_img(curves, root, "pretraining curves"))
 
@@ -113,8 +121,11 @@ def write_report(demo) -> Path:
         path = demo.mil / name / "metrics.json"
         if path.is_file():
             pooled = json.loads(path.read_text())["pooled"]
-            text = ", ".join(f"{k} {v['value']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]"
-                             for k, v in pooled.items() if v["value"] is not None)  # fmt: skip
+            text = ", ".join(
+                f"{k} {v['value']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]"
+                for k, v in pooled.items()
+                if v["value"] is not None
+            )
             rows.append([name, text, _link(demo.mil / name, root)])
     parts.append(_html_table(["run", "pooled out-of-fold metrics (95% CI)", "folder"], rows))
 
@@ -125,14 +136,20 @@ def write_report(demo) -> Path:
     for png in sorted(demo.heatmaps.glob("*.png")):
         if png.stem.endswith("_top"):
             continue
-        parts.append("<div>" + _img(png, root, f"{png.stem}: attention", 420)
-                     + _img(data / "ground_truth" / f"{png.stem}_tumor.png", root, "ground truth", 200)
-                     + _img(png.with_name(f"{png.stem}_top.png"), root, "top tiles", 420) + "</div>")  # fmt: skip
+        parts.append(
+            "<div>"
+            + _img(png, root, f"{png.stem}: attention", 420)
+            + _img(data / "ground_truth" / f"{png.stem}_tumor.png", root, "ground truth", 200)
+            + _img(png.with_name(f"{png.stem}_top.png"), root, "top tiles", 420)
+            + "</div>"
+        )
 
-    parts += ["<h2>6. Encoder evaluation</h2>",
-              f"<p>Pretrained against the same architecture at random init "
-              f"({_link(demo.eval / 'report.html', root, 'full report')}, "
-              f"{_link(demo.eval / 'results.json', root, 'results.json')}).</p>"]  # fmt: skip
+    parts += [
+        "<h2>6. Encoder evaluation</h2>",
+        f"<p>Pretrained against the same architecture at random init "
+        f"({_link(demo.eval / 'report.html', root, 'full report')}, "
+        f"{_link(demo.eval / 'results.json', root, 'results.json')}).</p>",
+    ]
     with open(demo.eval / "leaderboard.csv", newline="") as f:
         board = list(csv.reader(f))
     parts.append(
@@ -151,8 +168,10 @@ def write_report(demo) -> Path:
         if figure.is_file():
             parts.append(_img(figure, root, name, 420))
 
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>Demo run</title>"
-            f"<style>{STYLE}</style>{LOAD_CHECK}</head><body>{''.join(parts)}</body></html>")  # fmt: skip
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>Demo run</title>"
+        f"<style>{STYLE}</style>{LOAD_CHECK}</head><body>{''.join(parts)}</body></html>"
+    )
     path = root / "report.html"
     atomic_write_text(path, page)
     return path

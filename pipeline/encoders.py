@@ -61,8 +61,13 @@ class Encoder:
         mean and std (tiles of another size are resized, antialiased)."""
         x = images.float() / 255
         if x.shape[-2:] != (self.input_size, self.input_size):
-            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
-                              antialias=True, align_corners=False).clamp_(0, 1)  # fmt: skip
+            x = F.interpolate(
+                x,
+                size=(self.input_size, self.input_size),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
+            ).clamp_(0, 1)
         mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1)
         return (x - mean) / std
@@ -140,12 +145,16 @@ def _timm_encoder(
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     size = config.pop("input_size", None) or (cfg.get("input_size") or (3, 224, 224))[-1]
     return Encoder(
-        model=model.eval(), name=name, embed_dim=int(model.num_features), input_size=int(size),
+        model=model.eval(),
+        name=name,
+        embed_dim=int(model.num_features),
+        input_size=int(size),
         mean=tuple(config.pop("mean", None) or cfg.get("mean") or IMAGENET_MEAN),
         std=tuple(config.pop("std", None) or cfg.get("std") or IMAGENET_STD),
-        weights_sha256=sha256_file(weights) if weights else None, config=config,
+        weights_sha256=sha256_file(weights) if weights else None,
+        config=config,
         random_init=random_init,
-    )  # fmt: skip
+    )
 
 
 @register_encoder_source("timm")
@@ -206,10 +215,15 @@ def load_exported(
     if weights is not None:
         load_weights(model, weights)
     return _timm_encoder(
-        f"random:{folder}" if random_init else str(folder), model,
-        str(weights) if weights else None, random_init, input_size=config.get("input_size"),
-        mean=config.get("mean"), std=config.get("std"), **{"export": config},
-    )  # fmt: skip
+        f"random:{folder}" if random_init else str(folder),
+        model,
+        str(weights) if weights else None,
+        random_init,
+        input_size=config.get("input_size"),
+        mean=config.get("mean"),
+        std=config.get("std"),
+        **{"export": config},
+    )
 
 
 @register_encoder_source("random")
@@ -226,8 +240,12 @@ def spec_weights(spec: str | os.PathLike, weights: str | os.PathLike | None = No
     return "random" if random_init else "pretrained"
 
 
-def load_encoder(spec: str | os.PathLike, weights: str | os.PathLike | None = None,
-                 device: str | torch.device = "cpu", **kwargs) -> Encoder:  # fmt: skip
+def load_encoder(
+    spec: str | os.PathLike,
+    weights: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    **kwargs,
+) -> Encoder:
     """The encoder named by ``spec`` (see the module docstring), in eval mode on ``device``."""
     text = os.fspath(spec)
     prefix, sep, name = text.partition(":")

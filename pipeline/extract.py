@@ -108,8 +108,10 @@ def run(cfg: ExtractConfig) -> int:
     rows = extract(cfg)
     status = {s: sum(r["status"] == s for r in rows) for s in ("done", "skipped", "failed")}
     tiles = sum(int(r["n_tiles"]) for r in rows if r["status"] == "done")
-    print(f"extract: {status['done']} done ({tiles} tiles), {status['skipped']} skipped, "
-          f"{status['failed']} failed in {time.perf_counter() - start:.1f} s -> {cfg.out}")  # fmt: skip
+    print(
+        f"extract: {status['done']} done ({tiles} tiles), {status['skipped']} skipped, "
+        f"{status['failed']} failed in {time.perf_counter() - start:.1f} s -> {cfg.out}"
+    )
     for r in rows:
         if r["status"] == "failed":
             print(f"  failed {r['slide_id']}: {r['error']}")

@@ -45,8 +45,11 @@ class SlideBatches(Dataset):
 
     def __init__(self, jobs: list[Job], batch_size: int):
         self.jobs = jobs
-        self.batches = [(j, s, min(s + batch_size, len(job.table)))
-                        for j, job in enumerate(jobs) for s in range(0, len(job.table), batch_size)]  # fmt: skip
+        self.batches = [
+            (j, s, min(s + batch_size, len(job.table)))
+            for j, job in enumerate(jobs)
+            for s in range(0, len(job.table), batch_size)
+        ]
         self._slide: tuple[int, Slide] | None = None
         self._failed: dict[int, str] = {}  # job -> error, in this worker: not read again
 
@@ -57,8 +60,13 @@ class SlideBatches(Dataset):
         j, start, stop = self.batches[i]
         job = self.jobs[j]
         if j in self._failed:
-            return {"job": j, "start": start, "n": stop - start, "images": None,
-                    "error": self._failed[j]}  # fmt: skip
+            return {
+                "job": j,
+                "start": start,
+                "n": stop - start,
+                "images": None,
+                "error": self._failed[j],
+            }
         try:
             if self._slide is None or self._slide[0] != j:
                 self.close()
@@ -68,8 +76,10 @@ class SlideBatches(Dataset):
                 )
             slide, t = self._slide[1], job.table
             size0, size = t.patch_size_level0, t.patch_size
-            tiles = [slide.read_tile_chw((int(x), int(y)), (size0, size0), (size, size))
-                     for x, y in t.coords[start:stop]]  # fmt: skip
+            tiles = [
+                slide.read_tile_chw((int(x), int(y)), (size0, size0), (size, size))
+                for x, y in t.coords[start:stop]
+            ]
             images = torch.from_numpy(np.stack(tiles))  # b x 3 x H x W uint8
             return {"job": j, "start": start, "n": stop - start, "images": images, "error": None}
         except Exception as exc:  # any unreadable slide or region fails its slide only
@@ -95,8 +105,11 @@ def plan(
     index, count = parse_shard(cfg.shard)
     files = sorted(files, key=lambda p: p.stem)[index::count]
     jobs, skipped = [], []
-    transform = {"input_size": encoder.input_size, "mean": list(encoder.mean),
-                 "std": list(encoder.std)}  # fmt: skip
+    transform = {
+        "input_size": encoder.input_size,
+        "mean": list(encoder.mean),
+        "std": list(encoder.std),
+    }
     stain_sha = (
         sha256_file(cfg.stain_norm) if cfg.stain_norm and Path(cfg.stain_norm).is_file() else ""
     )
@@ -106,32 +119,66 @@ def plan(
             table = read_coords(path)
         except PipelineError as exc:
             log.warning("%s failed: %s", path.stem, exc)
-            skipped.append({"slide_id": path.stem, "status": "failed", "n_tiles": 0,
-                            "seconds": 0.0, "path": "", "error": str(exc)})  # fmt: skip
+            skipped.append(
+                {
+                    "slide_id": path.stem,
+                    "status": "failed",
+                    "n_tiles": 0,
+                    "seconds": 0.0,
+                    "path": "",
+                    "error": str(exc),
+                }
+            )
             continue
         slide_id = str(table.attrs.get("slide_id") or path.stem)
         slide_path = moved.get(slide_id) or table.slide_path
         if not slide_path:
-            error = (f"{path}: the coords do not name their slide (CLAM coords do not); pass "
-                     "--slides FOLDER or LIST.csv to find slides by id")  # fmt: skip
+            error = (
+                f"{path}: the coords do not name their slide (CLAM coords do not); pass "
+                "--slides FOLDER or LIST.csv to find slides by id"
+            )
             log.warning("%s failed: %s", slide_id, error)
-            skipped.append({"slide_id": slide_id, "status": "failed", "n_tiles": len(table),
-                            "seconds": 0.0, "path": "", "error": error})  # fmt: skip
+            skipped.append(
+                {
+                    "slide_id": slide_id,
+                    "status": "failed",
+                    "n_tiles": len(table),
+                    "seconds": 0.0,
+                    "path": "",
+                    "error": error,
+                }
+            )
             continue
         target = out / f"{slide_id}.h5"
         attrs = {
-            "slide_id": slide_id, "slide_path": str(slide_path),
-            "encoder": encoder.name, "encoder_sha256": weights_sha, "weights": encoder.weights,
+            "slide_id": slide_id,
+            "slide_path": str(slide_path),
+            "encoder": encoder.name,
+            "encoder_sha256": weights_sha,
+            "weights": encoder.weights,
             "pooling": cfg.pooling,
-            "precision": cfg.precision, "dtype": cfg.dtype, "transform": transform,
+            "precision": cfg.precision,
+            "dtype": cfg.dtype,
+            "transform": transform,
             "target_mpp": table.target_mpp if table.target_mpp is not None else -1.0,
-            "patch_size": table.patch_size, "patch_size_level0": table.patch_size_level0,
-            "coords_sha256": sha256_file(path), "coords_file": str(path.resolve()),
-            "stain_norm": str(cfg.stain_norm or ""), "stain_norm_sha256": stain_sha,
-        }  # fmt: skip
+            "patch_size": table.patch_size,
+            "patch_size_level0": table.patch_size_level0,
+            "coords_sha256": sha256_file(path),
+            "coords_file": str(path.resolve()),
+            "stain_norm": str(cfg.stain_norm or ""),
+            "stain_norm_sha256": stain_sha,
+        }
         if not cfg.overwrite and is_complete(target, attrs):
-            skipped.append({"slide_id": slide_id, "status": "skipped", "n_tiles": len(table),
-                            "seconds": 0.0, "path": str(target), "error": ""})  # fmt: skip
+            skipped.append(
+                {
+                    "slide_id": slide_id,
+                    "status": "skipped",
+                    "n_tiles": len(table),
+                    "seconds": 0.0,
+                    "path": str(target),
+                    "error": "",
+                }
+            )
             continue
         remove_temporaries(target)  # this shard owns the slide: leftovers are a killed run's
         jobs.append(Job(slide_id, path, table, target, attrs, Path(slide_path)))
@@ -163,20 +210,43 @@ def extract(cfg: ExtractConfig) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out, f"config{shard_suffix(index, count)}.yaml")
     dim = encoder.output_dim(cfg.pooling)
-    log.info("extract: %d slides to do, %d done before (shard %d/%d), %s on %s -> %s", len(jobs),
-             len(rows), index, count, encoder.name, device, out)  # fmt: skip
+    log.info(
+        "extract: %d slides to do, %d done before (shard %d/%d), %s on %s -> %s",
+        len(jobs),
+        len(rows),
+        index,
+        count,
+        encoder.name,
+        device,
+        out,
+    )
 
     for job in [j for j in jobs if len(j.table) == 0]:  # empty slides: valid files with N = 0
-        FeatureWriter(job.out, 0, dim, job.table.coords, job.attrs, cfg.dtype,
-                      coords_attrs=feature_coords_attrs(job.table)).close()  # fmt: skip
+        FeatureWriter(
+            job.out,
+            0,
+            dim,
+            job.table.coords,
+            job.attrs,
+            cfg.dtype,
+            coords_attrs=feature_coords_attrs(job.table),
+        ).close()
         rows.append(_row(job, "done", 0.0))
     jobs = [j for j in jobs if len(j.table)]
     dataset = SlideBatches(jobs, cfg.batch_size)
-    loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=cfg.workers,
-                        pin_memory=device.type == "cuda",
-                        prefetch_factor=4 if cfg.workers > 0 else None)  # fmt: skip
-    autocast = torch.autocast(device.type, dtype=AUTOCAST.get(cfg.precision, torch.float32),
-                              enabled=cfg.precision in AUTOCAST)  # fmt: skip
+    loader = DataLoader(
+        dataset,
+        batch_size=None,
+        shuffle=False,
+        num_workers=cfg.workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if cfg.workers > 0 else None,
+    )
+    autocast = torch.autocast(
+        device.type,
+        dtype=AUTOCAST.get(cfg.precision, torch.float32),
+        enabled=cfg.precision in AUTOCAST,
+    )
     total = sum(len(j.table) for j in jobs)
     bar = tqdm(total=total, unit="tile", desc="extract", disable=not cfg.progress, smoothing=0.1)
     writers: dict[int, FeatureWriter] = {}
@@ -206,8 +276,15 @@ def extract(cfg: ExtractConfig) -> list[dict]:
                 feats = encoder.embed(images, cfg.pooling).float()  # b x D
             if j not in writers:
                 started[j] = clock
-                writers[j] = FeatureWriter(job.out, len(job.table), dim, job.table.coords, job.attrs,
-                                           cfg.dtype, coords_attrs=feature_coords_attrs(job.table))  # fmt: skip
+                writers[j] = FeatureWriter(
+                    job.out,
+                    len(job.table),
+                    dim,
+                    job.table.coords,
+                    job.attrs,
+                    cfg.dtype,
+                    coords_attrs=feature_coords_attrs(job.table),
+                )
             writer = writers[j]
             bar.update(len(feats))
             try:  # non-finite features, or features float16 cannot hold: this slide fails
@@ -238,5 +315,11 @@ def feature_coords_attrs(table: Coords) -> dict:
 
 
 def _row(job: Job, status: str, seconds: float, error: str = "") -> dict:
-    return {"slide_id": job.slide_id, "status": status, "n_tiles": len(job.table),
-            "seconds": round(seconds, 3), "path": str(job.out), "error": error}  # fmt: skip
+    return {
+        "slide_id": job.slide_id,
+        "status": status,
+        "n_tiles": len(job.table),
+        "seconds": round(seconds, 3),
+        "path": str(job.out),
+        "error": error,
+    }

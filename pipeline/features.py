@@ -77,14 +77,21 @@ class FeatureWriter:
         self.chunks = (max(1, min(chunk_rows, n_tiles)), dim) if n_tiles else None
         self.file = h5py.File(self.tmp, "w")
         self.features = self.file.create_dataset(
-            "features", shape=(n_tiles, dim), dtype="float32" if dtype == "float32" else "float16",
+            "features",
+            shape=(n_tiles, dim),
+            dtype="float32" if dtype == "float32" else "float16",
             chunks=self.chunks,
-        )  # fmt: skip
+        )
         data = self.file.create_dataset("coords", data=np.asarray(coords, np.int64).reshape(-1, 2))
         for key, value in (coords_attrs or {}).items():
             data.attrs[key] = json.dumps(value) if isinstance(value, dict) else value
-        base = {"n_tiles": n_tiles, "embed_dim": dim, "dtype": dtype,
-                "schema_version": SCHEMA_VERSION, "package_version": pipeline.__version__}  # fmt: skip
+        base = {
+            "n_tiles": n_tiles,
+            "embed_dim": dim,
+            "dtype": dtype,
+            "schema_version": SCHEMA_VERSION,
+            "package_version": pipeline.__version__,
+        }
         for key, value in {**attrs, **base}.items():
             self.file.attrs[key] = json.dumps(value) if isinstance(value, dict | list) else value
 

@@ -26,9 +26,22 @@ class InfoConfig:
     json: bool = False
 
 
-PACKAGES = ("torch", "torchvision", "timm", "lightning", "openslide-python", "openslide-bin",
-            "h5py", "numpy", "scikit-learn", "scikit-image", "tifffile", "imagecodecs",
-            "safetensors", "jsonargparse")  # fmt: skip
+PACKAGES = (
+    "torch",
+    "torchvision",
+    "timm",
+    "lightning",
+    "openslide-python",
+    "openslide-bin",
+    "h5py",
+    "numpy",
+    "scikit-learn",
+    "scikit-image",
+    "tifffile",
+    "imagecodecs",
+    "safetensors",
+    "jsonargparse",
+)
 
 
 def collect_info(demo: str | os.PathLike = "data/demo") -> dict:
@@ -43,9 +56,11 @@ def collect_info(demo: str | os.PathLike = "data/demo") -> dict:
     import torch
 
     devices = {"cpu_cores": os.cpu_count(), "cuda": torch.cuda.is_available()}
-    devices["cuda_devices"] = [
-        torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())
-    ] if devices["cuda"] else []  # fmt: skip
+    devices["cuda_devices"] = (
+        [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if devices["cuda"]
+        else []
+    )
     devices["mps"] = bool(
         getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
     )
@@ -66,9 +81,14 @@ def collect_info(demo: str | os.PathLike = "data/demo") -> dict:
         demo_info.update(present=not missing, n_slides=len(slides), missing=missing)
     except (OSError, json.JSONDecodeError, KeyError):
         pass
-    return {"versions": versions, "devices": devices, "openslide": openslide_info,
-            "demo_data": demo_info, "platform": platform.platform(),
-            "executable": sys.executable}  # fmt: skip
+    return {
+        "versions": versions,
+        "devices": devices,
+        "openslide": openslide_info,
+        "demo_data": demo_info,
+        "platform": platform.platform(),
+        "executable": sys.executable,
+    }
 
 
 def format_info(info: dict) -> str:
@@ -77,9 +97,12 @@ def format_info(info: dict) -> str:
     lines += [f"  {k:<18}{v or 'not installed'}" for k, v in info["versions"].items()]
     d = info["devices"]
     cuda = ", ".join(d["cuda_devices"]) if d["cuda"] else "none"
-    lines += ["devices:", f"  cpu cores         {d['cpu_cores']}",
-              f"  cuda              {len(d['cuda_devices'])} ({cuda})",
-              f"  mps               {d['mps']}"]  # fmt: skip
+    lines += [
+        "devices:",
+        f"  cpu cores         {d['cpu_cores']}",
+        f"  cuda              {len(d['cuda_devices'])} ({cuda})",
+        f"  mps               {d['mps']}",
+    ]
     o = info["openslide"]
     lines += ["openslide:", f"  library           {o.get('library') or o.get('error')}"]
     demo = info["demo_data"]

@@ -28,20 +28,41 @@ class Stage:
 STAGES = {
     s.name: s
     for s in (
-        Stage("preprocess", "tissue detection and tiling at a physical resolution",
-              "pipeline.wsi.preprocess", "PreprocessConfig"),
+        Stage(
+            "preprocess",
+            "tissue detection and tiling at a physical resolution",
+            "pipeline.wsi.preprocess",
+            "PreprocessConfig",
+        ),
         Stage("stain", "fit and apply stain normalization", "pipeline.stain.cli", "StainConfig"),
-        Stage("pretrain", "self-supervised pretraining (DINOv2-style)", "pipeline.ssl.pretrain",
-              "PretrainConfig"),
-        Stage("extract", "frozen encoder -> per-slide feature files", "pipeline.extract",
-              "ExtractConfig"),
-        Stage("train-mil", "slide-level MIL training and cross-validation",
-              "pipeline.mil.train", "TrainMILConfig"),
-        Stage("heatmap", "MIL attention over a slide thumbnail, top tiles", "pipeline.mil.heatmap",
-              "HeatmapConfig"),
-        Stage("evaluate", "encoder benchmarks and reports", "pipeline.eval.evaluate",
-              "EvaluateConfig"),
+        Stage(
+            "pretrain",
+            "self-supervised pretraining (DINOv2-style)",
+            "pipeline.ssl.pretrain",
+            "PretrainConfig",
+        ),
+        Stage(
+            "extract",
+            "frozen encoder -> per-slide feature files",
+            "pipeline.extract",
+            "ExtractConfig",
+        ),
+        Stage(
+            "train-mil",
+            "slide-level MIL training and cross-validation",
+            "pipeline.mil.train",
+            "TrainMILConfig",
+        ),
+        Stage(
+            "heatmap",
+            "MIL attention over a slide thumbnail, top tiles",
+            "pipeline.mil.heatmap",
+            "HeatmapConfig",
+        ),
+        Stage(
+            "evaluate", "encoder benchmarks and reports", "pipeline.eval.evaluate", "EvaluateConfig"
+        ),
         Stage("demo", "the whole pipeline on the demo cohort", "pipeline.demo", "DemoConfig"),
         Stage("info", "versions, devices, OpenSlide and demo data", "pipeline.info", "InfoConfig"),
     )
-}  # fmt: skip
+}

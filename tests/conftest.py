@@ -32,8 +32,9 @@ def cmu_svs(sources) -> Path:
 def tiny_cohort(tmp_path_factory, sources) -> Path:
     """A 6-slide demo cohort at a third of the default size (all four sites, both classes)."""
     out = tmp_path_factory.mktemp("cohort")
-    make_cohort(out, n_slides=6, seed=3, size_scale=0.35, workers=2, cache_dir=CACHE,
-                progress=False)  # fmt: skip
+    make_cohort(
+        out, n_slides=6, seed=3, size_scale=0.35, workers=2, cache_dir=CACHE, progress=False
+    )
     return out
 
 
@@ -43,8 +44,10 @@ def tiny_prep(tmp_path_factory, tiny_cohort) -> Path:
     from pipeline.wsi.preprocess import PreprocessConfig, run
 
     out = tmp_path_factory.mktemp("tiny_prep")
-    assert run(PreprocessConfig(slides=str(tiny_cohort / "slides"), out=out, tile_size=128,
-                                workers=2)) == 0  # fmt: skip
+    assert (
+        run(PreprocessConfig(slides=str(tiny_cohort / "slides"), out=out, tile_size=128, workers=2))
+        == 0
+    )
     return out
 
 
@@ -53,10 +56,22 @@ def tiny_run(tmp_path_factory, tiny_prep) -> Path:
     """The tiny-cpu pretraining preset (here 200 steps of 16 tiles, one process) on the tiny
     cohort; its exported encoder is ``tiny_run / "encoder"``."""
     out = tmp_path_factory.mktemp("tiny_run")
-    cmd = [sys.executable, "-m", "pipeline", "pretrain", "--config",
-           str(ROOT / "configs" / "pretrain" / "tiny-cpu.yaml"), "--data.coords",
-           str(tiny_prep / "coords"), "--out", str(out), "--trainer.progress_bar", "false",
-           "--trainer.max_steps", "200"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "pretrain",
+        "--config",
+        str(ROOT / "configs" / "pretrain" / "tiny-cpu.yaml"),
+        "--data.coords",
+        str(tiny_prep / "coords"),
+        "--out",
+        str(out),
+        "--trainer.progress_bar",
+        "false",
+        "--trainer.max_steps",
+        "200",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return out
@@ -69,7 +84,15 @@ def tiny_demo(tmp_path_factory, tiny_cohort, tiny_run):
     shutil.copytree(tiny_run, runs / "pretrain")
     from pipeline.demo import DemoConfig, run
 
-    cfg = DemoConfig(data=tiny_cohort, cache=CACHE, runs=runs, n_slides=6, seed=3, size_scale=0.35,
-                     folds=3, progress=False)  # fmt: skip
+    cfg = DemoConfig(
+        data=tiny_cohort,
+        cache=CACHE,
+        runs=runs,
+        n_slides=6,
+        seed=3,
+        size_scale=0.35,
+        folds=3,
+        progress=False,
+    )
     run(cfg)
     return cfg

@@ -9,8 +9,13 @@ from pipeline.stages import STAGES
 
 
 def _cpath(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True,
-                          text=True, timeout=120, **kwargs)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        **kwargs,
+    )
 
 
 def test_top_level_help_lists_every_stage():
@@ -36,8 +41,12 @@ def test_info_reports_versions_devices_openslide_and_demo(tiny_cohort):
     assert info["versions"]["torch"].startswith("2.")
     assert info["devices"]["cpu_cores"] >= 1 and isinstance(info["devices"]["cuda"], bool)
     assert info["openslide"]["library"].count(".") >= 1
-    assert info["demo_data"] == {"path": str(tiny_cohort.resolve()), "present": True,
-                                 "n_slides": 6, "missing": []}  # fmt: skip
+    assert info["demo_data"] == {
+        "path": str(tiny_cohort.resolve()),
+        "present": True,
+        "n_slides": 6,
+        "missing": [],
+    }
     text = _cpath("info", "--demo", str(tiny_cohort / "nowhere")).stdout
     assert "absent: run `make demo`" in text
 
@@ -61,9 +70,21 @@ def test_positional_words_fill_the_action_fields():
 
     args = ["pretrain", "export", "run/last.ckpt", "--out", "x"]
     assert positional_to_options(args, "pretrain", PretrainConfig) == [
-        "pretrain", "--action", "export", "--ckpt_path", "run/last.ckpt", "--out", "x"]  # fmt: skip
+        "pretrain",
+        "--action",
+        "export",
+        "--ckpt_path",
+        "run/last.ckpt",
+        "--out",
+        "x",
+    ]
     assert positional_to_options(["stain", "fit", "--method", "macenko"], "stain", StainConfig) == [
-        "stain", "--action", "fit", "--method", "macenko"]  # fmt: skip
+        "stain",
+        "--action",
+        "fit",
+        "--method",
+        "macenko",
+    ]
     proc = _cpath("pretrain", "export", "--out", "nowhere")
     assert proc.returncode == 1 and "needs a checkpoint" in proc.stderr
     proc = _cpath("pretrain", "export", "missing.ckpt")

@@ -10,9 +10,15 @@ from pipeline.errors import ConfigError
 from pipeline.stages import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG_FOLDERS = {"demo": "demo", "preprocess": "preprocess", "stain": "stain",
-                  "pretrain": "pretrain", "extract": "extract", "train-mil": "mil",
-                  "evaluate": "benchmarks"}  # fmt: skip
+CONFIG_FOLDERS = {
+    "demo": "demo",
+    "preprocess": "preprocess",
+    "stain": "stain",
+    "pretrain": "pretrain",
+    "extract": "extract",
+    "train-mil": "mil",
+    "evaluate": "benchmarks",
+}
 
 
 @dataclass
@@ -55,8 +61,14 @@ def test_wrong_type_is_rejected():
 def test_dashes_and_bare_flags():
     argv = ["--tile-size", "224", "--dry-run", "--inner.level-mpp=4", "--out", "--x"]
     assert normalize_argv(argv, {"dry_run"}) == [
-        "--tile_size", "224", "--dry_run", "true", "--inner.level_mpp=4", "--out", "--x",
-    ]  # fmt: skip
+        "--tile_size",
+        "224",
+        "--dry_run",
+        "true",
+        "--inner.level_mpp=4",
+        "--out",
+        "--x",
+    ]
 
 
 def test_saved_config_loads_back_identically(tmp_path):

@@ -29,9 +29,20 @@ def assert_renders(page) -> None:
             assert im.format == "PNG" and min(im.size) > 16, src
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium:
-        dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu",
-                              "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
-                             capture_output=True, text=True, timeout=120).stdout  # fmt: skip
+        dom = subprocess.run(
+            [
+                chromium,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--virtual-time-budget=5000",
+                "--dump-dom",
+                page.as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ).stdout
         assert f'data-images-loaded="{len(sources)}/{len(sources)}"' in dom
 
 
@@ -61,20 +72,28 @@ def test_every_stage_leaves_well_formed_outputs(tiny_demo):
     assert_renders(runs / "report.html")
     assert_renders(runs / "eval" / "report.html")
     page = (runs / "report.html").read_text()
-    for section in ("Tissue detection", "Stain normalization", "pretraining", "Attention heatmaps",
-                    "Encoder evaluation", "ground truth"):  # fmt: skip
+    for section in (
+        "Tissue detection",
+        "Stain normalization",
+        "pretraining",
+        "Attention heatmaps",
+        "Encoder evaluation",
+        "ground truth",
+    ):
         assert section in page
 
 
 def test_rerun_reuses_every_finished_stage(tiny_demo, capsys):
     runs = tiny_demo.runs
-    watched = [*sorted((runs / "features" / "pretrained").glob("*.h5")),
-               runs / "mil" / "pretrained" / "fold_0" / "model.ckpt",
-               runs / "eval" / "cache" / "pretrained" / "tumour-tiles.npz",
-               runs / "eval" / "tasks" / "tumour-tiles" / "result.json",  # scores not recomputed
-               runs / "eval" / "tasks" / "survival" / "result.json",
-               runs / "stain" / "report.json",
-               runs / "eval" / "tasks" / "tumour-slides" / "random" / "seed_0" / "fold_0" / "model.ckpt"]  # fmt: skip
+    watched = [
+        *sorted((runs / "features" / "pretrained").glob("*.h5")),
+        runs / "mil" / "pretrained" / "fold_0" / "model.ckpt",
+        runs / "eval" / "cache" / "pretrained" / "tumour-tiles.npz",
+        runs / "eval" / "tasks" / "tumour-tiles" / "result.json",  # scores not recomputed
+        runs / "eval" / "tasks" / "survival" / "result.json",
+        runs / "stain" / "report.json",
+        runs / "eval" / "tasks" / "tumour-slides" / "random" / "seed_0" / "fold_0" / "model.ckpt",
+    ]
     before = [p.stat().st_mtime_ns for p in watched]
     run(tiny_demo)
     assert [p.stat().st_mtime_ns for p in watched] == before

@@ -23,8 +23,14 @@ from pipeline.ssl.export import save_encoder
 from pipeline.wsi.coords import read_coords, write_coords
 from pipeline.wsi.reader import Slide
 
-TINY = {"num_classes": 0, "img_size": 64, "patch_size": 16, "depth": 2, "embed_dim": 48,
-        "num_heads": 2}  # fmt: skip
+TINY = {
+    "num_classes": 0,
+    "img_size": 64,
+    "patch_size": 16,
+    "depth": 2,
+    "embed_dim": 48,
+    "num_heads": 2,
+}
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +45,26 @@ def carcinoma_tile(sources):
 def encoder_dir(tmp_path_factory):
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", **TINY)
-    return save_encoder(model.state_dict(), "vit_tiny_patch16_224", TINY,
-                        tmp_path_factory.mktemp("enc") / "encoder", input_size=64)  # fmt: skip
+    return save_encoder(
+        model.state_dict(),
+        "vit_tiny_patch16_224",
+        TINY,
+        tmp_path_factory.mktemp("enc") / "encoder",
+        input_size=64,
+    )
 
 
 def config(coords, out, encoder, **kw):
-    base = {"coords": coords, "out": out, "encoder": str(encoder), "batch_size": 32, "workers": 1,
-            "precision": "fp32", "dtype": "float32", "progress": False}  # fmt: skip
+    base = {
+        "coords": coords,
+        "out": out,
+        "encoder": str(encoder),
+        "batch_size": 32,
+        "workers": 1,
+        "precision": "fp32",
+        "dtype": "float32",
+        "progress": False,
+    }
     return ExtractConfig(**{**base, **kw})
 
 
@@ -100,11 +119,37 @@ def test_one_and_two_processes_write_identical_features(
     extracted, tiny_prep, encoder_dir, tmp_path
 ):
     """Two concurrent processes with torchrun's RANK / WORLD_SIZE split the slides."""
-    cmd = [sys.executable, "-m", "pipeline", "extract", "--coords", str(tiny_prep / "coords"),
-           "--encoder", str(encoder_dir), "--out", str(tmp_path), "--batch-size", "32",
-           "--workers", "1", "--precision", "fp32", "--dtype", "float32", "--progress", "false"]  # fmt: skip
-    procs = [subprocess.Popen(cmd, env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2"},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in range(2)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "extract",
+        "--coords",
+        str(tiny_prep / "coords"),
+        "--encoder",
+        str(encoder_dir),
+        "--out",
+        str(tmp_path),
+        "--batch-size",
+        "32",
+        "--workers",
+        "1",
+        "--precision",
+        "fp32",
+        "--dtype",
+        "float32",
+        "--progress",
+        "false",
+    ]
+    procs = [
+        subprocess.Popen(
+            cmd,
+            env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for r in range(2)
+    ]
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
     for path in extracted["out"].glob("*.h5"):
         a, b = read_features(path)[0], read_features(tmp_path / path.name)[0]
@@ -125,8 +170,15 @@ def test_stain_normalization_on_the_device(tiny_prep, encoder_dir, carcinoma_til
     assert attrs["stain_norm"].endswith("stain.json") and plain.shape == normed.shape
     assert not np.allclose(plain, normed, atol=1e-3)
     # normalized inside bf16 autocast, as on a GPU: the normalizer keeps to fp32
-    extract(config(coords, tmp_path / "bf16", encoder_dir, stain_norm=tmp_path / "stain.json",
-                   precision="bf16"))  # fmt: skip
+    extract(
+        config(
+            coords,
+            tmp_path / "bf16",
+            encoder_dir,
+            stain_norm=tmp_path / "stain.json",
+            precision="bf16",
+        )
+    )
     assert read_features(tmp_path / "bf16" / coords.name)[0].shape == plain.shape
     # features made without normalization are not taken for normalized ones on a rerun
     rows = extract(
@@ -145,9 +197,26 @@ def test_pooling_variants_and_dtype(tiny_prep, encoder_dir, tmp_path):
 
 
 def test_killed_run_leaves_no_partial_file_and_resumes(tiny_prep, encoder_dir, tmp_path):
-    cmd = [sys.executable, "-m", "pipeline", "extract", "--coords", str(tiny_prep / "coords"),
-           "--encoder", str(encoder_dir), "--out", str(tmp_path), "--batch-size", "4",
-           "--workers", "1", "--precision", "fp32", "--progress", "false"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "extract",
+        "--coords",
+        str(tiny_prep / "coords"),
+        "--encoder",
+        str(encoder_dir),
+        "--out",
+        str(tmp_path),
+        "--batch-size",
+        "4",
+        "--workers",
+        "1",
+        "--precision",
+        "fp32",
+        "--progress",
+        "false",
+    ]
     proc = subprocess.Popen(cmd, start_new_session=True, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while not list(tmp_path.glob("*.h5")) and time.time() < deadline:
@@ -180,8 +249,14 @@ def test_bad_inputs_give_clear_errors_and_other_slides_finish(
     )
     assert "Traceback" not in missing.stderr + wrong.stderr
     weights = encoder_dir / "model.safetensors"
-    mismatch = cpath("--coords", str(tiny_prep / "coords"), "--encoder", "timm:vit_small_patch16_224",
-                     "--encoder_weights", str(weights))  # fmt: skip
+    mismatch = cpath(
+        "--coords",
+        str(tiny_prep / "coords"),
+        "--encoder",
+        "timm:vit_small_patch16_224",
+        "--encoder_weights",
+        str(weights),
+    )
     assert mismatch.returncode == 1 and "weights do not match the architecture" in mismatch.stderr
     unknown = cpath("--coords", str(tiny_prep / "coords"), "--encoder", "myenc")
     assert unknown.returncode == 1 and "unknown encoder 'myenc'" in unknown.stderr
@@ -215,8 +290,13 @@ def test_coords_without_slide_paths_and_unreadable_coords(tiny_prep, encoder_dir
     coords.mkdir()
     with h5py.File(coords / first.name, "w") as f:  # as CLAM writes them
         data = f.create_dataset("coords", data=table.coords)
-        data.attrs.update({"patch_size": table.patch_size, "patch_level": 0,
-                           "downsample": [table.patch_size_level0 / table.patch_size] * 2})  # fmt: skip
+        data.attrs.update(
+            {
+                "patch_size": table.patch_size,
+                "patch_level": 0,
+                "downsample": [table.patch_size_level0 / table.patch_size] * 2,
+            }
+        )
     (coords / "garbage.h5").write_bytes(b"not an hdf5 file")
 
     rows = extract(config(coords, tmp_path / "a", encoder_dir, workers=0))
@@ -261,8 +341,13 @@ def test_feature_files_carry_the_coords_attributes_clam_and_trident_read(extract
         with h5py.File(extracted["out"] / coords_file.name) as f:
             got = dict(f["coords"].attrs)
             assert f.attrs["weights"] == "pretrained"
-        for key in ("patch_size", "patch_size_level0", "level0_magnification",
-                    "target_magnification", "patch_level"):  # fmt: skip
+        for key in (
+            "patch_size",
+            "patch_size_level0",
+            "level0_magnification",
+            "target_magnification",
+            "patch_level",
+        ):
             assert got[key] == want[key], key
         assert got["target_magnification"] == pytest.approx(20.0)
 
@@ -299,8 +384,13 @@ def loud_encoder_dir(tmp_path_factory):
     state = model.state_dict()
     state["norm.weight"] = state["norm.weight"] * 1e6
     state["norm.bias"] = state["norm.bias"] * 1e6
-    return save_encoder(state, "vit_tiny_patch16_224", TINY,
-                        tmp_path_factory.mktemp("loud") / "encoder", input_size=64)  # fmt: skip
+    return save_encoder(
+        state,
+        "vit_tiny_patch16_224",
+        TINY,
+        tmp_path_factory.mktemp("loud") / "encoder",
+        input_size=64,
+    )
 
 
 def test_features_beyond_float16_fail_the_slide_or_go_float32(

@@ -31,8 +31,14 @@ def test_without_a_gpu_it_says_so_exits_0_at_once_and_writes_no_table(tmp_path):
     out = tmp_path / "table.md"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no GPU, even on a GPU machine
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out)], capture_output=True,
-                          text=True, env=env, timeout=120, cwd=tmp_path)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        cwd=tmp_path,
+    )
     seconds = time.perf_counter() - start
     assert done.returncode == 0, done.stderr
     assert "no CUDA GPU found" in done.stdout and "nothing was measured" in done.stdout
@@ -73,9 +79,11 @@ def test_table_escapes_cells_and_marks_what_was_measured(gpu_check):
 def test_split_batch_gives_each_rank_its_images_in_every_view(gpu_check):
     b, n_local = 4, 3
     image = torch.arange(b)
-    batch = {"global": image.repeat(2)[:, None] * 10 + torch.arange(2).repeat_interleave(b)[:, None],
-             "local": image.repeat(n_local)[:, None],
-             "masks": image.repeat(2)[:, None]}  # fmt: skip
+    batch = {
+        "global": image.repeat(2)[:, None] * 10 + torch.arange(2).repeat_interleave(b)[:, None],
+        "local": image.repeat(n_local)[:, None],
+        "masks": image.repeat(2)[:, None],
+    }
     halves = [gpu_check.split_batch(batch, r, 2) for r in range(2)]
     assert halves[1]["masks"].flatten().tolist() == [2, 3, 2, 3]  # images 2, 3 of both views
     assert halves[1]["global"].flatten().tolist() == [20, 30, 21, 31]  # view-major kept

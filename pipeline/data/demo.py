@@ -381,8 +381,13 @@ def make_cohort(
     todo = [p for p in plans if p.slide_id not in records]
     # Large slides first, so that the pool ends with small ones and the cores stay busy.
     todo.sort(key=lambda p: -p.width * p.height)
-    bar = tqdm(total=len(plans), initial=len(records), unit="slide", disable=not progress,
-               desc="demo cohort")  # fmt: skip
+    bar = tqdm(
+        total=len(plans),
+        initial=len(records),
+        unit="slide",
+        disable=not progress,
+        desc="demo cohort",
+    )
     if todo and workers <= 1:
         textures = load_textures(cache_dir)
         for plan in todo:
@@ -406,8 +411,9 @@ def make_cohort(
         writer = csv.writer(f)
         writer.writerow(["slide_id", "case_id", "label", "site", "time", "event"])
         for r in ordered:
-            writer.writerow([r["slide_id"], r["case_id"], r["label"], r["site"],
-                             *survival[r["case_id"]]])  # fmt: skip
+            writer.writerow(
+                [r["slide_id"], r["case_id"], r["label"], r["site"], *survival[r["case_id"]]]
+            )
     summary = {
         "generator_version": GENERATOR_VERSION,
         "seed": seed,
@@ -422,7 +428,7 @@ def make_cohort(
                 "description": s.description,
             }
             for k, s in SOURCES.items()
-        },  # fmt: skip
+        },
         "sites": [
             {
                 "name": s.name,
@@ -432,7 +438,7 @@ def make_cohort(
                 "stain_e": s.stain.e,
             }
             for s in SITES
-        ],  # fmt: skip
+        ],
         "slides": ordered,
     }
     atomic_write_text(out / "cohort.json", json.dumps(summary, indent=1))
@@ -469,8 +475,12 @@ def describe_cohort(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def tile_labels(coords_dir: str | os.PathLike, demo_dir: str | os.PathLike,
-                per_slide: int | None = None, seed: int = 0) -> list[dict]:  # fmt: skip
+def tile_labels(
+    coords_dir: str | os.PathLike,
+    demo_dir: str | os.PathLike,
+    per_slide: int | None = None,
+    seed: int = 0,
+) -> list[dict]:
     """Tumour / normal labels of preprocessed demo tiles from the ground-truth masks.
 
     A tile is ``tumor`` when at least 90% of it lies in the tumour mask and ``normal``
@@ -505,6 +515,13 @@ def tile_labels(coords_dir: str | os.PathLike, demo_dir: str | os.PathLike,
         for label, indices in by_label.items():
             if per_slide is not None and len(indices) > per_slide:
                 indices = sorted(rng.choice(indices, per_slide, replace=False).tolist())
-            rows += [{"coords": str(path.resolve()), "index": int(i), "slide_id": slide_id, "label": label}
-                     for i in indices]  # fmt: skip
+            rows += [
+                {
+                    "coords": str(path.resolve()),
+                    "index": int(i),
+                    "slide_id": slide_id,
+                    "label": label,
+                }
+                for i in indices
+            ]
     return rows

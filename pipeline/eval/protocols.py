@@ -47,19 +47,30 @@ def _validation_split(labels: np.ndarray, groups: np.ndarray, seed: int):
     return next(StratifiedShuffleSplit(1, test_size=0.2, random_state=seed).split(labels, labels))
 
 
-def choose_c(x: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int = 0,
-             sweep: tuple[float, ...] = C_SWEEP) -> float:  # fmt: skip
+def choose_c(
+    x: np.ndarray,
+    y: np.ndarray,
+    groups: np.ndarray,
+    seed: int = 0,
+    sweep: tuple[float, ...] = C_SWEEP,
+) -> float:
     """The ``C`` of the sweep with the best balanced accuracy on a validation split."""
     fit, val = _validation_split(y, groups, seed)
     if len(np.unique(y[fit])) < len(np.unique(y)) or len(val) == 0:
         return 1.0
-    scores = [balanced_accuracy(y[val], _logistic(c).fit(x[fit], y[fit]).predict(x[val]))
-              for c in sweep]  # fmt: skip
+    scores = [
+        balanced_accuracy(y[val], _logistic(c).fit(x[fit], y[fit]).predict(x[val])) for c in sweep
+    ]
     return float(sweep[int(np.argmax(scores))])
 
 
-def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
-                 train_groups: np.ndarray | None = None, seed: int = 0) -> tuple[np.ndarray, dict]:  # fmt: skip
+def linear_probe(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    train_groups: np.ndarray | None = None,
+    seed: int = 0,
+) -> tuple[np.ndarray, dict]:
     """Class probabilities (``N_test x C``, classes sorted) and ``{"C": chosen}``."""
     groups = train_groups if train_groups is not None else np.arange(len(train_y))
     c = choose_c(train_x, train_y, groups, seed)
@@ -75,12 +86,18 @@ def knn_weights(temperature: float):
     return weights
 
 
-def knn(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, k: int = 20,
-        temperature: float = 0.07) -> tuple[np.ndarray, dict]:  # fmt: skip
+def knn(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    k: int = 20,
+    temperature: float = 0.07,
+) -> tuple[np.ndarray, dict]:
     """Temperature-weighted cosine kNN: vote shares per class (``N_test x C``)."""
     k = min(k, len(train_x))
-    model = KNeighborsClassifier(n_neighbors=k, metric="cosine", weights=knn_weights(temperature),
-                                 algorithm="brute")  # fmt: skip
+    model = KNeighborsClassifier(
+        n_neighbors=k, metric="cosine", weights=knn_weights(temperature), algorithm="brute"
+    )
     return model.fit(train_x, train_y).predict_proba(test_x), {"k": k, "T": temperature}
 
 
@@ -89,9 +106,15 @@ def simpleshot_transform(x: np.ndarray, mean: np.ndarray) -> np.ndarray:
     return normalize(x - mean)
 
 
-def few_shot(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
-             shots: tuple[int, ...] = (1, 2, 4, 8, 16), episodes: int = 100,
-             seed: int = 0) -> dict[int, list[float]]:  # fmt: skip
+def few_shot(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    shots: tuple[int, ...] = (1, 2, 4, 8, 16),
+    episodes: int = 100,
+    seed: int = 0,
+) -> dict[int, list[float]]:
     """Balanced accuracy of nearest-prototype classification, per shot count, per episode.
 
     Each episode draws ``k`` training examples of every class (without replacement;
@@ -128,8 +151,14 @@ class Folds:
         return iter(self.splits)
 
     @classmethod
-    def make(cls, labels: np.ndarray, groups: np.ndarray, split: np.ndarray | None = None,
-             folds: int = 5, what: str = "slide") -> Folds:  # fmt: skip
+    def make(
+        cls,
+        labels: np.ndarray,
+        groups: np.ndarray,
+        split: np.ndarray | None = None,
+        folds: int = 5,
+        what: str = "slide",
+    ) -> Folds:
         """A fixed train/test split when ``split`` is given, else k folds grouped by
         ``groups``: each item's patient, or its slide (``what`` names which, for errors)."""
         if split is not None:
@@ -150,9 +179,16 @@ class Folds:
         return np.concatenate([te for _, te in self.splits])
 
 
-def cross_validate(protocol: str, x: np.ndarray, y: np.ndarray, groups: np.ndarray,
-                   folds: Folds, seed: int = 0, test_x: np.ndarray | None = None,
-                   **kwargs) -> tuple[np.ndarray, np.ndarray, list]:  # fmt: skip
+def cross_validate(
+    protocol: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    groups: np.ndarray,
+    folds: Folds,
+    seed: int = 0,
+    test_x: np.ndarray | None = None,
+    **kwargs,
+) -> tuple[np.ndarray, np.ndarray, list]:
     """Pooled test predictions of ``linear`` or ``knn``: ``(test items, probs N x C, fit info)``.
 
     Probabilities are over all classes of ``y`` (sorted), zero for a class that a fold's

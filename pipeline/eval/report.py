@@ -93,33 +93,74 @@ def _task_tables(name: str, r: dict) -> list[tuple[str, list[str], list[list[str
     encoders = list(next(iter(r["scores"].values()))) if r["scores"] else []
     rows = [[e] + [_ci(r["scores"][col].get(e, {})) for col in r["columns"]] for e in encoders]
     tables.append((f"{name}", header, rows))
-    comparisons = [[col, c["a"], c["b"], _fmt(c["difference"]), f"[{_fmt(c['ci'][0])}, {_fmt(c['ci'][1])}]",
-                    _fmt(c["p_value"])] for col, cs in r.get("comparisons", {}).items() for c in cs]  # fmt: skip
+    comparisons = [
+        [
+            col,
+            c["a"],
+            c["b"],
+            _fmt(c["difference"]),
+            f"[{_fmt(c['ci'][0])}, {_fmt(c['ci'][1])}]",
+            _fmt(c["p_value"]),
+        ]
+        for col, cs in r.get("comparisons", {}).items()
+        for c in cs
+    ]
     if comparisons:
-        tables.append((f"{name}: paired bootstrap (a - b)",
-                       ["column", "a", "b", "difference", "95% CI", "p"], comparisons))  # fmt: skip
+        tables.append(
+            (
+                f"{name}: paired bootstrap (a - b)",
+                ["column", "a", "b", "difference", "95% CI", "p"],
+                comparisons,
+            )
+        )
     if r.get("fewshot"):
         ks = sorted({int(k) for v in r["fewshot"].values() for k in v})
-        rows = [[e] + [f"{v[k]['mean']:.3f} +- {v[k]['std']:.3f}" if k in v else "n/a" for k in ks]
-                for e, v in ((e, {int(k): x for k, x in v.items()}) for e, v in r["fewshot"].items())]  # fmt: skip
-        tables.append((f"{name}: few-shot balanced accuracy (mean +- std over episodes)",
-                       ["encoder"] + [f"k={k}" for k in ks], rows))  # fmt: skip
+        rows = [
+            [e] + [f"{v[k]['mean']:.3f} +- {v[k]['std']:.3f}" if k in v else "n/a" for k in ks]
+            for e, v in ((e, {int(k): x for k, x in v.items()}) for e, v in r["fewshot"].items())
+        ]
+        tables.append(
+            (
+                f"{name}: few-shot balanced accuracy (mean +- std over episodes)",
+                ["encoder"] + [f"k={k}" for k in ks],
+                rows,
+            )
+        )
     if r.get("robustness"):
         rows = []
         for e, rob in r["robustness"].items():
             leak, shift = rob.get("leakage") or {}, rob.get("stain_shift") or {}
             ri = rob.get("robustness_index") or {}
-            rows.append([e, f"{_fmt(leak.get('balanced_accuracy'))} (chance {_fmt(leak.get('chance'))}, "
-                            f"silhouette {_fmt(leak.get('silhouette'))}; {leak.get('sites')} sites, "
-                            f"{leak.get('groups')} {leak.get('grouped_by')}s)"
-                         if "balanced_accuracy" in leak else f"n/a ({leak.get('skipped', 'not run')})",
-                         f"{_fmt(ri.get('value'))} (k={ri.get('k')}, across {ri.get('confounder')}s)"
-                         if "value" in ri else f"n/a ({ri.get('skipped', 'not run')})",
-                         _fmt(shift.get("clean")), _fmt(shift.get("shifted")), _fmt(shift.get("drop"))])  # fmt: skip
-        tables.append((f"{name}: robustness",
-                       ["encoder", "site predicted on held-out slides (balanced accuracy)",
-                        "PathoROB robustness index", "linear clean", "linear stain-shifted",
-                        "drop"], rows))  # fmt: skip
+            rows.append(
+                [
+                    e,
+                    f"{_fmt(leak.get('balanced_accuracy'))} (chance {_fmt(leak.get('chance'))}, "
+                    f"silhouette {_fmt(leak.get('silhouette'))}; {leak.get('sites')} sites, "
+                    f"{leak.get('groups')} {leak.get('grouped_by')}s)"
+                    if "balanced_accuracy" in leak
+                    else f"n/a ({leak.get('skipped', 'not run')})",
+                    f"{_fmt(ri.get('value'))} (k={ri.get('k')}, across {ri.get('confounder')}s)"
+                    if "value" in ri
+                    else f"n/a ({ri.get('skipped', 'not run')})",
+                    _fmt(shift.get("clean")),
+                    _fmt(shift.get("shifted")),
+                    _fmt(shift.get("drop")),
+                ]
+            )
+        tables.append(
+            (
+                f"{name}: robustness",
+                [
+                    "encoder",
+                    "site predicted on held-out slides (balanced accuracy)",
+                    "PathoROB robustness index",
+                    "linear clean",
+                    "linear stain-shifted",
+                    "drop",
+                ],
+                rows,
+            )
+        )
     return tables
 
 
@@ -153,10 +194,12 @@ for(var i=0;i<im.length;i++){if(im[i].complete&&im[i].naturalWidth>0){ok++;}}
 document.body.setAttribute('data-images-loaded',ok+'/'+im.length);});</script>"""
 
 
-ROBUSTNESS_NOTE = ("robustness_index: PathoROB robustness index (Kömen et al., 2025): the share "
-                   "of same-class neighbours from other sites (or slides) among same-class-other-"
-                   "site and other-class-same-site neighbours; 1 = neighbours follow biology, "
-                   "0 = they follow the site. Not in the mean rank.")  # fmt: skip
+ROBUSTNESS_NOTE = (
+    "robustness_index: PathoROB robustness index (Kömen et al., 2025): the share "
+    "of same-class neighbours from other sites (or slides) among same-class-other-"
+    "site and other-class-same-site neighbours; 1 = neighbours follow biology, "
+    "0 = they follow the site. Not in the mean rank."
+)
 
 
 def write_outputs(results: dict, out: Path) -> None:
@@ -168,15 +211,28 @@ def write_outputs(results: dict, out: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=["encoder", "weights", *columns, "mean_rank"])
         writer.writeheader()
         writer.writerows(rows)
-    board = (["encoder", *columns, "mean rank"],
-             [[_board_name(r), *(_fmt(r[c]) for c in columns), _fmt(r["mean_rank"], 2)] for r in rows])  # fmt: skip
+    board = (
+        ["encoder", *columns, "mean rank"],
+        [[_board_name(r), *(_fmt(r[c]) for c in columns), _fmt(r["mean_rank"], 2)] for r in rows],
+    )
     encoders = ", ".join(f"{k} = {v}" for k, v in results["encoders"].items())
     if any(r["weights"] == "random" for r in rows):
         encoders += " (random init: a baseline, not a pretrained encoder)"
-    md = ["# Encoder evaluation", "", f"Encoders: {encoders}", "", "## Leaderboard", "",
-          _md_table(*board), ""]  # fmt: skip
-    parts = [f"<h1>Encoder evaluation</h1><p>Encoders: {html.escape(encoders)}</p>",
-             "<h2>Leaderboard</h2>", _html_table(*board)]  # fmt: skip
+    md = [
+        "# Encoder evaluation",
+        "",
+        f"Encoders: {encoders}",
+        "",
+        "## Leaderboard",
+        "",
+        _md_table(*board),
+        "",
+    ]
+    parts = [
+        f"<h1>Encoder evaluation</h1><p>Encoders: {html.escape(encoders)}</p>",
+        "<h2>Leaderboard</h2>",
+        _html_table(*board),
+    ]
     if any(c.endswith("/robustness_index") for c in columns):
         md += [ROBUSTNESS_NOTE, ""]
         parts.append(f"<p>{html.escape(ROBUSTNESS_NOTE)}</p>")
@@ -204,6 +260,8 @@ def write_outputs(results: dict, out: Path) -> None:
                 f"<figure><img src='{html.escape(rel)}' alt='{html.escape(key)}'></figure>"
             )
     atomic_write_text(out / "report.md", "\n".join(md))
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>Encoder evaluation</title>"
-            f"<style>{STYLE}</style>{LOAD_CHECK}</head><body>{''.join(parts)}</body></html>")  # fmt: skip
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>Encoder evaluation</title>"
+        f"<style>{STYLE}</style>{LOAD_CHECK}</head><body>{''.join(parts)}</body></html>"
+    )
     atomic_write_text(out / "report.html", page)

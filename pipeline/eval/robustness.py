@@ -33,8 +33,9 @@ PATHOROB_K = 11  # PathoROB's neighbours for Camelyon (tumour vs normal across c
 CHUNK_ELEMENTS = 1 << 22  # similarities held at once: 4M float32 = 16 MiB
 
 
-def sampled_silhouette(x: np.ndarray, clusters: np.ndarray, sample_size: int = SILHOUETTE_SAMPLE,
-                       seed: int = 0) -> float:  # fmt: skip
+def sampled_silhouette(
+    x: np.ndarray, clusters: np.ndarray, sample_size: int = SILHOUETTE_SAMPLE, seed: int = 0
+) -> float:
     """Silhouette score (Euclidean) of ``N x D`` features with ``clusters``, on a fixed-seed
     sample of ``sample_size`` tiles when there are more: the score costs ``O(N^2)``
     distances, so large tile sets are sampled (sklearn's ``sample_size`` and
@@ -44,8 +45,9 @@ def sampled_silhouette(x: np.ndarray, clusters: np.ndarray, sample_size: int = S
     return float(silhouette_score(x, clusters))
 
 
-def leakage_splits(sites: np.ndarray, groups: np.ndarray, folds: int = 5,
-                   seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:  # fmt: skip
+def leakage_splits(
+    sites: np.ndarray, groups: np.ndarray, folds: int = 5, seed: int = 0
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """``(train, test)`` indices of the leakage probe: stratified by site and grouped by
     ``groups`` (each tile's slide or patient), so no slide is on both sides. The number of
     folds is at most the slides of the site with the fewest, so that every site has
@@ -56,8 +58,14 @@ def leakage_splits(sites: np.ndarray, groups: np.ndarray, folds: int = 5,
     return list(cv.split(np.zeros(len(sites)), sites, groups))
 
 
-def leakage_probe(x: np.ndarray, sites: np.ndarray, groups: np.ndarray, seed: int = 0,
-                  folds: int = 5, sample_size: int = SILHOUETTE_SAMPLE) -> dict | None:  # fmt: skip
+def leakage_probe(
+    x: np.ndarray,
+    sites: np.ndarray,
+    groups: np.ndarray,
+    seed: int = 0,
+    folds: int = 5,
+    sample_size: int = SILHOUETTE_SAMPLE,
+) -> dict | None:
     """How well a tile's site is predicted from its ``N x D`` features on held-out slides.
 
     A standardised logistic-regression probe, cross-validated over folds grouped by
@@ -80,11 +88,15 @@ def leakage_probe(x: np.ndarray, sites: np.ndarray, groups: np.ndarray, seed: in
     for train, test in splits:
         probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
         predicted[test] = probe.fit(x[train], sites[train]).predict(x[test])
-    return {"balanced_accuracy": balanced_accuracy(sites, predicted),
-            "chance": 1 / len(kept_sites),
-            "silhouette": sampled_silhouette(x, sites, sample_size, seed),
-            "tiles": int(len(sites)), "sites": len(kept_sites),
-            "groups": int(len(np.unique(groups))), "folds": len(splits)}  # fmt: skip
+    return {
+        "balanced_accuracy": balanced_accuracy(sites, predicted),
+        "chance": 1 / len(kept_sites),
+        "silhouette": sampled_silhouette(x, sites, sample_size, seed),
+        "tiles": int(len(sites)),
+        "sites": len(kept_sites),
+        "groups": int(len(np.unique(groups))),
+        "folds": len(splits),
+    }
 
 
 def _unit(x: np.ndarray, device: str | torch.device) -> torch.Tensor:
@@ -93,10 +105,15 @@ def _unit(x: np.ndarray, device: str | torch.device) -> torch.Tensor:
     return t / t.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
-def robustness_index(x: np.ndarray, labels: np.ndarray, confounder: np.ndarray,
-                     exclude: np.ndarray | None = None, k: int = PATHOROB_K,
-                     chunk: int | None = None,
-                     device: str | torch.device = "cpu") -> dict | None:  # fmt: skip
+def robustness_index(
+    x: np.ndarray,
+    labels: np.ndarray,
+    confounder: np.ndarray,
+    exclude: np.ndarray | None = None,
+    k: int = PATHOROB_K,
+    chunk: int | None = None,
+    device: str | torch.device = "cpu",
+) -> dict | None:
     """PathoROB robustness index of ``N x D`` features (Kömen et al., 2025).
 
     For every tile, its ``k`` nearest neighbours by cosine similarity (PathoROB: Euclidean
@@ -121,15 +138,17 @@ def robustness_index(x: np.ndarray, labels: np.ndarray, confounder: np.ndarray,
     labels, confounder = np.asarray(labels).astype(str), np.asarray(confounder).astype(str)
     n = len(labels)
     if len(x) != n or len(confounder) != n:
-        raise ValueError(f"robustness index: {len(x)} features, {n} labels, "
-                         f"{len(confounder)} confounder values")  # fmt: skip
+        raise ValueError(
+            f"robustness index: {len(x)} features, {n} labels, {len(confounder)} confounder values"
+        )
     pairs = set(zip(labels.tolist(), confounder.tolist(), strict=True))  # (class, confounder)
     mixed_conf = any(sum(cc == c for _, cc in pairs) >= 2 for c in set(confounder.tolist()))
     spread_class = any(sum(yy == y for yy, _ in pairs) >= 2 for y in set(labels.tolist()))
     if not (mixed_conf and spread_class):
         return None
-    _, group = np.unique(np.arange(n) if exclude is None else np.asarray(exclude).astype(str),
-                         return_inverse=True)  # fmt: skip
+    _, group = np.unique(
+        np.arange(n) if exclude is None else np.asarray(exclude).astype(str), return_inverse=True
+    )
     k = min(int(k), n - int(np.bincount(group).max()))
     if k < 1:
         return None
@@ -146,8 +165,14 @@ def robustness_index(x: np.ndarray, labels: np.ndarray, confounder: np.ndarray,
         nearest = sims.topk(k, dim=1).indices  # rows x k
         same_class = y_t[nearest] == y_t[start:stop, None]
         same_conf = c_t[nearest] == c_t[start:stop, None]
-        counts += torch.stack([(same_class & same_conf).sum(), (same_class & ~same_conf).sum(),
-                               (~same_class & same_conf).sum(), (~same_class & ~same_conf).sum()])  # fmt: skip
+        counts += torch.stack(
+            [
+                (same_class & same_conf).sum(),
+                (same_class & ~same_conf).sum(),
+                (~same_class & same_conf).sum(),
+                (~same_class & ~same_conf).sum(),
+            ]
+        )
     ss, so, os_, oo = (int(v) for v in counts.cpu())
     value = so / (so + os_) if so + os_ else float("nan")
     return {"value": float(value), "k": k, "so": so, "os": os_, "ss": ss, "oo": oo}

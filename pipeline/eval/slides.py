@@ -30,13 +30,17 @@ log = logging.getLogger(__name__)
 def feature_folders(template: str, encoders: list[str]) -> dict[str, Path]:
     """``{encoder: folder}`` from a ``features`` path with ``{encoder}`` in it."""
     if len(encoders) > 1 and "{encoder}" not in template:
-        raise PipelineError(f"features '{template}' must contain {{encoder}} to tell the encoders' "
-                            "feature folders apart")  # fmt: skip
+        raise PipelineError(
+            f"features '{template}' must contain {{encoder}} to tell the encoders' "
+            "feature folders apart"
+        )
     folders = {e: Path(template.format(encoder=e)) for e in encoders}
     for e, folder in folders.items():
         if not folder.is_dir() or not any(folder.glob("*.h5")):
-            raise PipelineError(f"{folder}: no feature files for encoder '{e}'; run "
-                                f"`cpath extract --encoder ... --out {folder}` first")  # fmt: skip
+            raise PipelineError(
+                f"{folder}: no feature files for encoder '{e}'; run "
+                f"`cpath extract --encoder ... --out {folder}` first"
+            )
     return folders
 
 
@@ -53,14 +57,18 @@ def check_same_tiles(folders: dict[str, Path], slide_ids: list[str]) -> list[str
     for e, ids in have.items():
         if ids != have[first]:
             differ = sorted(ids ^ have[first])[:5]
-            raise PipelineError(f"encoders '{first}' and '{e}' have features for different slides "
-                                f"({', '.join(differ)}); extract the same slides for every encoder")  # fmt: skip
+            raise PipelineError(
+                f"encoders '{first}' and '{e}' have features for different slides "
+                f"({', '.join(differ)}); extract the same slides for every encoder"
+            )
     for slide in sorted(common):
         sets = {e: _tile_set(folders[e] / f"{slide}.h5") for e in folders}
         if len({n for n, _ in sets.values()}) > 1 or len({h for _, h in sets.values() if h}) > 1:
-            raise PipelineError(f"slide {slide}: the encoders' feature files hold different tile sets "
-                                f"({ {e: n for e, (n, _) in sets.items()} } tiles); extract every encoder "
-                                "from the same coords")  # fmt: skip
+            raise PipelineError(
+                f"slide {slide}: the encoders' feature files hold different tile sets "
+                f"({ {e: n for e, (n, _) in sets.items()} } tiles); extract every encoder "
+                "from the same coords"
+            )
     if not common:
         raise PipelineError("no labelled slide has features")
     return [s for s in slide_ids if s in common]
@@ -95,10 +103,21 @@ def run_slide_task(task: dict, encoders: list[str], out: Path, progress: bool = 
     for e in encoders:
         runs = []
         for s in seeds:
-            cfg = TrainMILConfig(**{**task.get("mil", {}), "features": folders[e], "labels": kept,
-                                    "model": task.get("model", "abmil"), "task": kind, "folds": folds,
-                                    "seed": s, "splits": out / f"splits_seed{s}.csv",
-                                    "out": out / e / f"seed_{s}", "bootstrap": 0, "progress": progress})  # fmt: skip
+            cfg = TrainMILConfig(
+                **{
+                    **task.get("mil", {}),
+                    "features": folders[e],
+                    "labels": kept,
+                    "model": task.get("model", "abmil"),
+                    "task": kind,
+                    "folds": folds,
+                    "seed": s,
+                    "splits": out / f"splits_seed{s}.csv",
+                    "out": out / e / f"seed_{s}",
+                    "bootstrap": 0,
+                    "progress": progress,
+                }
+            )
             train_cv(cfg)
             with open(cfg.out / "predictions.csv", newline="") as f:
                 runs.append(list(csv.DictReader(f)))
@@ -134,17 +153,36 @@ def seed_average(runs: list[list[dict]], kind: str) -> dict:
         preds = np.mean(
             [[[float(run[s][f"prob_{c}"]) for c in classes] for s in ids] for run in by_run], 0
         )
-        per_seed = [classification_metrics(y, np.array([[float(run[s][f"prob_{c}"]) for c in classes]
-                                                        for s in ids])) for run in by_run]  # fmt: skip
-        return {"kind": kind, "slide_ids": ids, "y": y, "preds": preds, "classes": classes,
-                "per_seed": per_seed, "groups": patients}  # fmt: skip
+        per_seed = [
+            classification_metrics(
+                y, np.array([[float(run[s][f"prob_{c}"]) for c in classes] for s in ids])
+            )
+            for run in by_run
+        ]
+        return {
+            "kind": kind,
+            "slide_ids": ids,
+            "y": y,
+            "preds": preds,
+            "classes": classes,
+            "per_seed": per_seed,
+            "groups": patients,
+        }
     time = np.array([float(first[s]["time"]) for s in ids])
     event = np.array([float(first[s]["event"]) for s in ids])
     risk = np.mean([[float(run[s]["risk"]) for s in ids] for run in by_run], 0)
-    per_seed = [{"c_index": concordance_index(time, event, np.array([float(run[s]["risk"]) for s in ids]))}
-                for run in by_run]  # fmt: skip
-    return {"kind": kind, "slide_ids": ids, "y": np.stack([time, event], 1), "preds": risk,
-            "per_seed": per_seed, "groups": patients}  # fmt: skip
+    per_seed = [
+        {"c_index": concordance_index(time, event, np.array([float(run[s]["risk"]) for s in ids]))}
+        for run in by_run
+    ]
+    return {
+        "kind": kind,
+        "slide_ids": ids,
+        "y": np.stack([time, event], 1),
+        "preds": risk,
+        "per_seed": per_seed,
+        "groups": patients,
+    }
 
 
 def slide_metric(kind: str, name: str):

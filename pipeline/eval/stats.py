@@ -12,9 +12,15 @@ from pipeline.mil.metrics import bootstrap_ci, resampler
 __all__ = ["bootstrap_ci", "paired_bootstrap"]
 
 
-def paired_bootstrap(metric: Callable[[np.ndarray], float], pred_a: np.ndarray,
-                     pred_b: np.ndarray, n: int = 1000, seed: int = 0, level: float = 0.95,
-                     groups: np.ndarray | None = None) -> dict[str, float]:  # fmt: skip
+def paired_bootstrap(
+    metric: Callable[[np.ndarray], float],
+    pred_a: np.ndarray,
+    pred_b: np.ndarray,
+    n: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    groups: np.ndarray | None = None,
+) -> dict[str, float]:
     """Difference ``metric(a) - metric(b)`` on the same resampled items, its percentile CI
     and a two-sided p-value (twice the share of resamples on the far side of zero).
 
@@ -40,5 +46,8 @@ def paired_bootstrap(metric: Callable[[np.ndarray], float], pred_a: np.ndarray,
     diffs = np.array(diffs)
     lo, hi = np.percentile(diffs, [(1 - level) / 2 * 100, (1 + level) / 2 * 100])
     p = 2 * min((diffs <= 0).mean(), (diffs >= 0).mean())
-    return {"difference": float(observed), "ci": [float(lo), float(hi)],
-            "p_value": float(min(1.0, p))}  # fmt: skip
+    return {
+        "difference": float(observed),
+        "ci": [float(lo), float(hi)],
+        "p_value": float(min(1.0, p)),
+    }

@@ -30,24 +30,36 @@ TILE_METRIC = "balanced_accuracy"  # the leaderboard metric of tile protocols
 RESULT_VERSION = 3
 
 
-def _scored(y: np.ndarray, probs: np.ndarray, metric: str, cfg: EvaluateConfig,
-            groups: np.ndarray) -> dict:  # fmt: skip
+def _scored(
+    y: np.ndarray, probs: np.ndarray, metric: str, cfg: EvaluateConfig, groups: np.ndarray
+) -> dict:
     """The metric with its cluster-bootstrap CI (``groups``: each item's patient or slide)."""
-    ci = bootstrap_ci(lambda a, p: classification_metric(metric, a, p), y, probs,
-                      n=cfg.bootstrap, seed=cfg.seed, groups=groups)  # fmt: skip
-    return {"value": classification_metric(metric, y, probs), "ci": list(ci),
-            "metrics": classification_metrics(y, probs)}  # fmt: skip
+    ci = bootstrap_ci(
+        lambda a, p: classification_metric(metric, a, p),
+        y,
+        probs,
+        n=cfg.bootstrap,
+        seed=cfg.seed,
+        groups=groups,
+    )
+    return {
+        "value": classification_metric(metric, y, probs),
+        "ci": list(ci),
+        "metrics": classification_metrics(y, probs),
+    }
 
 
-def _compare(preds: dict[str, np.ndarray], metric, cfg: EvaluateConfig,
-             groups: np.ndarray) -> list[dict]:  # fmt: skip
+def _compare(
+    preds: dict[str, np.ndarray], metric, cfg: EvaluateConfig, groups: np.ndarray
+) -> list[dict]:
     """Paired bootstrap of every pair of encoders on the same items, resampling the
     clusters ``groups`` (each item's slide or patient)."""
     names, out = list(preds), []
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
-            test = paired_bootstrap(metric, preds[a], preds[b], n=cfg.bootstrap, seed=cfg.seed,
-                                    groups=groups)  # fmt: skip
+            test = paired_bootstrap(
+                metric, preds[a], preds[b], n=cfg.bootstrap, seed=cfg.seed, groups=groups
+            )
             out.append({"a": a, "b": b, **test})
     return out
 
@@ -56,10 +68,22 @@ def _settings(cfg: EvaluateConfig) -> dict:
     """The settings a task's scores depend on (besides the task and its inputs)."""
     from pipeline import __version__
 
-    keys = ("folds", "shots", "episodes", "knn_k", "knn_temperature", "robustness",
-            "robustness_k", "bootstrap", "seed")  # fmt: skip
-    return {"version": __version__, "result_version": RESULT_VERSION,
-            **{k: getattr(cfg, k) for k in keys}}  # fmt: skip
+    keys = (
+        "folds",
+        "shots",
+        "episodes",
+        "knn_k",
+        "knn_temperature",
+        "robustness",
+        "robustness_k",
+        "bootstrap",
+        "seed",
+    )
+    return {
+        "version": __version__,
+        "result_version": RESULT_VERSION,
+        **{k: getattr(cfg, k) for k in keys},
+    }
 
 
 def _digest(*arrays: np.ndarray) -> str:
@@ -102,12 +126,20 @@ def write_folds(path: Path, tiles: TileSet, folds: Folds) -> None:
             w.writerow([i, source, row, tiles.groups[i], case, tiles.labels[i], tested[i]])
 
 
-def tile_task(name: str, task: dict, encoders: dict[str, str], cfg: EvaluateConfig, out: Path,
-              get_encoder, device) -> dict:  # fmt: skip
+def tile_task(
+    name: str,
+    task: dict,
+    encoders: dict[str, str],
+    cfg: EvaluateConfig,
+    out: Path,
+    get_encoder,
+    device,
+) -> dict:
     from pipeline.extract import state_sha256
 
-    tiles = read_tile_set(task.get("data"), task.get("sites"), task.get("groups"),
-                          task.get("group_pattern"))  # fmt: skip
+    tiles = read_tile_set(
+        task.get("data"), task.get("sites"), task.get("groups"), task.get("group_pattern")
+    )
     by, clusters = tiles.fold_groups()  # patient where known, else slide
     folds = Folds.make(tiles.labels, clusters, tiles.split, int(task.get("folds", cfg.folds)), by)
     write_folds(out / "tasks" / name / "folds.csv", tiles, folds)
@@ -117,35 +149,68 @@ def tile_task(name: str, task: dict, encoders: dict[str, str], cfg: EvaluateConf
     feats = {}
     for e, spec in encoders.items():
         encoder = get_encoder(e)
-        key = {"spec": spec, "weights": state_sha256(encoder.model), "tiles": tiles.digest(),
-               "input_size": encoder.input_size, "shift": STAIN_SHIFT if cfg.robustness else None}  # fmt: skip
+        key = {
+            "spec": spec,
+            "weights": state_sha256(encoder.model),
+            "tiles": tiles.digest(),
+            "input_size": encoder.input_size,
+            "shift": STAIN_SHIFT if cfg.robustness else None,
+        }
         feats[e] = cached_features(
-            out / "cache" / e / f"{name}.npz", key,
-            lambda enc=encoder: embed_tiles(enc, tiles, cfg.batch_size, cfg.workers, cfg.robustness,
-                                            device, cfg.progress),
-        )  # fmt: skip
+            out / "cache" / e / f"{name}.npz",
+            key,
+            lambda enc=encoder: embed_tiles(
+                enc, tiles, cfg.batch_size, cfg.workers, cfg.robustness, device, cfg.progress
+            ),
+        )
         if len(feats[e]["features"]) != len(tiles):
-            raise PipelineError(f"encoder '{e}': {len(feats[e]['features'])} features for "
-                                f"{len(tiles)} tiles; delete {out / 'cache' / e} and rerun")  # fmt: skip
-    key = {"task": task, "encoders": encoders, "settings": _settings(cfg),
-           "inputs": _digest(y, tiles.groups, clusters,
-                             *([] if tiles.sites is None else [tiles.sites]),
-                             *(a for e in encoders for a in feats[e].values()))}  # fmt: skip
-    return cached_result(out / "tasks" / name / "result.json", key,
-                         lambda: _score_tiles(name, task, tiles, feats, folds, protocols, classes, y,
-                                              encoders, cfg, out))  # fmt: skip
+            raise PipelineError(
+                f"encoder '{e}': {len(feats[e]['features'])} features for "
+                f"{len(tiles)} tiles; delete {out / 'cache' / e} and rerun"
+            )
+    key = {
+        "task": task,
+        "encoders": encoders,
+        "settings": _settings(cfg),
+        "inputs": _digest(
+            y,
+            tiles.groups,
+            clusters,
+            *([] if tiles.sites is None else [tiles.sites]),
+            *(a for e in encoders for a in feats[e].values()),
+        ),
+    }
+    return cached_result(
+        out / "tasks" / name / "result.json",
+        key,
+        lambda: _score_tiles(
+            name, task, tiles, feats, folds, protocols, classes, y, encoders, cfg, out
+        ),
+    )
 
 
-def _score_tiles(name, task, tiles, feats, folds, protocols, classes, y, encoders, cfg,
-                 out) -> dict:  # fmt: skip
+def _score_tiles(
+    name, task, tiles, feats, folds, protocols, classes, y, encoders, cfg, out
+) -> dict:
     from pipeline.eval import plots
 
     by, clusters = tiles.fold_groups()  # folds, C-sweep splits and bootstrap keep these whole
-    result = {"kind": "tile", "data": str(task.get("data")), "n_items": len(tiles),
-              "n_slides": len(np.unique(tiles.groups)), "grouped_by": by,
-              "n_groups": len(np.unique(clusters)), "classes": classes.tolist(),
-              "folds": len(folds.splits), "columns": {}, "scores": {}, "comparisons": {},
-              "fewshot": {}, "robustness": {}, "figures": {}}  # fmt: skip
+    result = {
+        "kind": "tile",
+        "data": str(task.get("data")),
+        "n_items": len(tiles),
+        "n_slides": len(np.unique(tiles.groups)),
+        "grouped_by": by,
+        "n_groups": len(np.unique(clusters)),
+        "classes": classes.tolist(),
+        "folds": len(folds.splits),
+        "columns": {},
+        "scores": {},
+        "comparisons": {},
+        "fewshot": {},
+        "robustness": {},
+        "figures": {},
+    }
     figures = out / "figures"
     for protocol in ("linear", "knn"):
         if protocol not in protocols:
@@ -156,8 +221,9 @@ def _score_tiles(name, task, tiles, feats, folds, protocols, classes, y, encoder
             kwargs = (
                 {"k": cfg.knn_k, "temperature": cfg.knn_temperature} if protocol == "knn" else {}
             )
-            items, probs, _ = cross_validate(protocol, feats[e]["features"], tiles.labels,
-                                             clusters, folds, cfg.seed, **kwargs)  # fmt: skip
+            items, probs, _ = cross_validate(
+                protocol, feats[e]["features"], tiles.labels, clusters, folds, cfg.seed, **kwargs
+            )
             preds[e] = probs
             scored[e] = _scored(y[items], probs, TILE_METRIC, cfg, clusters[items])
             curves[e] = (y[items], probs)
@@ -183,15 +249,27 @@ def _score_tiles(name, task, tiles, feats, folds, protocols, classes, y, encoder
             x = feats[e]["features"]
             by_k: dict[int, list[float]] = {}
             for i, (train, test) in enumerate(folds):
-                shots = few_shot(x[train], tiles.labels[train], x[test], tiles.labels[test],
-                                 tuple(cfg.shots), cfg.episodes, cfg.seed + i)  # fmt: skip
+                shots = few_shot(
+                    x[train],
+                    tiles.labels[train],
+                    x[test],
+                    tiles.labels[test],
+                    tuple(cfg.shots),
+                    cfg.episodes,
+                    cfg.seed + i,
+                )
                 for k, scores in shots.items():
                     by_k.setdefault(k, []).extend(scores)
             result["fewshot"][e] = {
-                int(k): {"mean": float(np.mean(v)), "std": float(np.std(v)), "episodes": len(v),
-                         "q025": float(np.percentile(v, 2.5)), "q975": float(np.percentile(v, 97.5))}
+                int(k): {
+                    "mean": float(np.mean(v)),
+                    "std": float(np.std(v)),
+                    "episodes": len(v),
+                    "q025": float(np.percentile(v, 2.5)),
+                    "q975": float(np.percentile(v, 97.5)),
+                }
                 for k, v in sorted(by_k.items())
-            }  # fmt: skip
+            }
         common = set.intersection(*(set(v) for v in result["fewshot"].values()))
         if common:
             k = max(common)
@@ -200,7 +278,7 @@ def _score_tiles(name, task, tiles, feats, folds, protocols, classes, y, encoder
             result["scores"][col] = {
                 e: {"value": v[k]["mean"], "ci": [v[k]["q025"], v[k]["q975"]]}  # episode spread
                 for e, v in result["fewshot"].items()
-            }  # fmt: skip
+            }
         result["figures"]["fewshot"] = plots.fewshot_curves(
             figures / f"{name}_fewshot.png", result["fewshot"], f"{name}: few-shot (SimpleShot)"
         )
@@ -217,22 +295,37 @@ def _score_tiles(name, task, tiles, feats, folds, protocols, classes, y, encoder
                 why = f"needs two or more sites with tiles of two or more {by}s each"
             # PathoROB: neighbours of the same class across sites (or slides), not of the
             # same site; with sites, a tile's own slide is no candidate neighbour
-            ri = robustness_index(x[known], tiles.labels[known], target[known],
-                                  tiles.groups[known] if target_name == "site" else None,
-                                  k=cfg.robustness_k)  # fmt: skip
+            ri = robustness_index(
+                x[known],
+                tiles.labels[known],
+                target[known],
+                tiles.groups[known] if target_name == "site" else None,
+                k=cfg.robustness_k,
+            )
             ri_why = (
                 f"no {target_name} with tiles of two classes, or no class at two {target_name}s"
             )
-            entry = {"leakage": {"target": "site", "grouped_by": by, **(leak or {"skipped": why})},
-                     "robustness_index": {"confounder": target_name, **(ri or {"skipped": ri_why})}}  # fmt: skip
+            entry = {
+                "leakage": {"target": "site", "grouped_by": by, **(leak or {"skipped": why})},
+                "robustness_index": {"confounder": target_name, **(ri or {"skipped": ri_why})},
+            }
             if "shifted" in feats[e]:
-                items, probs, _ = cross_validate("linear", feats[e]["features"], tiles.labels,
-                                                 clusters, folds, cfg.seed,
-                                                 test_x=feats[e]["shifted"])  # fmt: skip
+                items, probs, _ = cross_validate(
+                    "linear",
+                    feats[e]["features"],
+                    tiles.labels,
+                    clusters,
+                    folds,
+                    cfg.seed,
+                    test_x=feats[e]["shifted"],
+                )
                 shifted = classification_metric("balanced_accuracy", y[items], probs)
                 clean = result["scores"].get("linear", {}).get(e, {}).get("value")
-                entry["stain_shift"] = {"shifted": shifted, "clean": clean,
-                                        "drop": None if clean is None else clean - shifted}  # fmt: skip
+                entry["stain_shift"] = {
+                    "shifted": shifted,
+                    "clean": clean,
+                    "drop": None if clean is None else clean - shifted,
+                }
             result["robustness"][e] = entry
     result["figures"]["embedding"] = plots.embeddings(
         figures / f"{name}_embedding.png",
@@ -245,13 +338,19 @@ def _score_tiles(name, task, tiles, feats, folds, protocols, classes, y, encoder
     return result
 
 
-def slide_task(name: str, task: dict, encoders: dict[str, str], cfg: EvaluateConfig,
-               out: Path) -> dict:  # fmt: skip
+def slide_task(
+    name: str, task: dict, encoders: dict[str, str], cfg: EvaluateConfig, out: Path
+) -> dict:
     kind = task.get("task", "classification")
     per_encoder = run_slide_task(task, list(encoders), out / "tasks" / name, cfg.progress)
-    key = {"task": task, "encoders": encoders, "settings": _settings(cfg),
-           "inputs": _digest(*(a for r in per_encoder.values()
-                               for a in (r["y"], r["preds"], r["groups"])))}  # fmt: skip
+    key = {
+        "task": task,
+        "encoders": encoders,
+        "settings": _settings(cfg),
+        "inputs": _digest(
+            *(a for r in per_encoder.values() for a in (r["y"], r["preds"], r["groups"]))
+        ),
+    }
     return cached_result(
         out / "tasks" / name / "result.json",
         key,
@@ -269,21 +368,44 @@ def _score_slides(name, task, kind, per_encoder, cfg, out) -> dict:
     fn = slide_metric(kind, metric)
     scored = {}
     for e, r in per_encoder.items():
-        ci = bootstrap_ci(lambda idx, r=r: fn(y, idx, r["preds"]), np.arange(len(y)),
-                          n=cfg.bootstrap, seed=cfg.seed, groups=patients)  # fmt: skip
+        ci = bootstrap_ci(
+            lambda idx, r=r: fn(y, idx, r["preds"]),
+            np.arange(len(y)),
+            n=cfg.bootstrap,
+            seed=cfg.seed,
+            groups=patients,
+        )
         per_seed = [s[metric] for s in r["per_seed"]]
-        scored[e] = {"value": fn(y, np.arange(len(y)), r["preds"]), "ci": list(ci),
-                     "per_seed": per_seed, "seed_mean": float(np.mean(per_seed)),
-                     "seed_std": float(np.std(per_seed)),
-                     "metrics": classification_metrics(y, r["preds"]) if kind == "classification"
-                     else {"c_index": fn(y, np.arange(len(y)), r["preds"])}}  # fmt: skip
-    result = {"kind": "slide", "task": kind, "model": col, "n_items": len(y),
-              "n_patients": len(np.unique(patients)),
-              "labels": str(task.get("labels")), "seeds": list(task.get("seeds", [0])),
-              "columns": {col: {"metric": metric}}, "scores": {col: scored},
-              "comparisons": {col: _compare({e: r["preds"] for e, r in per_encoder.items()},
-                                            lambda idx, p: fn(y, idx, p), cfg, patients)},
-              "figures": {}}  # fmt: skip
+        scored[e] = {
+            "value": fn(y, np.arange(len(y)), r["preds"]),
+            "ci": list(ci),
+            "per_seed": per_seed,
+            "seed_mean": float(np.mean(per_seed)),
+            "seed_std": float(np.std(per_seed)),
+            "metrics": classification_metrics(y, r["preds"])
+            if kind == "classification"
+            else {"c_index": fn(y, np.arange(len(y)), r["preds"])},
+        }
+    result = {
+        "kind": "slide",
+        "task": kind,
+        "model": col,
+        "n_items": len(y),
+        "n_patients": len(np.unique(patients)),
+        "labels": str(task.get("labels")),
+        "seeds": list(task.get("seeds", [0])),
+        "columns": {col: {"metric": metric}},
+        "scores": {col: scored},
+        "comparisons": {
+            col: _compare(
+                {e: r["preds"] for e, r in per_encoder.items()},
+                lambda idx, p: fn(y, idx, p),
+                cfg,
+                patients,
+            )
+        },
+        "figures": {},
+    }
     if kind == "classification":
         classes = np.array(first["classes"])
         curves = {e: (y, r["preds"]) for e, r in per_encoder.items()}

@@ -108,17 +108,27 @@ def _patients(slides: np.ndarray, cases: list[str], where: str | os.PathLike) ->
     by_slide: dict[str, str] = {}
     for slide, case in zip(slides.tolist(), cases, strict=True):
         if case and by_slide.setdefault(slide, case) != case:
-            raise PipelineError(f"{where}: slide {slide} has two case_id values "
-                                f"({by_slide[slide]}, {case}); give each slide one patient")  # fmt: skip
+            raise PipelineError(
+                f"{where}: slide {slide} has two case_id values "
+                f"({by_slide[slide]}, {case}); give each slide one patient"
+            )
     missing = sorted({s for s in slides.tolist() if s not in by_slide})
     if missing:
-        log.warning("%s: no case_id for %d slides (%s); each is its own patient in the folds",
-                    where, len(missing), ", ".join(missing[:3]))  # fmt: skip
+        log.warning(
+            "%s: no case_id for %d slides (%s); each is its own patient in the folds",
+            where,
+            len(missing),
+            ", ".join(missing[:3]),
+        )
     return np.array([by_slide.get(s, f"slide:{s}") for s in slides.tolist()])
 
 
-def image_groups(root: Path, images: list[Path], groups: str | os.PathLike | None = None,
-                 pattern: str | None = None) -> list[str]:  # fmt: skip
+def image_groups(
+    root: Path,
+    images: list[Path],
+    groups: str | os.PathLike | None = None,
+    pattern: str | None = None,
+) -> list[str]:
     """The slide or patient of each image of a folder ``root``: from the CSV ``groups``
     (``image,group``; image: the path under ``root`` or the file name), from the regular
     expression ``pattern`` searched in the file name (its first group or the whole match),
@@ -134,8 +144,10 @@ def image_groups(root: Path, images: list[Path], groups: str | os.PathLike | Non
         found = [by_image.get(i.relative_to(root).as_posix(), by_image.get(i.name)) for i in images]
         lost = [str(i.relative_to(root)) for i, g in zip(images, found, strict=True) if not g]
         if lost:
-            raise PipelineError(f"{groups}: no group for {len(lost)} images of {root} "
-                                f"({', '.join(lost[:3])}); add rows image,group for them")  # fmt: skip
+            raise PipelineError(
+                f"{groups}: no group for {len(lost)} images of {root} "
+                f"({', '.join(lost[:3])}); add rows image,group for them"
+            )
         return found
     if pattern is not None:
         try:
@@ -147,14 +159,17 @@ def image_groups(root: Path, images: list[Path], groups: str | os.PathLike | Non
         matches = [regex.search(i.name) for i in images]
         lost = [i.name for i, m in zip(images, matches, strict=True) if m is None]
         if lost:
-            raise PipelineError(f"group_pattern '{pattern}' does not match {len(lost)} file names "
-                                f"in {root} ({', '.join(lost[:3])})")  # fmt: skip
+            raise PipelineError(
+                f"group_pattern '{pattern}' does not match {len(lost)} file names "
+                f"in {root} ({', '.join(lost[:3])})"
+            )
         return [m.group(1) if regex.groups else m.group(0) for m in matches]
     return [i.stem for i in images]
 
 
-def _image_folder(root: Path, groups: str | os.PathLike | None = None,
-                  pattern: str | None = None) -> TileSet:  # fmt: skip
+def _image_folder(
+    root: Path, groups: str | os.PathLike | None = None, pattern: str | None = None
+) -> TileSet:
     parts = [d for d in ("train", "test") if (root / d).is_dir()]
     roots = [(root / d, d) for d in parts] if len(parts) == 2 else [(root, None)]
     images, labels, split = [], [], []
@@ -166,17 +181,26 @@ def _image_folder(root: Path, groups: str | os.PathLike | None = None,
                     labels.append(class_dir.name)
                     split.append(role)
     if groups is None and pattern is None and roots[0][1] is None:
-        log.warning("%s: images are not grouped by slide or patient, so cross-validation folds "
-                    "can put tiles of one slide on both sides; give the task groups (a CSV "
-                    "image,group) or group_pattern (a regular expression on file names)", root)  # fmt: skip
-    return TileSet([(str(i), 0) for i in images], np.array(labels),
-                   np.array(image_groups(root, images, groups, pattern)),
-                   np.array(split) if roots[0][1] else None)  # fmt: skip
+        log.warning(
+            "%s: images are not grouped by slide or patient, so cross-validation folds "
+            "can put tiles of one slide on both sides; give the task groups (a CSV "
+            "image,group) or group_pattern (a regular expression on file names)",
+            root,
+        )
+    return TileSet(
+        [(str(i), 0) for i in images],
+        np.array(labels),
+        np.array(image_groups(root, images, groups, pattern)),
+        np.array(split) if roots[0][1] else None,
+    )
 
 
-def read_tile_set(data: str | os.PathLike | dict, sites: str | os.PathLike | None = None,
-                  groups: str | os.PathLike | None = None,
-                  group_pattern: str | None = None) -> TileSet:  # fmt: skip
+def read_tile_set(
+    data: str | os.PathLike | dict,
+    sites: str | os.PathLike | None = None,
+    groups: str | os.PathLike | None = None,
+    group_pattern: str | None = None,
+) -> TileSet:
     """The tile set a task names (see the module docstring); ``sites``: a CSV with
     ``slide_id,site`` and optionally ``case_id`` (the slide labels file) that gives each
     tile its slide's site and patient, where the tile data does not; ``groups`` /
@@ -184,8 +208,10 @@ def read_tile_set(data: str | os.PathLike | dict, sites: str | os.PathLike | Non
     :func:`image_groups`)."""
     folder = not isinstance(data, dict) and Path(data).is_dir()
     if (groups is not None or group_pattern is not None) and not folder:
-        raise ConfigError(f"tile data {data}: groups and group_pattern are for image folders; "
-                          "a tiles CSV gives each tile's slide in its slide_id column")  # fmt: skip
+        raise ConfigError(
+            f"tile data {data}: groups and group_pattern are for image folders; "
+            "a tiles CSV gives each tile's slide in its slide_id column"
+        )
     if isinstance(data, dict):
         from pipeline.data.demo import tile_labels
 
@@ -217,8 +243,10 @@ def read_tile_set(data: str | os.PathLike | dict, sites: str | os.PathLike | Non
                 table = list(csv.DictReader(f))
             by_slide = {r["slide_id"]: r for r in table}
         except (OSError, KeyError) as exc:
-            raise PipelineError(f"{sites}: cannot read the slide labels (slide_id,site[,case_id] "
-                                f"columns) for tile data {data} ({exc})") from exc  # fmt: skip
+            raise PipelineError(
+                f"{sites}: cannot read the slide labels (slide_id,site[,case_id] "
+                f"columns) for tile data {data} ({exc})"
+            ) from exc
         if tiles.sites is None:
             tiles.sites = np.array([by_slide.get(g, {}).get("site") or "" for g in tiles.groups])
         if tiles.patients is None and any(r.get("case_id") for r in table):
@@ -254,20 +282,36 @@ class TileImages(Dataset):
             except OSError as exc:
                 raise PipelineError(f"{where}: cannot read the image ({exc})") from exc
         if image.shape[-1] != self.size or image.shape[-2] != self.size:
-            image = F.interpolate(image[None].float(), size=(self.size, self.size), mode="bilinear",
-                                  antialias=True)[0].round().clamp(0, 255).to(torch.uint8)  # fmt: skip
+            image = (
+                F.interpolate(
+                    image[None].float(),
+                    size=(self.size, self.size),
+                    mode="bilinear",
+                    antialias=True,
+                )[0]
+                .round()
+                .clamp(0, 255)
+                .to(torch.uint8)
+            )
         return image
 
 
 @torch.inference_mode()
-def embed_tiles(encoder: Encoder, tiles: TileSet, batch_size: int = 64, workers: int = 0,
-                shift: bool = True, device: str | torch.device = "cpu",
-                progress: bool = False) -> dict[str, np.ndarray]:  # fmt: skip
+def embed_tiles(
+    encoder: Encoder,
+    tiles: TileSet,
+    batch_size: int = 64,
+    workers: int = 0,
+    shift: bool = True,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> dict[str, np.ndarray]:
     """``{"features": N x D, "shifted": N x D}`` (the second after :data:`STAIN_SHIFT`)."""
     from tqdm import tqdm
 
-    loader = DataLoader(TileImages(tiles, encoder.input_size), batch_size=batch_size,
-                        num_workers=workers)  # fmt: skip
+    loader = DataLoader(
+        TileImages(tiles, encoder.input_size), batch_size=batch_size, num_workers=workers
+    )
     gen = torch.Generator().manual_seed(STAIN_SHIFT["seed"])
     jitter = HEDJitter(STAIN_SHIFT["sigma"], STAIN_SHIFT["bias"], generator=gen)
     feats, shifted = [], []

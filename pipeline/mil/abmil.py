@@ -11,12 +11,21 @@ from pipeline.mil.base import masked_softmax, mlp_in, register_mil
 class GatedAttention(nn.Module):
     """``a = w^T (tanh(V h) * sigmoid(U h))`` per instance: ``B x N x H -> B x N x K``."""
 
-    def __init__(self, dim: int, attn_dim: int = 128, dropout: float = 0.25, branches: int = 1,
-                 gated: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        dim: int,
+        attn_dim: int = 128,
+        dropout: float = 0.25,
+        branches: int = 1,
+        gated: bool = True,
+    ):
         super().__init__()
         self.v = nn.Sequential(nn.Linear(dim, attn_dim), nn.Tanh(), nn.Dropout(dropout))
-        self.u = (nn.Sequential(nn.Linear(dim, attn_dim), nn.Sigmoid(), nn.Dropout(dropout))
-                  if gated else None)  # fmt: skip
+        self.u = (
+            nn.Sequential(nn.Linear(dim, attn_dim), nn.Sigmoid(), nn.Dropout(dropout))
+            if gated
+            else None
+        )
         self.w = nn.Linear(attn_dim, branches)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -39,8 +48,15 @@ class ABMIL(nn.Module):
         gated: gated attention (else plain tanh attention).
     """
 
-    def __init__(self, in_dim: int, n_classes: int, hidden: int = 256, attn_dim: int = 128,
-                 dropout: float = 0.25, gated: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        in_dim: int,
+        n_classes: int,
+        hidden: int = 256,
+        attn_dim: int = 128,
+        dropout: float = 0.25,
+        gated: bool = True,
+    ):
         super().__init__()
         self.embed = mlp_in(in_dim, hidden, dropout)
         self.attention = GatedAttention(hidden, attn_dim, dropout, 1, gated)

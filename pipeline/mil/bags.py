@@ -66,18 +66,23 @@ def _open(path: Path) -> h5py.File:
     try:
         return h5py.File(path, "r")
     except OSError as exc:
-        raise PipelineError(f"{path}: cannot read the feature file ({exc}); rerun `cpath "
-                            "extract` for this slide") from exc  # fmt: skip
+        raise PipelineError(
+            f"{path}: cannot read the feature file ({exc}); rerun `cpath extract` for this slide"
+        ) from exc
 
 
 def _features(f: h5py.File, path: Path) -> h5py.Dataset:
     if "features" not in f:
-        raise PipelineError(f"{path}: no 'features' dataset in the feature file; rerun "
-                            "`cpath extract` for this slide")  # fmt: skip
+        raise PipelineError(
+            f"{path}: no 'features' dataset in the feature file; rerun "
+            "`cpath extract` for this slide"
+        )
     ds = f["features"]
     if len(ds.shape) != 2:
-        raise PipelineError(f"{path}: 'features' has shape {ds.shape}, not tiles x features; "
-                            "rerun `cpath extract` for this slide")  # fmt: skip
+        raise PipelineError(
+            f"{path}: 'features' has shape {ds.shape}, not tiles x features; "
+            "rerun `cpath extract` for this slide"
+        )
     return ds
 
 
@@ -88,8 +93,10 @@ def scan_bags(features_dir: str | os.PathLike, slide_ids: list[str]) -> BagIndex
     paths = [folder / f"{slide_id}.h5" for slide_id in slide_ids]
     missing = [s for s, path in zip(slide_ids, paths, strict=True) if not path.is_file()]
     if missing:
-        raise PipelineError(f"{folder}: no features for {len(missing)} slides "
-                            f"({', '.join(missing[:5])}); run `cpath extract` for them")  # fmt: skip
+        raise PipelineError(
+            f"{folder}: no features for {len(missing)} slides "
+            f"({', '.join(missing[:5])}); run `cpath extract` for them"
+        )
     lengths, dims, stamps = [], [], []
     for path in paths:
         stamps.append(_stamp(path))
@@ -101,13 +108,16 @@ def scan_bags(features_dir: str | os.PathLike, slide_ids: list[str]) -> BagIndex
         by_dim = {
             d: [s for s, e in zip(slide_ids, dims, strict=True) if e == d][:3] for d in set(dims)
         }
-        raise PipelineError(f"{folder}: feature files of different sizes {by_dim}; extract all "
-                            "slides with one encoder and pooling")  # fmt: skip
+        raise PipelineError(
+            f"{folder}: feature files of different sizes {by_dim}; extract all "
+            "slides with one encoder and pooling"
+        )
     # which files were read, as written (size, modification time): a re-extraction changes it
     named = [(s, *stamp) for s, stamp in zip(slide_ids, stamps, strict=True)]
     fingerprint = hashlib.sha256(json.dumps(named).encode()).hexdigest()
-    return BagIndex(folder, list(slide_ids), paths, lengths, dims[0] if dims else 0, stamps,
-                    fingerprint)  # fmt: skip
+    return BagIndex(
+        folder, list(slide_ids), paths, lengths, dims[0] if dims else 0, stamps, fingerprint
+    )
 
 
 def _stamp(path: Path) -> tuple[int, int]:
@@ -120,8 +130,10 @@ def _read_features(path: Path, n: int, dim: int) -> np.ndarray:
     with _open(path) as f:
         ds = _features(f, path)
         if ds.shape != (n, dim):
-            raise PipelineError(f"{path}: features of shape {ds.shape}, {(n, dim)} when this run "
-                                "opened it; the file was rewritten meanwhile: run again")  # fmt: skip
+            raise PipelineError(
+                f"{path}: features of shape {ds.shape}, {(n, dim)} when this run "
+                "opened it; the file was rewritten meanwhile: run again"
+            )
         return ds[()]
 
 
@@ -184,8 +196,9 @@ class BaseBagStore:
 class BagStore(BaseBagStore):
     """Features of many slides in one contiguous float32 tensor (``T x D``), read once."""
 
-    def __init__(self, features_dir: str | os.PathLike, slide_ids: list[str],
-                 scanned: BagIndex | None = None):  # fmt: skip
+    def __init__(
+        self, features_dir: str | os.PathLike, slide_ids: list[str], scanned: BagIndex | None = None
+    ):
         scanned = scanned if scanned is not None else scan_bags(features_dir, slide_ids)
         super().__init__(scanned)
         # filled file by file: no second copy of the cohort while it is read
@@ -213,8 +226,13 @@ class DiskBagStore(BaseBagStore):
     ``cached_bytes`` (held now) and ``peak_cached_bytes`` (the most held at once).
     """
 
-    def __init__(self, features_dir: str | os.PathLike, slide_ids: list[str],
-                 cache_bytes: int = DEFAULT_CACHE_BYTES, scanned: BagIndex | None = None):  # fmt: skip
+    def __init__(
+        self,
+        features_dir: str | os.PathLike,
+        slide_ids: list[str],
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        scanned: BagIndex | None = None,
+    ):
         scanned = scanned if scanned is not None else scan_bags(features_dir, slide_ids)
         super().__init__(scanned)
         self.cache_bytes = max(0, int(cache_bytes))
@@ -234,11 +252,15 @@ class DiskBagStore(BaseBagStore):
         try:
             stamp = _stamp(path)
         except OSError as exc:
-            raise PipelineError(f"{path}: cannot read the feature file ({exc}); it was there "
-                                "when this run started: restore it and run again") from exc  # fmt: skip
+            raise PipelineError(
+                f"{path}: cannot read the feature file ({exc}); it was there "
+                "when this run started: restore it and run again"
+            ) from exc
         if stamp != self._stamps[i]:  # the fingerprint of the run names the files as opened
-            raise PipelineError(f"{path}: rewritten since this run opened it (size, modification "
-                                "time); run again once the feature files are final")  # fmt: skip
+            raise PipelineError(
+                f"{path}: rewritten since this run opened it (size, modification "
+                "time); run again once the feature files are final"
+            )
         array = _read_features(path, self._n[i], self.dim)  # n x D
         self.reads += 1
         if array.nbytes <= self.cache_bytes:
@@ -283,9 +305,13 @@ def default_memory_budget() -> int:
     return memory // 4 if memory else 4 * 10**9
 
 
-def open_bag_store(features_dir: str | os.PathLike, slide_ids: list[str], store: str = "auto",
-                   budget_bytes: int | None = None,
-                   cache_bytes: int = DEFAULT_CACHE_BYTES) -> BaseBagStore:  # fmt: skip
+def open_bag_store(
+    features_dir: str | os.PathLike,
+    slide_ids: list[str],
+    store: str = "auto",
+    budget_bytes: int | None = None,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+) -> BaseBagStore:
     """The bags of ``slide_ids``: in memory (:class:`BagStore`) or read from their files
     (:class:`DiskBagStore`). ``auto`` holds them in memory when their float32 size (from the
     files' shapes) is at most ``budget_bytes`` (None: :func:`default_memory_budget`), and
@@ -297,8 +323,10 @@ def open_bag_store(features_dir: str | os.PathLike, slide_ids: list[str], store:
         raise ConfigError(f"memory budget {budget_bytes} bytes: use 0 or more")
     index = scan_bags(features_dir, slide_ids)
     need = index.float32_bytes
-    size = (f"{len(index.slide_ids)} slides, {sum(index.lengths)} tiles x {index.dim}: "
-            f"{need / 1e9:.2f} GB as float32")  # fmt: skip
+    size = (
+        f"{len(index.slide_ids)} slides, {sum(index.lengths)} tiles x {index.dim}: "
+        f"{need / 1e9:.2f} GB as float32"
+    )
     budget = budget_bytes if budget_bytes is not None else default_memory_budget()
     if store == "auto":
         store = "memory" if need <= budget else "disk"
@@ -311,13 +339,20 @@ def open_bag_store(features_dir: str | os.PathLike, slide_ids: list[str], store:
         log.info("bag store: memory (%s)", why)
         return BagStore(features_dir, slide_ids, scanned=index)
     cache = min(cache_bytes, budget)
-    log.info("bag store: disk, each bag read from its file when needed, cache %.0f MB (%s)",
-             cache / 1e6, why)  # fmt: skip
+    log.info(
+        "bag store: disk, each bag read from its file when needed, cache %.0f MB (%s)",
+        cache / 1e6,
+        why,
+    )
     return DiskBagStore(features_dir, slide_ids, cache_bytes=cache, scanned=index)
 
 
-def collate(store: BaseBagStore, slide_ids: list[str], max_instances: int | None = None,
-            generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def collate(
+    store: BaseBagStore,
+    slide_ids: list[str],
+    max_instances: int | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B x N x D features, B x N mask)`` of the named bags, zero-padded to the longest."""
     bags = []
     for slide_id in slide_ids:

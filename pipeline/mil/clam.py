@@ -20,8 +20,16 @@ from pipeline.mil.base import masked_softmax, mlp_in, register_mil
 
 
 class _CLAM(nn.Module):
-    def __init__(self, in_dim: int, n_classes: int, hidden: int = 512, attn_dim: int = 256,
-                 dropout: float = 0.25, k_sample: int = 8, subtyping: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        in_dim: int,
+        n_classes: int,
+        hidden: int = 512,
+        attn_dim: int = 256,
+        dropout: float = 0.25,
+        k_sample: int = 8,
+        subtyping: bool = False,
+    ):
         super().__init__()
         self.n_classes, self.k_sample, self.subtyping = n_classes, k_sample, subtyping
         self.embed = mlp_in(in_dim, hidden, dropout)
@@ -32,8 +40,9 @@ class _CLAM(nn.Module):
     def branches_for(self, n_classes: int) -> int:
         return 1
 
-    def instance_loss(self, h: torch.Tensor, attention: torch.Tensor, mask: torch.Tensor,
-                      labels: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    def instance_loss(
+        self, h: torch.Tensor, attention: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
         """Mean CE of the pseudo-labelled instances over the bags of the batch (loop over
         bags only; B is small in MIL)."""
         losses = []

@@ -84,8 +84,10 @@ def draw_heatmap(cfg: HeatmapConfig) -> list[Path]:
     k = min(cfg.top_k, len(scores))
     top = np.argsort(-scores)[:k]
     patch = int(attrs["patch_size"])
-    tiles = [slide.read_tile_chw((int(coords[i][0]), int(coords[i][1])), (size0, size0), (patch, patch))
-             for i in top]  # fmt: skip
+    tiles = [
+        slide.read_tile_chw((int(coords[i][0]), int(coords[i][1])), (size0, size0), (patch, patch))
+        for i in top
+    ]
     strip = (
         np.concatenate([t.transpose(1, 2, 0) for t in tiles], axis=1)
         if tiles

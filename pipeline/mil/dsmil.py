@@ -54,8 +54,12 @@ class DSMIL(nn.Module):
         bags = attention.transpose(1, 2) @ self.value(features)  # B x C x D
         logits = self.bag_classifier(bags).squeeze(-1)  # B x C
         max_logits = masked_max(scores, mask)  # B x C
-        out = {"logits": logits, "attention": attention, "instance_scores": scores,
-               "max_logits": max_logits}  # fmt: skip
+        out = {
+            "logits": logits,
+            "attention": attention,
+            "instance_scores": scores,
+            "max_logits": max_logits,
+        }
         if labels is not None and self.training:
             out["aux_loss"] = F.cross_entropy(max_logits, labels)
         return out

@@ -14,7 +14,9 @@ import torch
 from sklearn.metrics import balanced_accuracy_score, cohen_kappa_score, f1_score, roc_auc_score
 
 with warnings.catch_warnings():  # torchsurv 0.2 scripts a validator with torch.jit at import
-    warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+    warnings.filterwarnings(
+        "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
+    )
     from torchsurv.loss.cox import (  # noqa: F401  (the training loss, imported from here)
         baseline_survival_function,
         neg_partial_log_likelihood,
@@ -102,8 +104,9 @@ def concordance_index(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> 
         return float("nan")
 
 
-def survival_horizons(time: np.ndarray, event: np.ndarray,
-                      quantiles: tuple[float, ...] = (0.25, 0.5, 0.75)) -> list[float]:  # fmt: skip
+def survival_horizons(
+    time: np.ndarray, event: np.ndarray, quantiles: tuple[float, ...] = (0.25, 0.5, 0.75)
+) -> list[float]:
     """Evaluation times of :func:`survival_metrics`: ``quantiles`` of the event times (of
     all times when there is no event), rounded to 6 significant digits, sorted, unique."""
     time = np.asarray(time, np.float64)
@@ -132,8 +135,9 @@ def _ipcw(event: torch.Tensor, time: torch.Tensor, at: torch.Tensor | None = Non
         return get_ipcw(event, time, at)
 
 
-def time_dependent_auc(time: np.ndarray, event: np.ndarray, risk: np.ndarray,
-                       horizons: list[float]) -> float:  # fmt: skip
+def time_dependent_auc(
+    time: np.ndarray, event: np.ndarray, risk: np.ndarray, horizons: list[float]
+) -> float:
     """Integrated cumulative/dynamic AUC of ``risk`` (N) at ``horizons`` (torchsurv ``Auc``):
     AUC(t) = P(risk_i > risk_j | T_i <= t < T_j), censoring-adjusted with inverse probability
     of censoring weights (Uno et al., 2007), averaged over the horizons weighted by the
@@ -144,13 +148,21 @@ def time_dependent_auc(time: np.ndarray, event: np.ndarray, risk: np.ndarray,
     if not _usable(time_t, event_t, at):
         return float("nan")
     auc = Auc()
-    auc(risk_t, event_t, time_t, auc_type="cumulative", weight=_ipcw(event_t, time_t),
-        new_time=at, weight_new_time=_ipcw(event_t, time_t, at))  # fmt: skip
+    auc(
+        risk_t,
+        event_t,
+        time_t,
+        auc_type="cumulative",
+        weight=_ipcw(event_t, time_t),
+        new_time=at,
+        weight_new_time=_ipcw(event_t, time_t, at),
+    )
     return float(auc.integral())
 
 
-def integrated_brier_score(time: np.ndarray, event: np.ndarray, survival: np.ndarray,
-                           horizons: list[float]) -> float:  # fmt: skip
+def integrated_brier_score(
+    time: np.ndarray, event: np.ndarray, survival: np.ndarray, horizons: list[float]
+) -> float:
     """Integrated Brier score (Graf et al., 1999; torchsurv ``BrierScore``) of the predicted
     survival probabilities ``survival`` (N x H, at ``horizons``): the mean squared error of
     the survival status at each horizon, censoring-adjusted with inverse probability of
@@ -160,14 +172,24 @@ def integrated_brier_score(time: np.ndarray, event: np.ndarray, survival: np.nda
     if not _usable(time_t, event_t, at) or not bool(torch.isfinite(surv_t).all()):
         return float("nan")
     brier = BrierScore()
-    brier(surv_t.clamp(0, 1).reshape(len(time_t), len(at)), event_t, time_t, new_time=at,
-          weight=_ipcw(event_t, time_t), weight_new_time=_ipcw(event_t, time_t, at))  # fmt: skip
+    brier(
+        surv_t.clamp(0, 1).reshape(len(time_t), len(at)),
+        event_t,
+        time_t,
+        new_time=at,
+        weight=_ipcw(event_t, time_t),
+        weight_new_time=_ipcw(event_t, time_t, at),
+    )
     return float(brier.integral())
 
 
-def survival_metrics(time: np.ndarray, event: np.ndarray, risk: np.ndarray,
-                     survival: np.ndarray | None = None,
-                     horizons: list[float] | None = None) -> dict[str, float]:  # fmt: skip
+def survival_metrics(
+    time: np.ndarray,
+    event: np.ndarray,
+    risk: np.ndarray,
+    survival: np.ndarray | None = None,
+    horizons: list[float] | None = None,
+) -> dict[str, float]:
     """``c_index`` (:func:`concordance_index`) and, with ``horizons``, ``td_auc``
     (:func:`time_dependent_auc`) and, with predicted ``survival`` (N x H) at them, ``ibs``
     (:func:`integrated_brier_score`). ``time``, ``event``, ``risk``: N each."""
@@ -179,8 +201,9 @@ def survival_metrics(time: np.ndarray, event: np.ndarray, risk: np.ndarray,
     return scores
 
 
-def resampler(size: int, groups: np.ndarray | None = None, seed: int = 0
-              ) -> Callable[[], np.ndarray]:  # fmt: skip
+def resampler(
+    size: int, groups: np.ndarray | None = None, seed: int = 0
+) -> Callable[[], np.ndarray]:
     """Draws of bootstrap row indices: ``size`` rows with replacement, or, with ``groups``
     (one cluster id per row: the slide of a tile, the patient of a slide), as many whole
     clusters with replacement, all rows of each (the cluster bootstrap; Field and Welsh,
@@ -205,9 +228,14 @@ def resampler(size: int, groups: np.ndarray | None = None, seed: int = 0
     return draw
 
 
-def bootstrap_cis(metrics: Callable[[np.ndarray], dict[str, float]], size: int, n: int = 1000,
-                  seed: int = 0, level: float = 0.95,
-                  groups: np.ndarray | None = None) -> dict[str, tuple[float, float]]:  # fmt: skip
+def bootstrap_cis(
+    metrics: Callable[[np.ndarray], dict[str, float]],
+    size: int,
+    n: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    groups: np.ndarray | None = None,
+) -> dict[str, tuple[float, float]]:
     """Percentile intervals of every metric of ``metrics(idx)`` over ``n`` resamples (with
     replacement) of ``size`` rows, or of whole clusters of rows with ``groups`` (see
     :func:`resampler`); each resample is scored once for all metrics."""
@@ -222,14 +250,30 @@ def bootstrap_cis(metrics: Callable[[np.ndarray], dict[str, float]], size: int, 
             if np.isfinite(value):
                 values[name].append(value)
     q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
-    return {name: tuple(float(v) for v in np.percentile(vals, q)) if vals
-            else (float("nan"), float("nan")) for name, vals in values.items()}  # fmt: skip
+    return {
+        name: tuple(float(v) for v in np.percentile(vals, q))
+        if vals
+        else (float("nan"), float("nan"))
+        for name, vals in values.items()
+    }
 
 
-def bootstrap_ci(metric: Callable[..., float], *arrays: np.ndarray, n: int = 1000, seed: int = 0,
-                 level: float = 0.95, groups: np.ndarray | None = None) -> tuple[float, float]:  # fmt: skip
+def bootstrap_ci(
+    metric: Callable[..., float],
+    *arrays: np.ndarray,
+    n: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    groups: np.ndarray | None = None,
+) -> tuple[float, float]:
     """Percentile interval of ``metric`` over ``n`` resamples (with replacement) of the rows,
     or of whole clusters of rows with ``groups`` (see :func:`resampler`)."""
-    cis = bootstrap_cis(lambda idx: {"m": metric(*(a[idx] for a in arrays))}, len(arrays[0]),
-                        n=n, seed=seed, level=level, groups=groups)  # fmt: skip
+    cis = bootstrap_cis(
+        lambda idx: {"m": metric(*(a[idx] for a in arrays))},
+        len(arrays[0]),
+        n=n,
+        seed=seed,
+        level=level,
+        groups=groups,
+    )
     return cis.get("m", (float("nan"), float("nan")))

@@ -21,8 +21,14 @@ from pipeline.errors import PipelineError
 from pipeline.io import atomic_path
 
 
-def make_splits(slides: list[dict], folds: int = 5, val_share: float = 0.2, seed: int = 0,
-                test_slides: set[str] | None = None, stratify: str = "label") -> list[dict]:  # fmt: skip
+def make_splits(
+    slides: list[dict],
+    folds: int = 5,
+    val_share: float = 0.2,
+    seed: int = 0,
+    test_slides: set[str] | None = None,
+    stratify: str = "label",
+) -> list[dict]:
     """Rows ``{slide_id, case_id, label, fold_0: role, ...}`` (see module docstring)."""
     test_slides = set(test_slides or ())
     rows = [dict(r) for r in slides]
@@ -53,8 +59,9 @@ def make_splits(slides: list[dict], folds: int = 5, val_share: float = 0.2, seed
 def write_splits(path: str | os.PathLike, rows: list[dict]) -> Path:
     folds = sorted((k for k in rows[0] if k.startswith("fold_")), key=lambda k: int(k[5:]))
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["slide_id", "case_id", "label", *folds],
-                                extrasaction="ignore")  # fmt: skip
+        writer = csv.DictWriter(
+            f, fieldnames=["slide_id", "case_id", "label", *folds], extrasaction="ignore"
+        )
         writer.writeheader()
         writer.writerows(rows)
     return Path(path)
@@ -82,8 +89,9 @@ def read_splits(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
-def splits_mismatch(splits: list[dict], slides: list[dict], folds: int | None = None,
-                    exact: bool = True) -> str | None:  # fmt: skip
+def splits_mismatch(
+    splits: list[dict], slides: list[dict], folds: int | None = None, exact: bool = True
+) -> str | None:
     """Why ``splits`` (from :func:`read_splits`) do not fit the labelled ``slides`` (rows with
     ``slide_id, case_id, label``), or ``None`` when they fit: a labelled slide missing from
     them, a patient tested in a fold where another of its slides trains, another ``case_id``

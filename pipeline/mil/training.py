@@ -58,8 +58,9 @@ def nll_survival_loss(
     return torch.where(event > 0, observed, censored).mean()
 
 
-def cox_loss(risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor,
-             ties: str = "efron") -> torch.Tensor:  # fmt: skip
+def cox_loss(
+    risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor, ties: str = "efron"
+) -> torch.Tensor:
     """Negative Cox partial log-likelihood (Cox, 1972) per event, by torchsurv's
     ``neg_partial_log_likelihood``. ``risk`` (``B``) is the log relative hazard (higher =
     earlier event); tied event times by Efron's (1977) or Breslow's (1974) method (``ties``),
@@ -72,8 +73,9 @@ def cox_loss(risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor,
         return risk.sum() * 0.0
     with warnings.catch_warnings():  # torchsurv warns on every batch with tied times
         warnings.filterwarnings("ignore", message="Ties in `time` detected")
-        total = neg_partial_log_likelihood(risk, observed, time.reshape(-1).float(),
-                                           ties_method=ties, reduction="sum")  # fmt: skip
+        total = neg_partial_log_likelihood(
+            risk, observed, time.reshape(-1).float(), ties_method=ties, reduction="sum"
+        )
     return total / observed.sum()
 
 
@@ -88,10 +90,22 @@ def survival_risk(logits: torch.Tensor, loss: str) -> torch.Tensor:
 class MILModule(L.LightningModule):
     """A registered aggregator trained with AdamW + cosine, bag loss plus auxiliary loss."""
 
-    def __init__(self, model: str, in_dim: int, n_out: int, model_args: dict, task: str,
-                 lr: float, weight_decay: float, epochs: int, bag_weight: float,
-                 survival_loss: str, class_weights: list[float] | None = None,
-                 standardize: bool = False, cox_ties: str = "efron"):  # fmt: skip
+    def __init__(
+        self,
+        model: str,
+        in_dim: int,
+        n_out: int,
+        model_args: dict,
+        task: str,
+        lr: float,
+        weight_decay: float,
+        epochs: int,
+        bag_weight: float,
+        survival_loss: str,
+        class_weights: list[float] | None = None,
+        standardize: bool = False,
+        cox_ties: str = "efron",
+    ):
         super().__init__()
         self.save_hyperparameters()
         self.model = make_mil(model, in_dim, n_out, **model_args)
@@ -184,9 +198,11 @@ def read_labels(path: Path, task: str) -> list[dict]:
     if missing:
         raise PipelineError(f"{path}: missing columns {sorted(missing)} for --task {task}")
     if rows and "case_id" not in rows[0]:
-        log.warning("%s has no case_id column: each slide counts as its own patient, so slides of "
-                    "one patient can be in the training and test sets of a fold; add case_id",
-                    path)  # fmt: skip
+        log.warning(
+            "%s has no case_id column: each slide counts as its own patient, so slides of "
+            "one patient can be in the training and test sets of a fold; add case_id",
+            path,
+        )
     for r in rows:
         r.setdefault("case_id", r["slide_id"])
         r["case_id"] = r["case_id"] or r["slide_id"]
@@ -215,8 +231,14 @@ class Targets:
     fitted on a fold's training slides only (:meth:`for_training`); before that, batches have
     time and event but no ``bin``."""
 
-    def __init__(self, rows: list[dict], task: str, classes: list[str], time_bins: int,
-                 train_ids: list[str] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        rows: list[dict],
+        task: str,
+        classes: list[str],
+        time_bins: int,
+        train_ids: list[str] | None = None,
+    ):
         self.task, self.classes, self.time_bins = task, classes, time_bins
         self.by_id = {r["slide_id"]: r for r in rows}
         self.edges: np.ndarray | None = None
@@ -225,16 +247,20 @@ class Targets:
 
     def for_training(self, train_ids: list[str]) -> Targets:
         """These targets with the bins of :func:`bin_edges` of the slides ``train_ids``."""
-        return Targets(list(self.by_id.values()), self.task, self.classes, self.time_bins,
-                       train_ids)  # fmt: skip
+        return Targets(
+            list(self.by_id.values()), self.task, self.classes, self.time_bins, train_ids
+        )
 
     def batch(self, ids: list[str]) -> dict:
         rows = [self.by_id[s] for s in ids]
         if self.task == "classification":
             return {"y": torch.tensor([self.classes.index(r["label"]) for r in rows])}
         time = np.array([r["time"] for r in rows])
-        out = {"y": torch.zeros(len(rows)), "time": torch.tensor(time, dtype=torch.float32),
-               "event": torch.tensor([r["event"] for r in rows], dtype=torch.float32)}  # fmt: skip
+        out = {
+            "y": torch.zeros(len(rows)),
+            "time": torch.tensor(time, dtype=torch.float32),
+            "event": torch.tensor([r["event"] for r in rows], dtype=torch.float32),
+        }
         if self.edges is not None:
             out["bin"] = torch.from_numpy(np.searchsorted(self.edges, time, side="right"))
         return out
@@ -256,8 +282,14 @@ def bag_loader(ids, store, targets, cfg, train: bool, generator) -> DataLoader:
     # evaluation: one whole bag per step (the Cox validation loss is computed from the
     # collected per-bag risks at the end of the epoch, see MILModule)
     size = cfg.batch_size if train else 1
-    return DataLoader(ids, batch_size=max(1, size), sampler=sampler,
-                      shuffle=train and sampler is None, collate_fn=collate_fn, generator=generator)  # fmt: skip
+    return DataLoader(
+        ids,
+        batch_size=max(1, size),
+        sampler=sampler,
+        shuffle=train and sampler is None,
+        collate_fn=collate_fn,
+        generator=generator,
+    )
 
 
 def predict_logits(module: MILModule, ids, store, precision: str = "32-true") -> torch.Tensor:
@@ -267,8 +299,9 @@ def predict_logits(module: MILModule, ids, store, precision: str = "32-true") ->
     module.eval()
     device = module.device
     outs = [torch.zeros(0, module.hparams.n_out)]  # no bags: 0 x C
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
-                              enabled=precision.startswith("bf16"))  # fmt: skip
+    autocast = torch.autocast(
+        device.type, dtype=torch.bfloat16, enabled=precision.startswith("bf16")
+    )
     with torch.inference_mode(), autocast:
         for slide_id in ids:
             x, mask = collate(store, [slide_id])  # 1 x N x D, 1 x N
@@ -277,8 +310,9 @@ def predict_logits(module: MILModule, ids, store, precision: str = "32-true") ->
     return torch.cat(outs)
 
 
-def predict_bags(module: MILModule, ids, store, targets, cfg,
-                 precision: str = "32-true") -> list[np.ndarray]:  # fmt: skip
+def predict_bags(
+    module: MILModule, ids, store, targets, cfg, precision: str = "32-true"
+) -> list[np.ndarray]:
     """Per whole bag: class probabilities (C) or the survival risk (1); see
     :func:`predict_logits`."""
     logits = predict_logits(module, ids, store, precision)  # N x C
@@ -287,8 +321,7 @@ def predict_bags(module: MILModule, ids, store, targets, cfg,
     return list(survival_risk(logits, cfg.survival_loss)[:, None].numpy())
 
 
-def discrete_survival(logits: torch.Tensor, edges: np.ndarray,
-                      horizons: list[float]) -> np.ndarray:  # fmt: skip
+def discrete_survival(logits: torch.Tensor, edges: np.ndarray, horizons: list[float]) -> np.ndarray:
     """``N x H`` survival probabilities at ``horizons`` of the discrete-time model: the
     probability of surviving every bin that ends at or before the horizon (bin ``k`` holds
     times in ``[edges[k-1], edges[k])``), ``prod_{j<k} (1 - sigmoid(logits_j))`` for a
@@ -300,8 +333,13 @@ def discrete_survival(logits: torch.Tensor, edges: np.ndarray,
     return surv[:, k].numpy()  # N x H
 
 
-def cox_survival(train_risk: np.ndarray, train_time: np.ndarray, train_event: np.ndarray,
-                 risk: np.ndarray, horizons: list[float]) -> np.ndarray:  # fmt: skip
+def cox_survival(
+    train_risk: np.ndarray,
+    train_time: np.ndarray,
+    train_event: np.ndarray,
+    risk: np.ndarray,
+    horizons: list[float],
+) -> np.ndarray:
     """``N x H`` survival probabilities at ``horizons`` of a Cox model, ``S_0(t) ^ exp(risk)``,
     with the Breslow (1972) baseline survival ``S_0`` of the training slides' log hazards
     (torchsurv ``baseline_survival_function``), a step function of time that is 1 before the
@@ -321,9 +359,25 @@ def cox_survival(train_risk: np.ndarray, train_time: np.ndarray, train_event: np
 
 # the settings that change a fold's model or predictions; the others (bootstrap, ordinal,
 # progress, device, out, missing, the spelling of paths) only change how results are reported
-TRAINING_SETTINGS = ("model", "model_args", "task", "epochs", "patience", "lr", "weight_decay",
-                     "batch_size", "max_instances", "standardize", "balanced", "bag_weight",
-                     "survival_loss", "cox_ties", "time_bins", "seed", "precision")  # fmt: skip
+TRAINING_SETTINGS = (
+    "model",
+    "model_args",
+    "task",
+    "epochs",
+    "patience",
+    "lr",
+    "weight_decay",
+    "batch_size",
+    "max_instances",
+    "standardize",
+    "balanced",
+    "bag_weight",
+    "survival_loss",
+    "cox_ties",
+    "time_bins",
+    "seed",
+    "precision",
+)
 
 
 def training_fingerprint(cfg: TrainMILConfig, store: BaseBagStore, splits: list[dict]) -> dict:
@@ -356,8 +410,10 @@ def run_splits(
         splits = read_splits(cfg.splits)
         why = splits_mismatch(splits, rows, exact=False)
         if why:
-            raise PipelineError(f"{cfg.splits}: these splits do not fit {cfg.labels}: {why}; make "
-                                "them again, or leave out --splits to make new ones")  # fmt: skip
+            raise PipelineError(
+                f"{cfg.splits}: these splits do not fit {cfg.labels}: {why}; make "
+                "them again, or leave out --splits to make new ones"
+            )
         count = sum(1 for k in splits[0] if k.startswith("fold_"))
         if count != cfg.folds:
             log.warning(
@@ -393,20 +449,27 @@ def train_cv(cfg: TrainMILConfig) -> dict:
         raise PipelineError(f"{cfg.features}: no feature files; run `cpath extract` first")
     dropped = [r["slide_id"] for r in rows if r["slide_id"] not in available]
     if dropped and cfg.missing == "error":
-        raise PipelineError(f"{cfg.labels}: {len(dropped)} labelled slides have no feature file in "
-                            f"{cfg.features} ({', '.join(dropped[:5])}); extract them or pass "
-                            "--missing skip")  # fmt: skip
+        raise PipelineError(
+            f"{cfg.labels}: {len(dropped)} labelled slides have no feature file in "
+            f"{cfg.features} ({', '.join(dropped[:5])}); extract them or pass "
+            "--missing skip"
+        )
     if dropped:
-        log.warning("%d labelled slides have no features and are left out: %s", len(dropped),
-                    ", ".join(dropped[:5]))  # fmt: skip
+        log.warning(
+            "%d labelled slides have no features and are left out: %s",
+            len(dropped),
+            ", ".join(dropped[:5]),
+        )
     rows = [r for r in rows if r["slide_id"] in available]
     unlabelled = available - {r["slide_id"] for r in rows}
     if unlabelled:
         log.info("%d feature files have no label and are not used", len(unlabelled))
     classes = sorted({r["label"] for r in rows}) if cfg.task == "classification" else []
     if cfg.task == "classification" and len(classes) < 2:
-        raise PipelineError(f"{cfg.labels}: only one class ({', '.join(classes) or 'none'}) among "
-                            "the slides with features; classification needs two or more")  # fmt: skip
+        raise PipelineError(
+            f"{cfg.labels}: only one class ({', '.join(classes) or 'none'}) among "
+            "the slides with features; classification needs two or more"
+        )
     previous_file = out / ".config.json"
     try:
         previous = json.loads(previous_file.read_text()) if previous_file.is_file() else {}
@@ -425,8 +488,10 @@ def train_cv(cfg: TrainMILConfig) -> dict:
     save_config(cfg, out)
     empty = [s for s, n in zip(store.slide_ids, store.lengths.tolist(), strict=True) if n == 0]
     if empty:
-        raise PipelineError(f"{len(empty)} slides have no tiles ({', '.join(empty[:5])}): their bags are "
-                            "empty; remove them from the labels or check the tissue detection")  # fmt: skip
+        raise PipelineError(
+            f"{len(empty)} slides have no tiles ({', '.join(empty[:5])}): their bags are "
+            "empty; remove them from the labels or check the tissue detection"
+        )
     targets = Targets(rows, cfg.task, classes, cfg.time_bins)
     n_out = (
         len(classes)
@@ -436,8 +501,12 @@ def train_cv(cfg: TrainMILConfig) -> dict:
     known = set(targets.by_id)
     horizons = _horizons(rows) if cfg.task == "survival" else []
     predictions = []
-    bar = tqdm(total=folds * cfg.epochs, desc=f"train-mil {out.parent.name}/{out.name}",
-               unit="epoch", disable=not cfg.progress)  # fmt: skip
+    bar = tqdm(
+        total=folds * cfg.epochs,
+        desc=f"train-mil {out.parent.name}/{out.name}",
+        unit="epoch",
+        disable=not cfg.progress,
+    )
     for k in range(folds):
         fold_dir = out / f"fold_{k}"
         done = fold_dir / "predictions.csv"
@@ -500,30 +569,54 @@ def mil_trainer(cfg: TrainMILConfig, **kwargs) -> L.Trainer:
     cuda = device.type == "cuda"
     precision = cfg.precision if cfg.precision != "auto" else ("bf16-mixed" if cuda else "32-true")
     devices = [device.index] if cuda and device.index is not None else 1
-    return L.Trainer(max_epochs=cfg.epochs, accelerator="gpu" if cuda else "cpu", devices=devices,
-                     precision=precision, enable_progress_bar=False,
-                     enable_model_summary=False, log_every_n_steps=1, num_sanity_val_steps=0,
-                     **kwargs)  # fmt: skip
+    return L.Trainer(
+        max_epochs=cfg.epochs,
+        accelerator="gpu" if cuda else "cpu",
+        devices=devices,
+        precision=precision,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        num_sanity_val_steps=0,
+        **kwargs,
+    )
 
 
-def _train_fold(cfg, k, fold_dir, roles, store, targets, n_out, classes, bar,
-                horizons: list[float] = ()) -> None:  # fmt: skip
+def _train_fold(
+    cfg, k, fold_dir, roles, store, targets, n_out, classes, bar, horizons: list[float] = ()
+) -> None:
     if fold_dir.exists():
         shutil.rmtree(fold_dir)
     fold_dir.mkdir(parents=True)
     L.seed_everything(cfg.seed + k, verbose=False)
     generator = torch.Generator().manual_seed(cfg.seed + k)
     targets = targets.for_training(roles["train"])  # bins from the fold's training patients
-    module = MILModule(cfg.model, store.dim, n_out, dict(cfg.model_args), cfg.task, cfg.lr,
-                       cfg.weight_decay, cfg.epochs, cfg.bag_weight, cfg.survival_loss,
-                       standardize=cfg.standardize, cox_ties=cfg.cox_ties)  # fmt: skip
+    module = MILModule(
+        cfg.model,
+        store.dim,
+        n_out,
+        dict(cfg.model_args),
+        cfg.task,
+        cfg.lr,
+        cfg.weight_decay,
+        cfg.epochs,
+        cfg.bag_weight,
+        cfg.survival_loss,
+        standardize=cfg.standardize,
+        cox_ties=cfg.cox_ties,
+    )
     if cfg.standardize:
         module.feature_mean, module.feature_std = store.statistics(roles["train"])
     # with a validation split: the best epoch by validation loss, and early stopping;
     # without: the last epoch
     monitor = "val_loss" if roles["val"] else None
-    ckpt = ModelCheckpoint(dirpath=fold_dir, filename="model", monitor=monitor, save_top_k=1,
-                           enable_version_counter=False)  # fmt: skip
+    ckpt = ModelCheckpoint(
+        dirpath=fold_dir,
+        filename="model",
+        monitor=monitor,
+        save_top_k=1,
+        enable_version_counter=False,
+    )
     callbacks = [ckpt, _EpochBar(bar)]
     callbacks += [EarlyStopping(monitor, patience=cfg.patience)] if monitor else []
     trainer = mil_trainer(cfg, logger=CSVLogger(fold_dir, name="", version=""), callbacks=callbacks)
@@ -543,8 +636,9 @@ def _train_fold(cfg, k, fold_dir, roles, store, targets, n_out, classes, bar,
         outs = list(torch.softmax(logits, -1).numpy())
     else:
         outs = list(survival_risk(logits, cfg.survival_loss)[:, None].numpy())
-        surv = _fold_survival(cfg, best, roles, store, targets, logits, horizons,
-                              str(trainer.precision))  # fmt: skip
+        surv = _fold_survival(
+            cfg, best, roles, store, targets, logits, horizons, str(trainer.precision)
+        )
     with atomic_path(fold_dir / "predictions.csv") as tmp, open(tmp, "w", newline="") as f:
         fields = ["slide_id", "case_id", "fold", "label"]
         fields += (
@@ -578,8 +672,13 @@ def _fold_survival(cfg, best, roles, store, targets, logits, horizons, precision
         return discrete_survival(logits, targets.edges, horizons)
     train_risk = predict_logits(best, roles["train"], store, precision)[:, 0].numpy()
     rows = [targets.by_id[s] for s in roles["train"]]
-    return cox_survival(train_risk, np.array([r["time"] for r in rows]),
-                        np.array([r["event"] for r in rows]), logits[:, 0].numpy(), horizons)  # fmt: skip
+    return cox_survival(
+        train_risk,
+        np.array([r["time"] for r in rows]),
+        np.array([r["event"] for r in rows]),
+        logits[:, 0].numpy(),
+        horizons,
+    )
 
 
 def _nan_stat(stat, values: list[float]) -> float:
@@ -609,18 +708,27 @@ def _write_results(cfg, out: Path, predictions: list[dict], classes, targets) ->
     names = list(per_fold[0]) if per_fold else []
     pooled_values = _scores(cfg, predictions, classes)
     patients = np.array([r["case_id"] for r in predictions])  # resampled as clusters of slides
-    cis = bootstrap_cis(lambda idx: _scores(cfg, [predictions[i] for i in idx], classes),
-                        len(predictions), n=cfg.bootstrap, seed=cfg.seed, groups=patients)  # fmt: skip
+    cis = bootstrap_cis(
+        lambda idx: _scores(cfg, [predictions[i] for i in idx], classes),
+        len(predictions),
+        n=cfg.bootstrap,
+        seed=cfg.seed,
+        groups=patients,
+    )
     pooled = {
         name: {"value": pooled_values[name], "ci": list(cis.get(name, (np.nan, np.nan)))}
         for name in names
     }
     metrics = {
-        "model": cfg.model, "task": cfg.task, "folds": per_fold,
+        "model": cfg.model,
+        "task": cfg.task,
+        "folds": per_fold,
         "mean": {n: _nan_stat(np.nanmean, [f[n] for f in per_fold]) for n in names},
         "std": {n: _nan_stat(np.nanstd, [f[n] for f in per_fold]) for n in names},
-        "pooled": pooled, "n_slides": len(predictions), "classes": classes,
-    }  # fmt: skip
+        "pooled": pooled,
+        "n_slides": len(predictions),
+        "classes": classes,
+    }
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
     with atomic_path(out / "predictions.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(predictions[0]))

@@ -28,15 +28,23 @@ class NystromAttention(nn.Module):
     """Multi-head self-attention approximated with ``landmarks`` segment-mean landmarks
     (Nystromformer), padding-mask aware, with a depthwise convolution residual on values."""
 
-    def __init__(self, dim: int, heads: int = 8, landmarks: int = 256, pinv_iterations: int = 6,
-                 conv_kernel: int = 33, dropout: float = 0.1):  # fmt: skip
+    def __init__(
+        self,
+        dim: int,
+        heads: int = 8,
+        landmarks: int = 256,
+        pinv_iterations: int = 6,
+        conv_kernel: int = 33,
+        dropout: float = 0.1,
+    ):
         super().__init__()
         self.heads, self.landmarks, self.iterations = heads, landmarks, pinv_iterations
         self.head_dim = dim // heads
         self.qkv = nn.Linear(dim, 3 * self.head_dim * heads, bias=False)
         self.out = nn.Sequential(nn.Linear(self.head_dim * heads, dim), nn.Dropout(dropout))
-        self.conv = nn.Conv2d(heads, heads, (conv_kernel, 1), padding=(conv_kernel // 2, 0),
-                              groups=heads, bias=False)  # fmt: skip
+        self.conv = nn.Conv2d(
+            heads, heads, (conv_kernel, 1), padding=(conv_kernel // 2, 0), groups=heads, bias=False
+        )
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``B x N x D`` -> (``B x N x D``, ``B x N`` attention of token 0 over all tokens).
@@ -61,8 +69,7 @@ class NystromAttention(nn.Module):
         (training step, CPU)."""
         return n <= 4 * self.landmarks
 
-    def _attend(self, qkv: torch.Tensor, mask: torch.Tensor, b: int, m: int, pad: int,
-                exact: bool):  # fmt: skip
+    def _attend(self, qkv: torch.Tensor, mask: torch.Tensor, b: int, m: int, pad: int, exact: bool):
         q, k, v = qkv.chunk(3, dim=-1)  # B x n' x hd each
         q, k, v = (t.reshape(b, -1, self.heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
         keep = mask[:, None, :, None].to(q.dtype)  # B x 1 x n' x 1
@@ -149,8 +156,15 @@ class TransMIL(nn.Module):
     instance's copies summed.
     """
 
-    def __init__(self, in_dim: int, n_classes: int, hidden: int = 512, heads: int = 8,
-                 landmarks: int = 256, dropout: float = 0.1):  # fmt: skip
+    def __init__(
+        self,
+        in_dim: int,
+        n_classes: int,
+        hidden: int = 512,
+        heads: int = 8,
+        landmarks: int = 256,
+        dropout: float = 0.1,
+    ):
         super().__init__()
         self.embed = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU())
         self.cls_token = nn.Parameter(torch.randn(1, 1, hidden) * 0.02)

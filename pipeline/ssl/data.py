@@ -53,8 +53,10 @@ class MultiCrop:
         self.local_crops = cfg.local_crops
         stain = []
         if cfg.stain_augment:
-            stain = [HEDJitter(cfg.hed_sigma, cfg.hed_bias),
-                     HSVJitter(cfg.hsv_hue, cfg.hsv_saturation, cfg.hsv_value)]  # fmt: skip
+            stain = [
+                HEDJitter(cfg.hed_sigma, cfg.hed_bias),
+                HSVJitter(cfg.hsv_hue, cfg.hsv_saturation, cfg.hsv_value),
+            ]
         blur = [v2.RandomApply([v2.GaussianBlur(9, sigma=(0.1, 2.0))], p=cfg.blur)]
         tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg.mean, cfg.std)]
 
@@ -80,8 +82,10 @@ class PretrainTiles(Dataset):
 
     def __init__(self, cfg: DataConfig, transform: MultiCrop | None = None):
         if cfg.coords is None:
-            raise ConfigError("pretraining needs tiles: pass --data.coords OUT/coords "
-                              "(the coords folder of `cpath preprocess`)")  # fmt: skip
+            raise ConfigError(
+                "pretraining needs tiles: pass --data.coords OUT/coords "
+                "(the coords folder of `cpath preprocess`)"
+            )
         files = list_coords_files(cfg.coords)
         tables, seen = [], set()
         for path in files:
@@ -102,8 +106,10 @@ class PretrainTiles(Dataset):
             keep.append(self.tiles.offsets[s] + rows)
         self.items = np.concatenate(keep) if keep else np.zeros(0, np.int64)
         if len(self.items) == 0:
-            raise PipelineError(f"{cfg.coords}: zero tiles found in {len(files)} coords files; "
-                                "check the tissue detection of `cpath preprocess`.")  # fmt: skip
+            raise PipelineError(
+                f"{cfg.coords}: zero tiles found in {len(files)} coords files; "
+                "check the tissue detection of `cpath preprocess`."
+            )
         sizes = {t.patch_size for t in self.tiles.tables}
         if cfg.global_size > min(sizes):
             raise ConfigError(
@@ -144,8 +150,17 @@ class StreamSampler(Sampler[int]):
     whole run, as Lightning expects.
     """
 
-    def __init__(self, n: int, batch: int, steps: int, rank: int = 0, world: int = 1,
-                 seed: int = 0, start: int = 0, done: int = 0):  # fmt: skip
+    def __init__(
+        self,
+        n: int,
+        batch: int,
+        steps: int,
+        rank: int = 0,
+        world: int = 1,
+        seed: int = 0,
+        start: int = 0,
+        done: int = 0,
+    ):
         if not 0 <= done <= steps:
             raise ValueError(f"{done} steps done of a run of {steps} steps")
         self.n, self.batch, self.steps, self.done = n, batch, steps, done
@@ -209,20 +224,29 @@ class PretrainDataModule(L.LightningDataModule):
         trainer = self.trainer
         start = int(getattr(trainer.lightning_module, "samples_seen", 0))
         done = min(trainer.global_step, self.max_steps)
-        return self.train_dataloader_for(self.max_steps, trainer.global_rank, trainer.world_size,
-                                         start, done)  # fmt: skip
+        return self.train_dataloader_for(
+            self.max_steps, trainer.global_rank, trainer.world_size, start, done
+        )
 
-    def train_dataloader_for(self, steps: int, rank: int = 0, world: int = 1, start: int = 0,
-                             done: int = 0) -> DataLoader:  # fmt: skip
+    def train_dataloader_for(
+        self, steps: int, rank: int = 0, world: int = 1, start: int = 0, done: int = 0
+    ) -> DataLoader:
         """The loader of a run of ``steps`` batches for ``rank`` of ``world``, the first ``done``
         of them already trained on: it yields the rest, from stream position ``start`` (see
         :class:`StreamSampler`)."""
-        sampler = StreamSampler(len(self.dataset), self.cfg.batch_size, steps, rank, world,
-                                self.cfg.seed, start, done)  # fmt: skip
+        sampler = StreamSampler(
+            len(self.dataset), self.cfg.batch_size, steps, rank, world, self.cfg.seed, start, done
+        )
         generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + start)
         return DataLoader(
-            self.dataset, batch_size=self.cfg.batch_size, sampler=sampler,
-            num_workers=self.cfg.workers, collate_fn=self.collate, pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.cfg.workers > 0, drop_last=True, generator=generator,
+            self.dataset,
+            batch_size=self.cfg.batch_size,
+            sampler=sampler,
+            num_workers=self.cfg.workers,
+            collate_fn=self.collate,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.cfg.workers > 0,
+            drop_last=True,
+            generator=generator,
             prefetch_factor=4 if self.cfg.workers > 0 else None,
-        )  # fmt: skip
+        )

@@ -39,9 +39,16 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         ) from exc
 
 
-def save_encoder(weights: dict, arch: str, model_args: dict, out: str | os.PathLike,
-                 input_size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                 extra: dict | None = None) -> Path:  # fmt: skip
+def save_encoder(
+    weights: dict,
+    arch: str,
+    model_args: dict,
+    out: str | os.PathLike,
+    input_size: int = 224,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    extra: dict | None = None,
+) -> Path:
     """Write ``out/model.safetensors`` (checked to load strictly into ``arch``) and
     ``out/config.json``; the folder is what :func:`pipeline.encoders.load_encoder` reads."""
     from safetensors.torch import save_file
@@ -71,8 +78,9 @@ def save_encoder(weights: dict, arch: str, model_args: dict, out: str | os.PathL
     return out
 
 
-def export_encoder(checkpoint: str | os.PathLike, out: str | os.PathLike,
-                   extra: dict | None = None) -> Path:  # fmt: skip
+def export_encoder(
+    checkpoint: str | os.PathLike, out: str | os.PathLike, extra: dict | None = None
+) -> Path:
     """Write the teacher backbone of a pretraining checkpoint as an encoder folder ``out``."""
     ckpt = read_checkpoint(checkpoint)
     try:
@@ -86,7 +94,12 @@ def export_encoder(checkpoint: str | os.PathLike, out: str | os.PathLike,
         raise PipelineError(f"{checkpoint}: holds no teacher backbone weights")
     model_args = {"num_classes": 0, "dynamic_img_size": True, **model.timm_kwargs()}
     data = DataConfig(**dict(hp.get("data") or {}))
-    meta = {"step": int(ckpt.get("global_step", 0)), "samples_seen": int(ckpt.get("samples_seen", 0)),
-            "source_checkpoint": str(Path(checkpoint).resolve()), **(extra or {})}  # fmt: skip
-    return save_encoder(weights, model.arch, model_args, out, data.global_size, data.mean,
-                        data.std, meta)  # fmt: skip
+    meta = {
+        "step": int(ckpt.get("global_step", 0)),
+        "samples_seen": int(ckpt.get("samples_seen", 0)),
+        "source_checkpoint": str(Path(checkpoint).resolve()),
+        **(extra or {}),
+    }
+    return save_encoder(
+        weights, model.arch, model_args, out, data.global_size, data.mean, data.std, meta
+    )

@@ -102,8 +102,9 @@ def dino_loss(
     return total / max(pairs, 1)
 
 
-def ibot_loss(student: torch.Tensor, teacher: torch.Tensor, masks: torch.Tensor,
-              temp: float) -> torch.Tensor:  # fmt: skip
+def ibot_loss(
+    student: torch.Tensor, teacher: torch.Tensor, masks: torch.Tensor, temp: float
+) -> torch.Tensor:
     """iBOT masked-patch cross-entropy (Zhou et al., 2022), weighted as in DINOv2.
 
     ``student`` and ``teacher`` hold the ``M x K`` logits / targets of the masked patches

@@ -17,9 +17,14 @@ import math
 import numpy as np
 
 
-def block_mask(grid: tuple[int, int], count: int, rng: np.random.Generator,
-               min_block: int = 4, max_block: float | None = None,
-               min_aspect: float = 0.3) -> np.ndarray:  # fmt: skip
+def block_mask(
+    grid: tuple[int, int],
+    count: int,
+    rng: np.random.Generator,
+    min_block: int = 4,
+    max_block: float | None = None,
+    min_aspect: float = 0.3,
+) -> np.ndarray:
     """An ``h x w`` bool mask of at most ``count`` patches in rectangular blocks.
 
     ``max_block`` caps the area of one block (DINOv2: half the grid); ``None``: ``count``.
@@ -51,8 +56,13 @@ def block_mask(grid: tuple[int, int], count: int, rng: np.random.Generator,
     return mask
 
 
-def batch_masks(batch: int, grid: tuple[int, int], probability: float,
-                ratio: tuple[float, float], rng: np.random.Generator) -> np.ndarray:  # fmt: skip
+def batch_masks(
+    batch: int,
+    grid: tuple[int, int],
+    probability: float,
+    ratio: tuple[float, float],
+    rng: np.random.Generator,
+) -> np.ndarray:
     """``batch x (h * w)`` bool masks of the global crops: ``int(probability * batch)`` images
     masked (DINOv2 rounds down), each with ``int(share * h * w)`` patches asked for, blocks of
     at most half the grid, in random order."""

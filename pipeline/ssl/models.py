@@ -127,8 +127,15 @@ class DINOHead(nn.Module):
     prototype layer is a :class:`PrototypeLayer`.
     """
 
-    def __init__(self, in_dim: int, prototypes: int = 65536, hidden: int = 2048,
-                 bottleneck: int = 256, layers: int = 3, trainable_scale: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        in_dim: int,
+        prototypes: int = 65536,
+        hidden: int = 2048,
+        bottleneck: int = 256,
+        layers: int = 3,
+        trainable_scale: bool = True,
+    ):
         super().__init__()
         dims = [in_dim] + [hidden] * (layers - 1) + [bottleneck]
         mlp = []

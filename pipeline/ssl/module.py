@@ -43,9 +43,13 @@ def build_network(model: ModelConfig, drop_path: bool) -> SSLNetwork:
     if drop_path and model.drop_path_rate > 0:
         kwargs["drop_path_rate"] = model.drop_path_rate
         kwargs["drop_path_uniform"] = model.drop_path_uniform
-    head = {"prototypes": model.prototypes, "hidden": model.head_hidden,
-            "bottleneck": model.head_bottleneck, "layers": model.head_layers,
-            "trainable_scale": model.prototype_scale == "trainable"}  # fmt: skip
+    head = {
+        "prototypes": model.prototypes,
+        "hidden": model.head_hidden,
+        "bottleneck": model.head_bottleneck,
+        "layers": model.head_layers,
+        "trainable_scale": model.prototype_scale == "trainable",
+    }
     return SSLNetwork(model.arch, kwargs, head, model.separate_ibot_head)
 
 
@@ -119,8 +123,15 @@ class DINOv2Module(L.LightningModule):
     scaling; it is taken from the trainer when training starts.
     """
 
-    def __init__(self, model: dict, loss: dict, optim: dict, max_steps: int,
-                 rankme_every: int = 10, data: dict | None = None):  # fmt: skip
+    def __init__(
+        self,
+        model: dict,
+        loss: dict,
+        optim: dict,
+        max_steps: int,
+        rankme_every: int = 10,
+        data: dict | None = None,
+    ):
         super().__init__()
         self.save_hyperparameters()
         self.model_cfg, self.loss_cfg = ModelConfig(**model), LossConfig(**loss)
@@ -139,8 +150,10 @@ class DINOv2Module(L.LightningModule):
         depth = len(self.student.backbone.vit.blocks)
         # decided here, on the unwrapped student: under FSDP the parameters that
         # configure_optimizers sees are flat 1-D shards under wrapped names
-        self.param_rules = {name: param_rule(name, p.ndim, depth, self.optim_cfg)
-                            for name, p in self.student.named_parameters()}  # fmt: skip
+        self.param_rules = {
+            name: param_rule(name, p.ndim, depth, self.optim_cfg)
+            for name, p in self.student.named_parameters()
+        }
         k = self.model_cfg.prototypes
         self.dino_targets = TeacherTargets(
             k, self.loss_cfg.teacher_targets, self.loss_cfg.center_momentum
@@ -179,13 +192,15 @@ class DINOv2Module(L.LightningModule):
             if key is None:
                 raise PipelineError(f"no optimizer rule for the student parameter '{name}'")
             lr_mult, wd_mult, last = key
-            group = groups.setdefault(key, {"params": [], "lr_mult": lr_mult, "wd_mult": wd_mult,
-                                            "last_layer": last})  # fmt: skip
+            group = groups.setdefault(
+                key, {"params": [], "lr_mult": lr_mult, "wd_mult": wd_mult, "last_layer": last}
+            )
             group["params"].append(p)
         return torch.optim.AdamW(list(groups.values()), lr=0.0, betas=tuple(self.optim_cfg.betas))
 
-    def apply_schedules(self, optimizer: torch.optim.Optimizer, step: int,
-                        global_batch: int) -> dict[str, float]:  # fmt: skip
+    def apply_schedules(
+        self, optimizer: torch.optim.Optimizer, step: int, global_batch: int
+    ) -> dict[str, float]:
         """Set each group's lr and weight decay for ``step``; the prototype layers' lr is 0
         for the first ``freeze_last_layer_steps`` steps (DINOv2's ``last_layer_lr``)."""
         lr, wd = self.lr_schedule(global_batch)(step), self.wd(step)
@@ -194,8 +209,12 @@ class DINOv2Module(L.LightningModule):
             group_lr = 0.0 if (frozen and group["last_layer"]) else lr
             group["lr"] = group_lr * group["lr_mult"]
             group["weight_decay"] = wd * group["wd_mult"]
-        return {"lr": lr, "wd": wd, "momentum": self.momentum(step),
-                "teacher_temp": self.teacher_temp(step)}  # fmt: skip
+        return {
+            "lr": lr,
+            "wd": wd,
+            "momentum": self.momentum(step),
+            "teacher_temp": self.teacher_temp(step),
+        }
 
     def clip_parts(self) -> dict[str, list[torch.Tensor]]:
         """The trainable parameters of each part that DINOv2 clips on its own."""
@@ -216,8 +235,9 @@ class DINOv2Module(L.LightningModule):
         for name, params in self.clip_parts().items():
             grads = [p.grad for p in params if p.grad is not None]
             device = grads[0].device if grads else self.device
-            norm = (torch.nn.utils.get_total_norm(grads) if grads
-                    else torch.zeros((), device=device)).float()  # fmt: skip
+            norm = (
+                torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=device)
+            ).float()
             if sharded:
                 squared = norm.square()
                 dist.all_reduce(squared)
@@ -232,8 +252,9 @@ class DINOv2Module(L.LightningModule):
 
         return any(isinstance(m, FullyShardedDataParallel) for m in self.student.modules())
 
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
-                                    gradient_clip_algorithm=None) -> None:  # fmt: skip
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
         """Lightning's clipping hook (after AMP unscaling): :meth:`clip_gradients_per_part`."""
         if self.optim_cfg.clip_grad and self.optim_cfg.clip_grad > 0:
             norms = self.clip_gradients_per_part()
@@ -281,8 +302,9 @@ class DINOv2Module(L.LightningModule):
             )
         if use_ibot:
             s_patch_logits = student.patch_head()(s_patch[masks])  # M x K
-            terms["ibot"] = s.ibot_weight * ibot_loss(s_patch_logits, t_patch_targets, masks,
-                                                      s.student_temp)  # fmt: skip
+            terms["ibot"] = s.ibot_weight * ibot_loss(
+                s_patch_logits, t_patch_targets, masks, s.student_temp
+            )
         if s.koleo_weight > 0:  # per global crop, summed (DINOv2)
             terms["koleo"] = s.koleo_weight * sum(koleo_loss(c) for c in s_cls.chunk(2))
         if s.kde_weight > 0:  # weighted like KoLeo
@@ -300,8 +322,11 @@ class DINOv2Module(L.LightningModule):
         student = [p.detach() for p in self.student.parameters()]
         teacher = list(self.teacher.parameters())
         names = [n for n, _ in self.student.named_parameters()]
-        bad = [f"{n}: {tuple(s.shape)} vs {tuple(t.shape)}"
-               for n, s, t in zip(names, student, teacher, strict=False) if s.shape != t.shape]  # fmt: skip
+        bad = [
+            f"{n}: {tuple(s.shape)} vs {tuple(t.shape)}"
+            for n, s, t in zip(names, student, teacher, strict=False)
+            if s.shape != t.shape
+        ]
         if len(student) != len(teacher) or bad:
             raise PipelineError(
                 f"teacher EMA: the student's and teacher's parameters on this rank do not pair "
@@ -319,8 +344,10 @@ class DINOv2Module(L.LightningModule):
         total = sum(terms.values())
         if not torch.isfinite(total):
             values = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
-            raise PipelineError(f"non-finite loss at step {self.global_step} ({values}); lower "
-                                "--optim.base_lr or check the tiles")  # fmt: skip
+            raise PipelineError(
+                f"non-finite loss at step {self.global_step} ({values}); lower "
+                "--optim.base_lr or check the tiles"
+            )
         logs = {f"loss/{k}": v.detach() for k, v in terms.items()}
         logs.update({f"schedule/{k}": v for k, v in sched.items()})
         logs["teacher_entropy"] = entropy(t_targets) / math.log(t_targets.shape[1])
@@ -345,13 +372,22 @@ class DINOv2Module(L.LightningModule):
         self.samples_seen = int(checkpoint.get("samples_seen", 0))
 
     @classmethod
-    def from_configs(cls, model: ModelConfig, loss: LossConfig, optim: OptimConfig,
-                     max_steps: int, rankme_every: int = 10, data=None) -> DINOv2Module:  # fmt: skip
+    def from_configs(
+        cls,
+        model: ModelConfig,
+        loss: LossConfig,
+        optim: OptimConfig,
+        max_steps: int,
+        rankme_every: int = 10,
+        data=None,
+    ) -> DINOv2Module:
         data = _plain(data) if data is not None else None
         return cls(_plain(model), _plain(loss), _plain(optim), max_steps, rankme_every, data)
 
 
 def _plain(cfg) -> dict:
     out = asdict(cfg)
-    return {k: (str(v) if hasattr(v, "__fspath__") else list(v) if isinstance(v, tuple) else v)
-            for k, v in out.items()}  # fmt: skip
+    return {
+        k: (str(v) if hasattr(v, "__fspath__") else list(v) if isinstance(v, tuple) else v)
+        for k, v in out.items()
+    }

@@ -49,8 +49,9 @@ class KNNProbe(L.Callback):
             score = knn_probe(feats, self.labels, self.groups)
         except Exception as exc:  # a monitor must not end a long run (sklearn: ValueError)
             if trainer.is_global_zero:
-                log.warning("kNN probe of %s skipped at step %d: %s", self.path,
-                            trainer.global_step, exc)  # fmt: skip
+                log.warning(
+                    "kNN probe of %s skipped at step %d: %s", self.path, trainer.global_step, exc
+                )
             return
         if trainer.is_global_zero:
             for logger in trainer.loggers:

@@ -78,21 +78,24 @@ def _folds(groups: np.ndarray, folds: int) -> GroupKFold:
     return GroupKFold(n_splits=max(2, min(folds, len(np.unique(groups)))))
 
 
-def knn_probe(features: np.ndarray, labels: np.ndarray, groups: np.ndarray, k: int = 20,
-              folds: int = 5) -> float:  # fmt: skip
+def knn_probe(
+    features: np.ndarray, labels: np.ndarray, groups: np.ndarray, k: int = 20, folds: int = 5
+) -> float:
     """Balanced accuracy of a cosine kNN classifier, cross-validated by slide group; ``k`` is
     capped by the size of each training fold (as in ``pipeline.eval.protocols.knn``)."""
     x = features / np.linalg.norm(features, axis=1, keepdims=True).clip(1e-12)  # N x D
     pred = np.empty_like(labels)
     for train, test in _folds(groups, folds).split(x, labels, groups):
-        knn = KNeighborsClassifier(n_neighbors=min(k, len(train)), metric="cosine",
-                                   weights="distance")  # fmt: skip
+        knn = KNeighborsClassifier(
+            n_neighbors=min(k, len(train)), metric="cosine", weights="distance"
+        )
         pred[test] = knn.fit(x[train], labels[train]).predict(x[test])
     return balanced_accuracy(labels, pred)
 
 
-def linear_probe(features: np.ndarray, labels: np.ndarray, groups: np.ndarray, c: float = 1.0,
-                 folds: int = 5) -> float:  # fmt: skip
+def linear_probe(
+    features: np.ndarray, labels: np.ndarray, groups: np.ndarray, c: float = 1.0, folds: int = 5
+) -> float:
     """Balanced accuracy of standardised logistic regression (L-BFGS), cross-validated by slide."""
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
     pred = cross_val_predict(clf, features, labels, groups=groups, cv=_folds(groups, folds))

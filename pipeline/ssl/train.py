@@ -49,8 +49,10 @@ def _check(cfg: PretrainConfig) -> None:
         try:
             import tensorboard  # noqa: F401
         except ImportError:
-            raise ConfigError("--trainer.logger tensorboard needs `pip install tensorboard`; "
-                              "the default csv logger needs nothing") from None  # fmt: skip
+            raise ConfigError(
+                "--trainer.logger tensorboard needs `pip install tensorboard`; "
+                "the default csv logger needs nothing"
+            ) from None
     if t.strategy.startswith("fsdp") and t.accelerator == "cpu":
         raise ConfigError("FSDP needs GPUs; use --trainer.strategy ddp on CPU")
 
@@ -62,8 +64,7 @@ def make_strategy(name: str):
         return name
     from lightning.pytorch.strategies import FSDPStrategy
 
-    return FSDPStrategy(auto_wrap_policy=fsdp_units(), state_dict_type="full",
-                        use_orig_params=True)  # fmt: skip
+    return FSDPStrategy(auto_wrap_policy=fsdp_units(), state_dict_type="full", use_orig_params=True)
 
 
 def train(cfg: PretrainConfig) -> Path:
@@ -71,43 +72,80 @@ def train(cfg: PretrainConfig) -> Path:
     _check(cfg)
     out = Path(cfg.out)
     L.seed_everything(cfg.data.seed, workers=True, verbose=False)
-    module = DINOv2Module.from_configs(cfg.model, cfg.loss, cfg.optim, cfg.trainer.max_steps,
-                                       cfg.monitor.rankme_every_n_steps, cfg.data)  # fmt: skip
+    module = DINOv2Module.from_configs(
+        cfg.model,
+        cfg.loss,
+        cfg.optim,
+        cfg.trainer.max_steps,
+        cfg.monitor.rankme_every_n_steps,
+        cfg.data,
+    )
     patch = module.student.backbone.patch_size
     if cfg.data.global_size % patch:
-        raise ConfigError(f"--data.global_size {cfg.data.global_size} is not a multiple of the "
-                          f"patch size {patch} of {cfg.model.arch}")  # fmt: skip
+        raise ConfigError(
+            f"--data.global_size {cfg.data.global_size} is not a multiple of the "
+            f"patch size {patch} of {cfg.model.arch}"
+        )
     datamodule = PretrainDataModule(cfg.data, cfg.loss, patch, cfg.trainer.max_steps)
     datamodule.dataset = PretrainTiles(cfg.data)  # fail early: no tiles, crops too large
     t = cfg.trainer
     callbacks = [
-        ModelCheckpoint(dirpath=out / "checkpoints", every_n_train_steps=t.ckpt_every_n_steps,
-                        save_last=True, save_top_k=-1 if t.keep_checkpoints else 0,
-                        filename="step-{step:07d}", auto_insert_metric_name=False),
-    ]  # fmt: skip
+        ModelCheckpoint(
+            dirpath=out / "checkpoints",
+            every_n_train_steps=t.ckpt_every_n_steps,
+            save_last=True,
+            save_top_k=-1 if t.keep_checkpoints else 0,
+            filename="step-{step:07d}",
+            auto_insert_metric_name=False,
+        ),
+    ]
     if t.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=1))
     if cfg.monitor.probe:
-        callbacks.append(KNNProbe(cfg.monitor.probe, cfg.monitor.probe_every_n_steps,
-                                  cfg.data.global_size, cfg.data.mean, cfg.data.std))  # fmt: skip
-    logger = (TensorBoardLogger(out, name="logs", version="") if t.logger == "tensorboard"
-              else CSVLogger(out, name="logs", version="",
-                             flush_logs_every_n_steps=t.log_every_n_steps))  # fmt: skip
+        callbacks.append(
+            KNNProbe(
+                cfg.monitor.probe,
+                cfg.monitor.probe_every_n_steps,
+                cfg.data.global_size,
+                cfg.data.mean,
+                cfg.data.std,
+            )
+        )
+    logger = (
+        TensorBoardLogger(out, name="logs", version="")
+        if t.logger == "tensorboard"
+        else CSVLogger(out, name="logs", version="", flush_logs_every_n_steps=t.log_every_n_steps)
+    )
     trainer = L.Trainer(
-        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=make_strategy(t.strategy),
-        precision=t.precision, max_steps=t.max_steps, max_epochs=-1, logger=logger,
-        callbacks=callbacks, log_every_n_steps=t.log_every_n_steps,
-        use_distributed_sampler=False, enable_progress_bar=t.progress_bar,
-        enable_model_summary=False, plugins=[AtomicCheckpointIO()], default_root_dir=out,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=make_strategy(t.strategy),
+        precision=t.precision,
+        max_steps=t.max_steps,
+        max_epochs=-1,
+        logger=logger,
+        callbacks=callbacks,
+        log_every_n_steps=t.log_every_n_steps,
+        use_distributed_sampler=False,
+        enable_progress_bar=t.progress_bar,
+        enable_model_summary=False,
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=out,
         num_sanity_val_steps=0,
-    )  # fmt: skip
+    )
     resume = checkpoint_path(cfg)
     if trainer.is_global_zero:
         keep_earlier_metrics(out)
         save_config(cfg, out)
-        log.info("pretraining %s on %d tiles of %d slides -> %s%s", cfg.model.arch,
-                 len(datamodule.dataset), datamodule.dataset.slides, out,
-                 f" (resuming {resume})" if resume else "")  # fmt: skip
+        log.info(
+            "pretraining %s on %d tiles of %d slides -> %s%s",
+            cfg.model.arch,
+            len(datamodule.dataset),
+            datamodule.dataset.slides,
+            out,
+            f" (resuming {resume})" if resume else "",
+        )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*resuming from a checkpoint that ended before.*")
@@ -156,16 +194,22 @@ def read_metrics(out: str | Path) -> list[dict]:
 
 def _tile_facts(dataset: PretrainTiles) -> dict:
     tables = dataset.tiles.tables
-    return {"target_mpp": tables[0].target_mpp, "patch_size": tables[0].patch_size,
-            "slides": len(tables), "tiles": len(dataset)}  # fmt: skip
+    return {
+        "target_mpp": tables[0].target_mpp,
+        "patch_size": tables[0].patch_size,
+        "slides": len(tables),
+        "tiles": len(dataset),
+    }
 
 
 def export_action(cfg: PretrainConfig) -> Path:
     """``cpath pretrain export CKPT``: the teacher backbone to ``out/encoder``."""
     ckpt = checkpoint_path(cfg)
     if ckpt is None:
-        raise ConfigError("`cpath pretrain export` needs a checkpoint: cpath pretrain export CKPT "
-                          "(or --ckpt_path last --out RUN)")  # fmt: skip
+        raise ConfigError(
+            "`cpath pretrain export` needs a checkpoint: cpath pretrain export CKPT "
+            "(or --ckpt_path last --out RUN)"
+        )
     encoder = export_encoder(ckpt, Path(cfg.out) / "encoder")
     print(f"encoder exported to {encoder}")
     return encoder

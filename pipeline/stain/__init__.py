@@ -5,5 +5,12 @@ from pipeline.stain.macenko import MacenkoNormalizer
 from pipeline.stain.reinhard import ReinhardNormalizer
 from pipeline.stain.vahadane import VahadaneNormalizer
 
-__all__ = ["STAIN_METHODS", "MacenkoNormalizer", "ReinhardNormalizer", "StainNormalizer",
-           "VahadaneNormalizer", "load_normalizer", "make_normalizer"]  # fmt: skip
+__all__ = [
+    "STAIN_METHODS",
+    "MacenkoNormalizer",
+    "ReinhardNormalizer",
+    "StainNormalizer",
+    "VahadaneNormalizer",
+    "load_normalizer",
+    "make_normalizer",
+]

@@ -16,8 +16,13 @@ from pipeline.stain.base import StainNormalizer
 from pipeline.stain.color import check_batch, hed_to_rgb, like_input, rgb_to_hed
 
 
-def _uniform(shape: tuple[int, ...], low: float, high: float, like: torch.Tensor,
-             generator: torch.Generator | None) -> torch.Tensor:  # fmt: skip
+def _uniform(
+    shape: tuple[int, ...],
+    low: float,
+    high: float,
+    like: torch.Tensor,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
     u = torch.rand(
         shape, generator=generator, device="cpu" if generator is not None else like.device
     )
@@ -56,8 +61,13 @@ class HSVJitter:
     1 + value)``.
     """
 
-    def __init__(self, hue: float = 0.03, saturation: float = 0.1, value: float = 0.1,
-                 generator: torch.Generator | None = None):  # fmt: skip
+    def __init__(
+        self,
+        hue: float = 0.03,
+        saturation: float = 0.1,
+        value: float = 0.1,
+        generator: torch.Generator | None = None,
+    ):
         self.hue, self.saturation, self.value, self.generator = hue, saturation, value, generator
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -68,11 +78,20 @@ class HSVJitter:
         k = 1 / 3
         s3 = math.sqrt(k)
         # Rodrigues rotation about (1, 1, 1)/sqrt(3): B x 3 x 3
-        rot = torch.stack([
-            torch.stack([cos + (1 - cos) * k, k * (1 - cos) - s3 * sin, k * (1 - cos) + s3 * sin], -1),
-            torch.stack([k * (1 - cos) + s3 * sin, cos + (1 - cos) * k, k * (1 - cos) - s3 * sin], -1),
-            torch.stack([k * (1 - cos) - s3 * sin, k * (1 - cos) + s3 * sin, cos + (1 - cos) * k], -1),
-        ], dim=1)  # fmt: skip
+        rot = torch.stack(
+            [
+                torch.stack(
+                    [cos + (1 - cos) * k, k * (1 - cos) - s3 * sin, k * (1 - cos) + s3 * sin], -1
+                ),
+                torch.stack(
+                    [k * (1 - cos) + s3 * sin, cos + (1 - cos) * k, k * (1 - cos) - s3 * sin], -1
+                ),
+                torch.stack(
+                    [k * (1 - cos) - s3 * sin, k * (1 - cos) + s3 * sin, cos + (1 - cos) * k], -1
+                ),
+            ],
+            dim=1,
+        )
         y = torch.einsum("bij,bjhw->bihw", rot, x)
         grey = y.mean(dim=1, keepdim=True)
         sat = _uniform((b, 1, 1, 1), 1 - self.saturation, 1 + self.saturation, x, self.generator)
@@ -90,8 +109,12 @@ class StainBankTransfer:
     Images are grouped by chosen reference: one batched call per reference.
     """
 
-    def __init__(self, bank: list[StainNormalizer], jitter: float = 0.05,
-                 generator: torch.Generator | None = None):  # fmt: skip
+    def __init__(
+        self,
+        bank: list[StainNormalizer],
+        jitter: float = 0.05,
+        generator: torch.Generator | None = None,
+    ):
         if not bank:
             raise ValueError("the stain bank is empty: fit at least one normalizer")
         self.bank, self.jitter, self.generator = bank, jitter, generator

@@ -171,8 +171,12 @@ def report(cfg: StainConfig) -> dict:
     tiles, slides = sample_tiles(coords, cfg.tiles_per_slide)
     tiles = tiles.to(cfg.device)
     normalized = torch.cat([normalizer(tiles[i : i + 256]) for i in range(0, len(tiles), 256)])
-    log.info("stain report: slide clustering of %d tiles of %d slides, measured on %s",
-             len(tiles), len(np.unique(slides)), measured)  # fmt: skip
+    log.info(
+        "stain report: slide clustering of %d tiles of %d slides, measured on %s",
+        len(tiles),
+        len(np.unique(slides)),
+        measured,
+    )
     before, after = describe(tiles), describe(normalized)  # N x D each
     result = {
         "features": measured,
@@ -198,5 +202,7 @@ def run(cfg: StainConfig) -> None:
         print(f"slide clustering measured on {r['features']} ({r['feature_dim']} per tile)")
         for when in ("before", "after"):
             m = r[when]
-            print(f"{when:>6} normalization: slide-ID probe accuracy {m['slide_probe_accuracy']:.3f} "
-                  f"(chance {m['chance']:.3f}), silhouette by slide {m['silhouette']:.3f}")  # fmt: skip
+            print(
+                f"{when:>6} normalization: slide-ID probe accuracy {m['slide_probe_accuracy']:.3f} "
+                f"(chance {m['chance']:.3f}), silhouette by slide {m['silhouette']:.3f}"
+            )

@@ -44,8 +44,13 @@ def _strip(rows: list[list[np.ndarray]]) -> Image.Image:
     return Image.fromarray(canvas)
 
 
-def stain_demo(coords_dir: str | os.PathLike, out: str | os.PathLike, method: str = "macenko",
-               per_slide: int = 16, strip_slides: int = 8) -> dict:  # fmt: skip
+def stain_demo(
+    coords_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    method: str = "macenko",
+    per_slide: int = 16,
+    strip_slides: int = 8,
+) -> dict:
     """Fit ``method`` to the reference tile and write ``out/``: ``reference.png``,
     ``stain.json``, ``before_after.png`` (top: original, bottom: normalized) and
     ``report.json`` (slide-ID probe on colour statistics before and after)."""
@@ -94,6 +99,9 @@ def stain_demo(coords_dir: str | os.PathLike, out: str | os.PathLike, method: st
 
 
 def _facts(report: dict) -> dict:
-    return {"reference": report["reference"], "before": report["before"]["slide_probe_accuracy"],
-            "after": report["after"]["slide_probe_accuracy"],
-            "chance": report["before"]["chance"]}  # fmt: skip
+    return {
+        "reference": report["reference"],
+        "before": report["before"]["slide_probe_accuracy"],
+        "after": report["after"]["slide_probe_accuracy"],
+        "chance": report["before"]["chance"],
+    }

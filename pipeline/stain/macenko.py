@@ -44,8 +44,15 @@ class MacenkoNormalizer(StainNormalizer):
 
     works_on_uint8 = True
 
-    def __init__(self, io: float = 240.0, alpha: float = 1.0, beta: float = 0.15,
-                 min_tissue: float = 0.05, stride: int = 2, min_similarity: float = 0.9):  # fmt: skip
+    def __init__(
+        self,
+        io: float = 240.0,
+        alpha: float = 1.0,
+        beta: float = 0.15,
+        min_tissue: float = 0.05,
+        stride: int = 2,
+        min_similarity: float = 0.9,
+    ):
         super().__init__()
         self.io, self.alpha, self.beta = io, alpha, beta
         self.min_tissue, self.stride, self.min_similarity = min_tissue, stride, min_similarity
@@ -79,7 +86,7 @@ class MacenkoNormalizer(StainNormalizer):
         h_first = (v_min[:, 0] > v_max[:, 0])[:, None]
         stains = torch.stack(
             [torch.where(h_first, v_min, v_max), torch.where(h_first, v_max, v_min)], dim=2
-        )  # fmt: skip  B x 3 x 2
+        )  # B x 3 x 2
         finite = torch.isfinite(stains).flatten(1).all(1)  # no tissue: angles are NaN
         stains = torch.where(finite[:, None, None], stains, DEFAULT_STAINS.to(stains))
         pinv = torch.linalg.pinv(stains)  # B x 2 x 3
@@ -111,10 +118,16 @@ class MacenkoNormalizer(StainNormalizer):
     def state_dict(self) -> dict:
         if self.stains is None:
             return {}
-        return {"stains": self.stains.cpu().tolist(), "max_conc": self.max_conc.cpu().tolist(),
-                "io": self.io, "alpha": self.alpha, "beta": self.beta,
-                "min_tissue": self.min_tissue, "stride": self.stride,
-                "min_similarity": self.min_similarity}  # fmt: skip
+        return {
+            "stains": self.stains.cpu().tolist(),
+            "max_conc": self.max_conc.cpu().tolist(),
+            "io": self.io,
+            "alpha": self.alpha,
+            "beta": self.beta,
+            "min_tissue": self.min_tissue,
+            "stride": self.stride,
+            "min_similarity": self.min_similarity,
+        }
 
     def load_state_dict(self, state: dict, device: str | torch.device = "cpu") -> None:
         self.stains = torch.tensor(state["stains"], dtype=torch.float32, device=device)

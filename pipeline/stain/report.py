@@ -24,8 +24,13 @@ from pipeline.stain.color import check_batch, rgb_to_lab
 COLOUR_STATISTICS = "colour statistics"  # what the report measures without an encoder
 
 
-def slide_clustering(features: np.ndarray, slides: np.ndarray, folds: int = 5, seed: int = 0,
-                     sample_size: int = SILHOUETTE_SAMPLE) -> dict:  # fmt: skip
+def slide_clustering(
+    features: np.ndarray,
+    slides: np.ndarray,
+    folds: int = 5,
+    seed: int = 0,
+    sample_size: int = SILHOUETTE_SAMPLE,
+) -> dict:
     """Slide-ID linear-probe accuracy (k-fold over tiles) and silhouette by slide of
     ``N x D`` features (the silhouette on a fixed-seed sample of ``sample_size`` tiles
     when there are more)."""
@@ -40,9 +45,13 @@ def slide_clustering(features: np.ndarray, slides: np.ndarray, folds: int = 5, s
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
     cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
     accuracy = cross_val_score(probe, features, slides, cv=cv).mean()
-    return {"slide_probe_accuracy": float(accuracy), "chance": float(1 / len(counts)),
-            "silhouette": sampled_silhouette(features, slides, sample_size, seed),
-            "tiles": int(len(slides)), "slides": int(len(counts))}  # fmt: skip
+    return {
+        "slide_probe_accuracy": float(accuracy),
+        "chance": float(1 / len(counts)),
+        "silhouette": sampled_silhouette(features, slides, sample_size, seed),
+        "tiles": int(len(slides)),
+        "slides": int(len(counts)),
+    }
 
 
 def colour_features(images: torch.Tensor, chunk: int = 32) -> np.ndarray:
@@ -62,6 +71,8 @@ def encoder_features(encoder, images: torch.Tensor, batch_size: int = 64) -> np.
     :class:`pipeline.encoders.Encoder` (its pooled output, as ``cpath extract`` stores);
     tiles go to the encoder's device in batches."""
     device = next(encoder.model.parameters()).device
-    rows = [encoder.embed(images[i : i + batch_size].to(device)).float().cpu()
-            for i in range(0, len(images), batch_size)]  # fmt: skip
+    rows = [
+        encoder.embed(images[i : i + batch_size].to(device)).float().cpu()
+        for i in range(0, len(images), batch_size)
+    ]
     return torch.cat(rows).numpy()

@@ -32,16 +32,24 @@ class VahadaneNormalizer(StainNormalizer):
         io, beta, min_tissue: as for :class:`MacenkoNormalizer`.
     """
 
-    def __init__(self, sparsity: float = 0.1, iterations: int = 60, io: float = 240.0,
-                 beta: float = 0.15, min_tissue: float = 0.05, stride: int = 4):  # fmt: skip
+    def __init__(
+        self,
+        sparsity: float = 0.1,
+        iterations: int = 60,
+        io: float = 240.0,
+        beta: float = 0.15,
+        min_tissue: float = 0.05,
+        stride: int = 4,
+    ):
         super().__init__()
         self.sparsity, self.iterations, self.stride = sparsity, iterations, stride
         self.macenko = MacenkoNormalizer(io=io, beta=beta, min_tissue=min_tissue)
         self.stains: torch.Tensor | None = None
         self.max_conc: torch.Tensor | None = None
 
-    def _factorize(self, od: torch.Tensor, w: torch.Tensor, h: torch.Tensor,
-                   weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    def _factorize(
+        self, od: torch.Tensor, w: torch.Tensor, h: torch.Tensor, weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sparse NMF ``od ~ w h`` by multiplicative updates (``B x 3 x 2``, ``B x 2 x n``)."""
         eps = 1e-8
         for _ in range(self.iterations):
@@ -82,8 +90,12 @@ class VahadaneNormalizer(StainNormalizer):
     def state_dict(self) -> dict:
         if self.stains is None:
             return {}
-        return {"stains": self.stains.cpu().tolist(), "max_conc": self.max_conc.cpu().tolist(),
-                "sparsity": self.sparsity, "iterations": self.iterations}  # fmt: skip
+        return {
+            "stains": self.stains.cpu().tolist(),
+            "max_conc": self.max_conc.cpu().tolist(),
+            "sparsity": self.sparsity,
+            "iterations": self.iterations,
+        }
 
     def load_state_dict(self, state: dict, device: str | torch.device = "cpu") -> None:
         self.stains = torch.tensor(state["stains"], dtype=torch.float32, device=device)

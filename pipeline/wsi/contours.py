@@ -37,8 +37,9 @@ def _signed_area(ring: np.ndarray) -> float:
     return 0.5 * float(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1]))
 
 
-def polygons_to_geojson(polygons: list[list[np.ndarray]], scale: tuple[float, float],
-                        properties: dict | None = None) -> dict:  # fmt: skip
+def polygons_to_geojson(
+    polygons: list[list[np.ndarray]], scale: tuple[float, float], properties: dict | None = None
+) -> dict:
     """A GeoJSON FeatureCollection in level-0 px (``scale`` = level-0 px per mask px).
 
     Exterior rings are counter-clockwise and holes clockwise (RFC 7946); each piece is
@@ -53,11 +54,15 @@ def polygons_to_geojson(polygons: list[list[np.ndarray]], scale: tuple[float, fl
             if (i == 0) == ccw:
                 xy = xy[::-1]
             coords.append(np.round(xy, 1).tolist())
-        features.append({
-            "type": "Feature",
-            "geometry": {"type": "Polygon", "coordinates": coords},
-            "properties": {"objectType": "annotation",
-                           "classification": {"name": "Tissue", "color": [0, 160, 0]},
-                           **(properties or {})},
-        })  # fmt: skip
+        features.append(
+            {
+                "type": "Feature",
+                "geometry": {"type": "Polygon", "coordinates": coords},
+                "properties": {
+                    "objectType": "annotation",
+                    "classification": {"name": "Tissue", "color": [0, 160, 0]},
+                    **(properties or {}),
+                },
+            }
+        )
     return {"type": "FeatureCollection", "features": features}

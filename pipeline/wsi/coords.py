@@ -170,8 +170,11 @@ def list_coords_files(source: str | os.PathLike) -> list[Path]:
         files = [source]
     elif source.is_file():
         lines = [line.strip() for line in source.read_text().splitlines()]
-        files = [Path(line) if Path(line).is_absolute() else source.parent / line
-                 for line in lines if line and not line.startswith("#")]  # fmt: skip
+        files = [
+            Path(line) if Path(line).is_absolute() else source.parent / line
+            for line in lines
+            if line and not line.startswith("#")
+        ]
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             raise PipelineError(

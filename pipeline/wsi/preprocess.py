@@ -45,8 +45,16 @@ from pipeline.wsi.tiling import tile_grid
 from pipeline.wsi.tissue import TISSUE_METHODS, TissueConfig, make_tissue_detector
 
 log = logging.getLogger(__name__)
-MANIFEST_FIELDS = ["slide_id", "path", "status", "n_tiles", "level0_mpp", "mpp_source",
-                   "seconds", "error"]  # fmt: skip
+MANIFEST_FIELDS = [
+    "slide_id",
+    "path",
+    "status",
+    "n_tiles",
+    "level0_mpp",
+    "mpp_source",
+    "seconds",
+    "error",
+]
 
 
 @dataclass
@@ -104,8 +112,10 @@ class PreprocessConfig:
                 f"({MPP_RANGE[0]}-{MPP_RANGE[1]}; 0.25 is typical of 40x, 0.5 of 20x)"
             )
         if self.tissue.method not in TISSUE_METHODS:
-            raise ConfigError(f"unknown --tissue.method '{self.tissue.method}'; "
-                              f"known: {', '.join(sorted(TISSUE_METHODS))}")  # fmt: skip
+            raise ConfigError(
+                f"unknown --tissue.method '{self.tissue.method}'; "
+                f"known: {', '.join(sorted(TISSUE_METHODS))}"
+            )
 
     def tiling_params(self) -> dict:
         """The parameters a coords file must match to be reused by a rerun."""
@@ -174,8 +184,14 @@ def _remove_stale_temporaries(out: Path, slide_id: str) -> None:
                 tmp.unlink(missing_ok=True)
 
 
-def draw_qc(thumbnail: np.ndarray, polygons: list, coords: np.ndarray, size0: int,
-            scale: float, max_size: int) -> Image.Image:  # fmt: skip
+def draw_qc(
+    thumbnail: np.ndarray,
+    polygons: list,
+    coords: np.ndarray,
+    size0: int,
+    scale: float,
+    max_size: int,
+) -> Image.Image:
     """Thumbnail with tissue outlines (green) and kept tiles (blue boxes).
 
     ``scale`` is thumbnail px per level-0 px; polygons are in thumbnail px.
@@ -183,8 +199,10 @@ def draw_qc(thumbnail: np.ndarray, polygons: list, coords: np.ndarray, size0: in
     img = Image.fromarray(thumbnail)
     shrink = min(1.0, max_size / max(img.size))
     if shrink < 1.0:
-        img = img.resize((max(1, round(img.width * shrink)), max(1, round(img.height * shrink))),
-                         Image.Resampling.BOX)  # fmt: skip
+        img = img.resize(
+            (max(1, round(img.width * shrink)), max(1, round(img.height * shrink))),
+            Image.Resampling.BOX,
+        )
     draw = ImageDraw.Draw(img)
     s = scale * shrink
     side = size0 * s
@@ -200,16 +218,27 @@ def process_slide(entry: SlideEntry, cfg: PreprocessConfig) -> dict:
     """Preprocess one slide; returns its manifest row (never raises for a bad slide)."""
     start = time.perf_counter()
     out = Path(cfg.out)
-    row = {"slide_id": entry.slide_id, "path": str(entry.path), "status": "failed",
-           "n_tiles": 0, "level0_mpp": "", "mpp_source": "", "seconds": 0.0, "error": ""}  # fmt: skip
+    row = {
+        "slide_id": entry.slide_id,
+        "path": str(entry.path),
+        "status": "failed",
+        "n_tiles": 0,
+        "level0_mpp": "",
+        "mpp_source": "",
+        "seconds": 0.0,
+        "error": "",
+    }
     coords_path = out / "coords" / f"{entry.slide_id}.h5"
     params = cfg.tiling_params()
     try:
         done = _is_done(coords_path, params, entry)
         if done is not None:
-            row.update(status="skipped", n_tiles=int(done.get("n_tiles", 0)),
-                       level0_mpp=done.get("level0_mpp", ""),
-                       mpp_source=done.get("mpp_source", ""))  # fmt: skip
+            row.update(
+                status="skipped",
+                n_tiles=int(done.get("n_tiles", 0)),
+                level0_mpp=done.get("level0_mpp", ""),
+                mpp_source=done.get("mpp_source", ""),
+            )
             return row
         _remove_stale_temporaries(out, entry.slide_id)
         with Slide(entry.path, level0_mpp=entry.level0_mpp) as slide:
@@ -226,8 +255,15 @@ def process_slide(entry: SlideEntry, cfg: PreprocessConfig) -> dict:
                     f"{entry.path}: no tissue found (tissue method '{cfg.tissue.method}'). "
                     "Check the thumbnail; if the stain is faint, lower --tissue.min_saturation."
                 )
-            grid = tile_grid(slide.dimensions, level0_mpp, cfg.target_mpp, cfg.tile_size,
-                             cfg.overlap, mask, cfg.min_tissue)  # fmt: skip
+            grid = tile_grid(
+                slide.dimensions,
+                level0_mpp,
+                cfg.target_mpp,
+                cfg.tile_size,
+                cfg.overlap,
+                mask,
+                cfg.min_tissue,
+            )
             if len(grid.coords) == 0:
                 raise PipelineError(
                     f"{entry.path}: tissue found, but no {cfg.tile_size}-px tile at "
@@ -250,12 +286,14 @@ def process_slide(entry: SlideEntry, cfg: PreprocessConfig) -> dict:
             }
             polygons = mask_polygons(mask)
             scale = thumb.shape[1] / slide.dimensions[0]  # thumbnail px per level-0 px
-            geojson = polygons_to_geojson(polygons, (1 / scale, 1 / scale),
-                                          {"slide_id": entry.slide_id})  # fmt: skip
+            geojson = polygons_to_geojson(
+                polygons, (1 / scale, 1 / scale), {"slide_id": entry.slide_id}
+            )
             atomic_write_text(out / "tissue" / f"{entry.slide_id}.geojson", json.dumps(geojson))
             if cfg.thumbnails:
-                qc = draw_qc(thumb, polygons, grid.coords, grid.patch_size_level0, scale,
-                             cfg.thumbnail_size)  # fmt: skip
+                qc = draw_qc(
+                    thumb, polygons, grid.coords, grid.patch_size_level0, scale, cfg.thumbnail_size
+                )
                 with atomic_path(out / "thumbnails" / f"{entry.slide_id}.png") as tmp:
                     qc.save(tmp, format="PNG")
             # The coords file is written last: its presence marks the slide as done.
@@ -273,14 +311,24 @@ def process_slide(entry: SlideEntry, cfg: PreprocessConfig) -> dict:
 def _failed_row(entry: SlideEntry, exc: BaseException) -> dict:
     """The manifest row of a slide whose worker process did not return a row."""
     if isinstance(exc, BrokenProcessPool):
-        error = (f"{entry.path}: the worker process died on this slide ({exc}); it was probably "
-                 "killed for memory or crashed in a native library. Rerun it alone with "
-                 "--workers 1, and check the file (convert it to a pyramidal TIFF if it is not "
-                 "one).")  # fmt: skip
+        error = (
+            f"{entry.path}: the worker process died on this slide ({exc}); it was probably "
+            "killed for memory or crashed in a native library. Rerun it alone with "
+            "--workers 1, and check the file (convert it to a pyramidal TIFF if it is not "
+            "one)."
+        )
     else:
         error = f"{entry.path}: the worker process failed: {type(exc).__name__}: {exc}"
-    return {"slide_id": entry.slide_id, "path": str(entry.path), "status": "failed",
-            "n_tiles": 0, "level0_mpp": "", "mpp_source": "", "seconds": 0.0, "error": error}  # fmt: skip
+    return {
+        "slide_id": entry.slide_id,
+        "path": str(entry.path),
+        "status": "failed",
+        "n_tiles": 0,
+        "level0_mpp": "",
+        "mpp_source": "",
+        "seconds": 0.0,
+        "error": error,
+    }
 
 
 def _process_in_pool(entries: list[SlideEntry], cfg: PreprocessConfig, collect) -> None:
@@ -319,8 +367,11 @@ def _process_in_pool(entries: list[SlideEntry], cfg: PreprocessConfig, collect) 
             if broken and not alone:  # every slide still in flight failed with the pool
                 wait(running)
                 suspects += running.values()
-                log.warning("a worker process died; retrying %d slides one at a time: %s",
-                            len(suspects), ", ".join(e.slide_id for e in suspects))  # fmt: skip
+                log.warning(
+                    "a worker process died; retrying %d slides one at a time: %s",
+                    len(suspects),
+                    ", ".join(e.slide_id for e in suspects),
+                )
 
 
 def preprocess(cfg: PreprocessConfig, progress: bool = True) -> list[dict]:
@@ -364,9 +415,11 @@ def run(cfg: PreprocessConfig) -> int:
     rows = preprocess(cfg)
     status = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
     tiles = sum(int(r["n_tiles"]) for r in rows)
-    print(f"preprocess: {status['ok']} done, {status['skipped']} skipped, {status['failed']} "
-          f"failed; {tiles} tiles at {cfg.target_mpp} mpp in {time.perf_counter() - start:.1f} s "
-          f"-> {cfg.out} (cpath-pipeline {pipeline.__version__})")  # fmt: skip
+    print(
+        f"preprocess: {status['ok']} done, {status['skipped']} skipped, {status['failed']} "
+        f"failed; {tiles} tiles at {cfg.target_mpp} mpp in {time.perf_counter() - start:.1f} s "
+        f"-> {cfg.out} (cpath-pipeline {pipeline.__version__})"
+    )
     for r in rows:
         if r["status"] == "failed":
             print(f"  failed {r['slide_id']}: {r['error']}")

@@ -166,8 +166,9 @@ class _PlainImage:
                     num, den = tags["XResolution"].value
                     unit = tags["ResolutionUnit"].value
                     name = {2: "inch", 3: "centimeter"}.get(int(unit), "none")
-                    self.properties.update({"tiff.XResolution": str(num / den),
-                                            "tiff.ResolutionUnit": name})  # fmt: skip
+                    self.properties.update(
+                        {"tiff.XResolution": str(num / den), "tiff.ResolutionUnit": name}
+                    )
                     if "YResolution" in tags:
                         num, den = tags["YResolution"].value
                         self.properties["tiff.YResolution"] = str(num / den)
@@ -256,8 +257,10 @@ class Slide:
             self.resolution = resolve_mpp(self.properties, level0_mpp)
         except ValueError as exc:
             self.close()
-            raise SlideError(f"{self.path}: the given {exc}; check --level0-mpp or the "
-                             "slide list's 'mpp' column.") from None  # fmt: skip
+            raise SlideError(
+                f"{self.path}: the given {exc}; check --level0-mpp or the "
+                "slide list's 'mpp' column."
+            ) from None
 
     def _open(self):
         import openslide

@@ -13,9 +13,21 @@ from pipeline.errors import ConfigError
 from pipeline.wsi.reader import MPP_RANGE
 
 SLIDE_SUFFIXES = {
-    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".svslide",
-    ".dcm", ".png", ".jpg", ".jpeg",
-}  # fmt: skip
+    ".svs",
+    ".tif",
+    ".tiff",
+    ".ndpi",
+    ".vms",
+    ".vmu",
+    ".scn",
+    ".mrxs",
+    ".bif",
+    ".svslide",
+    ".dcm",
+    ".png",
+    ".jpg",
+    ".jpeg",
+}
 LABEL_SUFFIXES = {".png", ".jpg", ".jpeg"}
 NOT_SLIDE_NAMES = ("label", "macro", "overview", "thumbnail")
 log = logging.getLogger(__name__)

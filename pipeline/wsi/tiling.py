@@ -86,9 +86,11 @@ def tile_grid(
     x0, y0 = coords[:, 0] * sx, coords[:, 1] * sy
     x1, y1 = (coords[:, 0] + size0) * sx, (coords[:, 1] + size0) * sy
     inside = (
-        _area_lookup(table, y1, x1) - _area_lookup(table, y0, x1)
-        - _area_lookup(table, y1, x0) + _area_lookup(table, y0, x0)
-    )  # fmt: skip
+        _area_lookup(table, y1, x1)
+        - _area_lookup(table, y0, x1)
+        - _area_lookup(table, y1, x0)
+        + _area_lookup(table, y0, x0)
+    )
     fraction = (inside / np.maximum((x1 - x0) * (y1 - y0), 1e-12)).astype(np.float32)
     keep = fraction >= min_tissue if min_tissue > 0 else np.ones(len(coords), bool)
     return Grid(coords[keep], np.clip(fraction[keep], 0.0, 1.0), size0)

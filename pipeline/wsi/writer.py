@@ -87,8 +87,14 @@ def write_aperio_tiff(
     with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=h * w * 3 > 2**31) as tif:
         desc = aperio_description(w, h, mpp, magnification, tile, extra)
         tif.write(image, tile=(tile, tile), description=desc, **jpeg, **common)
-        tif.write(thumb, rowsperstrip=16, description=f"Aperio Image Library v12.0.15 \r\n"
-                  f"{w}x{h} -> {thumb.shape[1]}x{thumb.shape[0]} - ", **jpeg, **common)  # fmt: skip
+        tif.write(
+            thumb,
+            rowsperstrip=16,
+            description=f"Aperio Image Library v12.0.15 \r\n"
+            f"{w}x{h} -> {thumb.shape[1]}x{thumb.shape[0]} - ",
+            **jpeg,
+            **common,
+        )
         for level in levels[1:]:
             lh, lw = level.shape[:2]
             tif.write(

@@ -96,13 +96,15 @@ def test_generation_is_deterministic(tmp_path):
 
 def test_rerun_keeps_finished_slides_and_redoes_missing_ones(tmp_path):
     out = tmp_path / "cohort"
-    make_cohort(out, n_slides=3, seed=5, size_scale=0.15, workers=1, cache_dir=CACHE,
-                progress=False)  # fmt: skip
+    make_cohort(
+        out, n_slides=3, seed=5, size_scale=0.15, workers=1, cache_dir=CACHE, progress=False
+    )
     slides = sorted((out / "slides").glob("*.svs"))
     mtimes = {p.name: p.stat().st_mtime_ns for p in slides}
     slides[1].unlink()
-    make_cohort(out, n_slides=3, seed=5, size_scale=0.15, workers=1, cache_dir=CACHE,
-                progress=False)  # fmt: skip
+    make_cohort(
+        out, n_slides=3, seed=5, size_scale=0.15, workers=1, cache_dir=CACHE, progress=False
+    )
     after = {p.name: p.stat().st_mtime_ns for p in sorted((out / "slides").glob("*.svs"))}
     assert set(after) == set(mtimes)
     assert after[slides[0].name] == mtimes[slides[0].name]

@@ -39,8 +39,17 @@ def test_offline_without_cache_fails_with_clear_message(tmp_path, monkeypatch):
 
 
 def test_offline_cli_prints_error_not_traceback(tmp_path):
-    cmd = [sys.executable, "-m", "pipeline", "demo", "--make-data", "--cache",
-           str(tmp_path / "cache"), "--data", str(tmp_path / "demo")]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "demo",
+        "--make-data",
+        "--cache",
+        str(tmp_path / "cache"),
+        "--data",
+        str(tmp_path / "demo"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=OFFLINE, timeout=300)
     assert proc.returncode == 1
     assert "error: cannot fetch the demo texture" in proc.stderr

@@ -51,7 +51,11 @@ def test_quilting_leaves_no_seams():
     core &= inside[1:-1, 2:]
     ys, xs = np.nonzero(core)
     # every level-0 pixel of interior mask blocks, across strip and patch borders
-    block = np.stack([image[(y + 1) * ds : (y + 2) * ds, (x + 1) * ds : (x + 2) * ds]
-                      for y, x in zip(ys, xs, strict=True)])  # fmt: skip
+    block = np.stack(
+        [
+            image[(y + 1) * ds : (y + 2) * ds, (x + 1) * ds : (x + 2) * ds]
+            for y, x in zip(ys, xs, strict=True)
+        ]
+    )
     assert len(ys) * ds > 2 * STRIP
     assert np.abs(block.astype(int) - [150, 60, 120]).max() <= 1

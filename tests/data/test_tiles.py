@@ -12,8 +12,9 @@ from pipeline.wsi.reader import Slide
 @pytest.fixture(scope="module")
 def coords_files(tmp_path_factory, tiny_cohort):
     out = tmp_path_factory.mktemp("tiles-prep")
-    preprocess(PreprocessConfig(slides=str(tiny_cohort / "slides"), out=out, tile_size=64),
-               progress=False)  # fmt: skip
+    preprocess(
+        PreprocessConfig(slides=str(tiny_cohort / "slides"), out=out, tile_size=64), progress=False
+    )
     return sorted((out / "coords").glob("*.h5"))
 
 
@@ -37,8 +38,13 @@ def test_items_are_the_tiles_read_by_hand(coords_files):
 
 def test_dataloader_workers_and_slide_cache(coords_files):
     dataset = TileDataset(coords_files, max_open_slides=2)
-    loader = DataLoader(dataset, batch_size=32, num_workers=2, shuffle=True,
-                        generator=torch.Generator().manual_seed(0))  # fmt: skip
+    loader = DataLoader(
+        dataset,
+        batch_size=32,
+        num_workers=2,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(0),
+    )
     seen = 0
     for batch in loader:
         assert batch["image"].shape[1:] == (3, 64, 64)

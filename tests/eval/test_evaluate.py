@@ -75,8 +75,14 @@ def test_a_missing_task_fails_alone_and_cached_features_are_reused(tiny_demo, tm
     cache = tmp_path / "eval" / "cache" / "pretrained" / "tumour-tiles.npz"
     before = cache.stat().st_mtime_ns
     tasks = [{"name": "missing", "kind": "tile", "data": str(tmp_path / "nope.csv")}, tiles]
-    cfg = EvaluateConfig(encoder_specs=suite["encoder_specs"], tasks=tasks, out=tmp_path / "eval",
-                         episodes=5, bootstrap=50, progress=False)  # fmt: skip
+    cfg = EvaluateConfig(
+        encoder_specs=suite["encoder_specs"],
+        tasks=tasks,
+        out=tmp_path / "eval",
+        episodes=5,
+        bootstrap=50,
+        progress=False,
+    )
     assert run(cfg) == 1
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert results["tasks"]["missing"]["status"] == "failed"
@@ -104,13 +110,26 @@ def test_bad_inputs_fail_their_task_only(tiny_demo, tmp_path):
     with h5py.File(sorted((other / "random").glob("*.h5"))[0], "r+") as f:
         f.attrs["coords_sha256"] = "0" * 64
     slide = {"kind": "slide", "folds": 3, "mil": MIL}
-    tasks = [{"name": "one-class", **slide, "features": str(features / "{encoder}"), "labels": str(one_class)},
-             {"name": "uneven", **slide, "features": str(missing / "{encoder}"), "labels": str(labels)},
-             {"name": "other-tiles", **slide, "features": str(other / "{encoder}"), "labels": str(labels)},
-             {"name": "one-folder", **slide, "features": str(features), "labels": str(labels)}]  # fmt: skip
+    tasks = [
+        {
+            "name": "one-class",
+            **slide,
+            "features": str(features / "{encoder}"),
+            "labels": str(one_class),
+        },
+        {"name": "uneven", **slide, "features": str(missing / "{encoder}"), "labels": str(labels)},
+        {
+            "name": "other-tiles",
+            **slide,
+            "features": str(other / "{encoder}"),
+            "labels": str(labels),
+        },
+        {"name": "one-folder", **slide, "features": str(features), "labels": str(labels)},
+    ]
     specs = {"pretrained": "x", "random": "y"}  # slide tasks read features only
-    cfg = EvaluateConfig(encoder_specs=specs, tasks=tasks, out=tmp_path / "eval", bootstrap=50,
-                         progress=False)  # fmt: skip
+    cfg = EvaluateConfig(
+        encoder_specs=specs, tasks=tasks, out=tmp_path / "eval", bootstrap=50, progress=False
+    )
     assert run(cfg) == 1
     errors = {
         n: t["error"]

@@ -30,8 +30,11 @@ def test_linear_probe_is_the_sklearn_model_with_the_swept_c(blobs):
     items, probs, info = cross_validate("linear", x, y, groups, folds, seed=0)
     expected = []
     for (train, test), meta in zip(GroupKFold(n_splits=4).split(x, y, groups), info, strict=True):
-        fit, val = next(GroupShuffleSplit(1, test_size=0.2, random_state=0).split(
-            x[train], y[train], groups[train]))  # fmt: skip
+        fit, val = next(
+            GroupShuffleSplit(1, test_size=0.2, random_state=0).split(
+                x[train], y[train], groups[train]
+            )
+        )
         scores = []
         for c in C_SWEEP:
             clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=1000))

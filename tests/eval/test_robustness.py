@@ -119,6 +119,7 @@ def test_robustness_index_needs_a_design_that_can_tell():
     x = np.random.default_rng(0).normal(size=(8, 3))
     one_class_per_site = robustness_index(x, np.array(list("aaaabbbb")), np.array(list("11112222")))
     assert one_class_per_site is None  # OS cannot happen: the index would be 1 by design
-    k_capped = robustness_index(x, np.array(list("abababab")), np.array(list("11112222")),
-                                np.array(list("xxxxyyyy")), k=11)  # fmt: skip
+    k_capped = robustness_index(
+        x, np.array(list("abababab")), np.array(list("11112222")), np.array(list("xxxxyyyy")), k=11
+    )
     assert k_capped["k"] == 4  # four tiles outside each tile's slide

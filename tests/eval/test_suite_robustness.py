@@ -15,8 +15,14 @@ from pipeline.eval.evaluate import EvaluateConfig, run
 from pipeline.eval.report import leaderboard
 from pipeline.ssl.export import save_encoder
 
-TINY = {"num_classes": 0, "img_size": 64, "patch_size": 16, "depth": 2, "embed_dim": 48,
-        "num_heads": 2}  # fmt: skip
+TINY = {
+    "num_classes": 0,
+    "img_size": 64,
+    "patch_size": 16,
+    "depth": 2,
+    "embed_dim": 48,
+    "num_heads": 2,
+}
 SITE_TINT = {"A": (40, 0, 0), "B": (0, 40, 0), "C": (0, 0, 40), "D": (30, 30, 0)}
 
 
@@ -43,14 +49,30 @@ def suite(tmp_path_factory):
                 )
     (root / "labels.csv").write_text("\n".join(rows) + "\n")
     torch.manual_seed(1)  # other weights than random:<folder> (seed 0)
-    encoder = save_encoder(timm.create_model("vit_tiny_patch16_224", **TINY).state_dict(),
-                           "vit_tiny_patch16_224", TINY, root / "encoder", input_size=64)  # fmt: skip
-    task = {"name": "tiles", "kind": "tile", "data": str(root / "tiles"),
-            "group_pattern": r"^(P\d+S\d)_", "sites": str(root / "labels.csv"),
-            "protocols": ["linear", "knn"], "folds": 4}  # fmt: skip
-    cfg = EvaluateConfig(encoder_specs={"tiny": str(encoder), "random": f"random:{encoder}"},
-                         tasks=[task], out=root / "eval", bootstrap=20, progress=False,
-                         robustness_k=5)  # fmt: skip
+    encoder = save_encoder(
+        timm.create_model("vit_tiny_patch16_224", **TINY).state_dict(),
+        "vit_tiny_patch16_224",
+        TINY,
+        root / "encoder",
+        input_size=64,
+    )
+    task = {
+        "name": "tiles",
+        "kind": "tile",
+        "data": str(root / "tiles"),
+        "group_pattern": r"^(P\d+S\d)_",
+        "sites": str(root / "labels.csv"),
+        "protocols": ["linear", "knn"],
+        "folds": 4,
+    }
+    cfg = EvaluateConfig(
+        encoder_specs={"tiny": str(encoder), "random": f"random:{encoder}"},
+        tasks=[task],
+        out=root / "eval",
+        bootstrap=20,
+        progress=False,
+        robustness_k=5,
+    )
     assert run(cfg) == 0
     return root / "eval"
 
@@ -90,11 +112,23 @@ def test_results_leaderboard_and_report_carry_the_robustness_index(suite):
 
 def test_the_robustness_index_is_shown_but_not_ranked():
     score = {"a": {"value": 0.9}, "b": {"value": 0.7}}
-    results = {"encoders": {"a": "x", "b": "y"}, "tasks": {"t": {
-        "status": "ok", "columns": {"linear": {}}, "scores": {"linear": score},
-        "robustness": {"a": {"robustness_index": {"value": 0.2}},
-                       "b": {"robustness_index": {"value": 0.8}}}}}}  # fmt: skip
+    results = {
+        "encoders": {"a": "x", "b": "y"},
+        "tasks": {
+            "t": {
+                "status": "ok",
+                "columns": {"linear": {}},
+                "scores": {"linear": score},
+                "robustness": {
+                    "a": {"robustness_index": {"value": 0.2}},
+                    "b": {"robustness_index": {"value": 0.8}},
+                },
+            }
+        },
+    }
     columns, rows = leaderboard(results)
     assert columns == ["t/linear", "t/robustness_index"]
     assert [(r["encoder"], r["mean_rank"], r["t/robustness_index"]) for r in rows] == [
-        ("a", 1.0, 0.2), ("b", 2.0, 0.8)]  # fmt: skip
+        ("a", 1.0, 0.2),
+        ("b", 2.0, 0.8),
+    ]

@@ -35,8 +35,11 @@ def test_images_grouped_by_pattern_or_csv_keep_patients_on_one_side(folder, tmp_
     for train, test in Folds.make(tiles.labels, tiles.groups, folds=4):
         assert not set(tiles.groups[train]) & set(tiles.groups[test])
     table = tmp_path / "groups.csv"  # by file name, and by path under the folder
-    rows = [f"{i.relative_to(folder).as_posix() if i.parent.name == 'tumor' else i.name},"
-            f"{i.name.split('_')[0]}" for i in sorted(folder.rglob("*.png"))]  # fmt: skip
+    rows = [
+        f"{i.relative_to(folder).as_posix() if i.parent.name == 'tumor' else i.name},"
+        f"{i.name.split('_')[0]}"
+        for i in sorted(folder.rglob("*.png"))
+    ]
     table.write_text("image,group\n" + "\n".join(rows) + "\n")
     np.testing.assert_array_equal(read_tile_set(folder, groups=table).groups, tiles.groups)
 
@@ -69,8 +72,10 @@ def _patient_of(slide: str) -> str:
 
 def _sides(tiles, folds):
     """Per fold: the patients whose slides fall on both sides of the split."""
-    return [{_patient_of(s) for s in tiles.groups[train]} & {_patient_of(s) for s in tiles.groups[test]}
-            for train, test in folds]  # fmt: skip
+    return [
+        {_patient_of(s) for s in tiles.groups[train]} & {_patient_of(s) for s in tiles.groups[test]}
+        for train, test in folds
+    ]
 
 
 def test_tile_folds_keep_both_slides_of_a_patient_on_one_side(tmp_path):
@@ -82,8 +87,10 @@ def test_tile_folds_keep_both_slides_of_a_patient_on_one_side(tmp_path):
     assert all(_sides(tiles, Folds.make(tiles.labels, tiles.groups, folds=4)))  # by slide: split
     # the slide labels file names patients where the tile table does not
     labels = tmp_path / "labels.csv"
-    labels.write_text("slide_id,case_id,site\n" + "".join(
-        f"S{p}_{s},P{p},{'AB'[p % 2]}\n" for p in range(8) for s in range(2)))  # fmt: skip
+    labels.write_text(
+        "slide_id,case_id,site\n"
+        + "".join(f"S{p}_{s},P{p},{'AB'[p % 2]}\n" for p in range(8) for s in range(2))
+    )
     from_labels = read_tile_set(_tiles_csv(tmp_path / "plain.csv", with_case=False), sites=labels)
     np.testing.assert_array_equal(from_labels.fold_groups()[1], groups)
     assert set(from_labels.sites) == {"A", "B"}

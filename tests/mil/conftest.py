@@ -25,6 +25,16 @@ def tiny_features(tmp_path_factory, tiny_prep):
     enc = save_encoder(
         model.state_dict(), "vit_tiny_patch16_224", tiny, root / "enc", input_size=32
     )
-    extract(ExtractConfig(coords=tiny_prep / "coords", encoder=str(enc), out=root / "feats",
-                          batch_size=64, workers=0, precision="fp32", dtype="float32", progress=False))  # fmt: skip
+    extract(
+        ExtractConfig(
+            coords=tiny_prep / "coords",
+            encoder=str(enc),
+            out=root / "feats",
+            batch_size=64,
+            workers=0,
+            precision="fp32",
+            dtype="float32",
+            progress=False,
+        )
+    )
     return root / "feats"

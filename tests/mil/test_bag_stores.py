@@ -85,16 +85,27 @@ def test_training_on_the_disk_store_predicts_as_on_the_memory_store(tmp_path, ca
     lengths = [int(n) for n in np.random.default_rng(1).integers(10, 40, size=16)]
     ids = write_cohort(tmp_path / "feats", "float16", lengths, signal=True)
     _cohort_labels(tmp_path / "labels.csv", ids)
-    base = {"features": tmp_path / "feats", "labels": tmp_path / "labels.csv", "folds": 2,
-            "epochs": 3, "lr": 2e-3, "max_instances": 16, "batch_size": 2, "bootstrap": 0,
-            "progress": False, "device": "cpu", "model_args": {"hidden": 16, "attn_dim": 8}}  # fmt: skip
+    base = {
+        "features": tmp_path / "feats",
+        "labels": tmp_path / "labels.csv",
+        "folds": 2,
+        "epochs": 3,
+        "lr": 2e-3,
+        "max_instances": 16,
+        "batch_size": 2,
+        "bootstrap": 0,
+        "progress": False,
+        "device": "cpu",
+        "model_args": {"hidden": 16, "attn_dim": 8},
+    }
     caplog.set_level(logging.INFO, logger="pipeline.mil.bags")
     memory = train_cv(TrainMILConfig(**base, out=tmp_path / "memory", store="memory"))
     assert "bag store: memory" in caplog.text
     caplog.clear()
     # a budget of 1 kB: the disk store's cache holds no bag, every bag is read from its file
-    disk = train_cv(TrainMILConfig(**base, out=tmp_path / "disk", store="disk",
-                                   memory_budget_gb=1e-6))  # fmt: skip
+    disk = train_cv(
+        TrainMILConfig(**base, out=tmp_path / "disk", store="disk", memory_budget_gb=1e-6)
+    )
     assert "bag store: disk" in caplog.text
     assert disk == memory
     read = {name: (tmp_path / name / "predictions.csv").read_text() for name in ("memory", "disk")}
@@ -105,9 +116,17 @@ def test_switching_the_store_reuses_finished_folds(tmp_path):
     """The store changes where bags are held, not the models: finished folds stay."""
     ids = write_cohort(tmp_path / "feats", "float16", [12] * 10, signal=True)
     _cohort_labels(tmp_path / "labels.csv", ids)
-    run = {"features": tmp_path / "feats", "labels": tmp_path / "labels.csv", "folds": 2,
-           "epochs": 1, "bootstrap": 0, "progress": False, "device": "cpu",
-           "out": tmp_path / "run", "model_args": {"hidden": 8, "attn_dim": 4}}  # fmt: skip
+    run = {
+        "features": tmp_path / "feats",
+        "labels": tmp_path / "labels.csv",
+        "folds": 2,
+        "epochs": 1,
+        "bootstrap": 0,
+        "progress": False,
+        "device": "cpu",
+        "out": tmp_path / "run",
+        "model_args": {"hidden": 8, "attn_dim": 4},
+    }
     train_cv(TrainMILConfig(**run, store="memory"))
     ckpt = tmp_path / "run" / "fold_0" / "model.ckpt"
     stamp = ckpt.stat().st_mtime_ns

@@ -8,8 +8,17 @@ from pipeline.mil.training import train_cv
 
 def test_heatmap_and_top_tiles_of_a_trained_run(tiny_features, tiny_cohort, tmp_path, capsys):
     run = tmp_path / "run"
-    train_cv(TrainMILConfig(features=tiny_features, labels=tiny_cohort / "labels.csv", out=run,
-                            folds=2, epochs=2, progress=False, bootstrap=20))  # fmt: skip
+    train_cv(
+        TrainMILConfig(
+            features=tiny_features,
+            labels=tiny_cohort / "labels.csv",
+            out=run,
+            folds=2,
+            epochs=2,
+            progress=False,
+            bootstrap=20,
+        )
+    )
     out = tmp_path / "hm.png"
     assert (
         main(
@@ -34,9 +43,19 @@ def test_heatmap_of_a_run_with_given_splits(tiny_features, tiny_cohort, tmp_path
     rows = read_labels(tiny_cohort / "labels.csv", "classification")
     given = write_splits(tmp_path / "splits_seed0.csv", make_splits(rows, 2, 0.0, seed=0))
     run = tmp_path / "seed_0"
-    train_cv(TrainMILConfig(features=tiny_features, labels=tiny_cohort / "labels.csv", out=run,
-                            splits=given, folds=2, epochs=1, val_share=0.0, progress=False,
-                            bootstrap=0))  # fmt: skip
+    train_cv(
+        TrainMILConfig(
+            features=tiny_features,
+            labels=tiny_cohort / "labels.csv",
+            out=run,
+            splits=given,
+            folds=2,
+            epochs=1,
+            val_share=0.0,
+            progress=False,
+            bootstrap=0,
+        )
+    )
     assert not (run / "splits.csv").exists()
     slide = rows[0]["slide_id"]
     out = tmp_path / "hm.png"

@@ -7,9 +7,15 @@ from pipeline.errors import ConfigError
 from pipeline.mil.base import load_models, make_mil
 
 MODELS = sorted(load_models())
-SMALL = {"abmil": {"hidden": 32, "attn_dim": 16}, "clam_sb": {"hidden": 32, "attn_dim": 16},
-         "clam_mb": {"hidden": 32, "attn_dim": 16}, "transmil": {"hidden": 32, "heads": 4, "landmarks": 8},
-         "dsmil": {"q_dim": 16}, "mean": {"hidden": 32}, "max": {"hidden": 32}}  # fmt: skip
+SMALL = {
+    "abmil": {"hidden": 32, "attn_dim": 16},
+    "clam_sb": {"hidden": 32, "attn_dim": 16},
+    "clam_mb": {"hidden": 32, "attn_dim": 16},
+    "transmil": {"hidden": 32, "heads": 4, "landmarks": 8},
+    "dsmil": {"q_dim": 16},
+    "mean": {"hidden": 32},
+    "max": {"hidden": 32},
+}
 D, C = 24, 3
 
 

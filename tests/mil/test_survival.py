@@ -79,8 +79,11 @@ def test_breslow_ties_follow_their_formula():
     args = [torch.tensor(a, dtype=torch.float32) for a in (risk, time, event)]
     assert cox_loss(*args, "breslow").item() == pytest.approx(expected, abs=1e-6)
     assert cox_loss(*args, "breslow").item() != pytest.approx(cox_loss(*args, "efron").item())
-    distinct = [torch.tensor([0.3, -1.0, 2.0, 0.5]), torch.tensor([1.0, 2.0, 3.0, 3.0]),
-                torch.tensor([1.0, 1.0, 1.0, 0.0])]  # fmt: skip
+    distinct = [
+        torch.tensor([0.3, -1.0, 2.0, 0.5]),
+        torch.tensor([1.0, 2.0, 3.0, 3.0]),
+        torch.tensor([1.0, 1.0, 1.0, 0.0]),
+    ]
     assert cox_loss(*distinct, "breslow") == pytest.approx(cox_loss(*distinct, "efron").item())
 
 
@@ -139,8 +142,17 @@ def test_horizons_are_quartiles_of_event_times():
 
 def _rows(times: dict[str, float], events: dict[str, int]) -> list[dict]:
     """Two slides per patient p0..p9 (same time and event), slide ids p<i>_a, p<i>_b."""
-    return [{"slide_id": f"{p}_{s}", "case_id": p, "time": times[p], "event": events[p],
-             "label": str(events[p])} for p in times for s in "ab"]  # fmt: skip
+    return [
+        {
+            "slide_id": f"{p}_{s}",
+            "case_id": p,
+            "time": times[p],
+            "event": events[p],
+            "label": str(events[p]),
+        }
+        for p in times
+        for s in "ab"
+    ]
 
 
 def test_bins_come_from_the_training_patients_only():

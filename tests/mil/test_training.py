@@ -39,8 +39,15 @@ def planted(tmp_path_factory):
         writer.write(feats, 0)
         writer.close()
         time = float(np.clip(60 - 6 * k + rng.normal(0, 3), 1, None))
-        rows.append({"slide_id": f"s{i:02d}", "case_id": case, "label": "tumor" if tumour else "normal",
-                     "time": round(time, 1), "event": int(rng.random() < 0.8)})  # fmt: skip
+        rows.append(
+            {
+                "slide_id": f"s{i:02d}",
+                "case_id": case,
+                "label": "tumor" if tumour else "normal",
+                "time": round(time, 1),
+                "event": int(rng.random() < 0.8),
+            }
+        )
     with open(root / "labels.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -49,9 +56,18 @@ def planted(tmp_path_factory):
 
 
 def cfg(planted, out=None, **kw):
-    base = {"features": planted / "feats", "labels": planted / "labels.csv", "out": out, "folds": 3,
-            "epochs": 8, "patience": 8, "lr": 2e-3, "progress": False, "bootstrap": 200,
-            "model_args": {"hidden": 64, "attn_dim": 32}}  # fmt: skip
+    base = {
+        "features": planted / "feats",
+        "labels": planted / "labels.csv",
+        "out": out,
+        "folds": 3,
+        "epochs": 8,
+        "patience": 8,
+        "lr": 2e-3,
+        "progress": False,
+        "bootstrap": 200,
+        "model_args": {"hidden": 64, "attn_dim": 32},
+    }
     return TrainMILConfig(**{**base, **kw})
 
 
@@ -104,8 +120,19 @@ def test_rewritten_feature_files_retrain_the_folds(planted, tmp_path):
 
 
 def test_survival_ranks_patients_by_the_planted_risk(planted, tmp_path):
-    metrics = train_cv(cfg(planted, tmp_path, task="survival", survival_loss="cox", batch_size=8,
-                           epochs=20, patience=20, lr=5e-3, val_share=0.0))  # fmt: skip
+    metrics = train_cv(
+        cfg(
+            planted,
+            tmp_path,
+            task="survival",
+            survival_loss="cox",
+            batch_size=8,
+            epochs=20,
+            patience=20,
+            lr=5e-3,
+            val_share=0.0,
+        )
+    )
     assert metrics["pooled"]["c_index"]["value"] > 0.7
     with open(tmp_path / "predictions.csv") as f:
         assert {"time", "event", "risk"} <= set(next(csv.DictReader(f)))
@@ -243,8 +270,17 @@ def test_reporting_settings_do_not_retrain_finished_folds(planted, tmp_path):
     train_cv(cfg(planted, tmp_path / "run", epochs=1, bootstrap=0))
     stamp = (tmp_path / "run" / "fold_0" / "model.ckpt").stat().st_mtime_ns
     shutil.copy(tmp_path / "run" / "splits.csv", tmp_path / "splits.csv")
-    metrics = train_cv(cfg(planted, tmp_path / "x" / ".." / "run", epochs=1, bootstrap=30,
-                           progress=True, device="cpu", splits=tmp_path / "splits.csv"))  # fmt: skip
+    metrics = train_cv(
+        cfg(
+            planted,
+            tmp_path / "x" / ".." / "run",
+            epochs=1,
+            bootstrap=30,
+            progress=True,
+            device="cpu",
+            splits=tmp_path / "splits.csv",
+        )
+    )
     assert (tmp_path / "run" / "fold_0" / "model.ckpt").stat().st_mtime_ns == stamp
     assert metrics["pooled"]["auc"]["ci"][0] <= metrics["pooled"]["auc"]["value"]
 
@@ -256,11 +292,17 @@ def test_dsmil_instance_classifier_learns_in_survival_tasks(survival_loss):
 
     torch.manual_seed(0)
     n_out = 1 if survival_loss == "cox" else 4
-    module = MILModule("dsmil", D, n_out, {"q_dim": 8}, "survival", 1e-3, 0.0, 1, 0.7,
-                       survival_loss)  # fmt: skip
-    batch = {"x": torch.randn(4, 10, D), "mask": torch.ones(4, 10, dtype=torch.bool),
-             "y": torch.zeros(4), "time": torch.tensor([5.0, 2.0, 9.0, 1.0]),
-             "event": torch.tensor([1.0, 1.0, 0.0, 1.0]), "bin": torch.tensor([1, 0, 3, 0])}  # fmt: skip
+    module = MILModule(
+        "dsmil", D, n_out, {"q_dim": 8}, "survival", 1e-3, 0.0, 1, 0.7, survival_loss
+    )
+    batch = {
+        "x": torch.randn(4, 10, D),
+        "mask": torch.ones(4, 10, dtype=torch.bool),
+        "y": torch.zeros(4),
+        "time": torch.tensor([5.0, 2.0, 9.0, 1.0]),
+        "event": torch.tensor([1.0, 1.0, 0.0, 1.0]),
+        "bin": torch.tensor([1, 0, 3, 0]),
+    }
     module.train()
     module.loss(batch).backward()
     grad = module.model.instance_classifier.weight.grad
@@ -274,8 +316,16 @@ def test_every_setting_is_either_training_or_reporting():
     from pipeline.mil.training import TRAINING_SETTINGS
 
     elsewhere = {"features", "labels", "splits", "folds", "val_share"}  # by content or splits
-    reporting = {"out", "ordinal", "bootstrap", "missing", "device", "progress", "store",
-                 "memory_budget_gb"}
+    reporting = {
+        "out",
+        "ordinal",
+        "bootstrap",
+        "missing",
+        "device",
+        "progress",
+        "store",
+        "memory_budget_gb",
+    }
     assert {f.name for f in fields(TrainMILConfig)} == set(
         TRAINING_SETTINGS
     ) | elsewhere | reporting
@@ -283,8 +333,10 @@ def test_every_setting_is_either_training_or_reporting():
 
 def _roles(out, k: int) -> dict[str, list[str]]:
     splits = _read(out / "splits.csv")
-    return {role: [r["slide_id"] for r in splits if r[f"fold_{k}"] == role]
-            for role in ("train", "val", "test")}  # fmt: skip
+    return {
+        role: [r["slide_id"] for r in splits if r[f"fold_{k}"] == role]
+        for role in ("train", "val", "test")
+    }
 
 
 def _outputs(module, planted, slide_ids, bf16: bool = False) -> torch.Tensor:
@@ -306,8 +358,17 @@ def test_cox_validation_loss_is_the_cox_loss_of_the_per_bag_risks(planted, tmp_p
     from pipeline.mil.training import MILModule
 
     out = tmp_path / "run"
-    metrics = train_cv(cfg(planted, out, task="survival", survival_loss="cox", epochs=1,
-                           val_share=0.3, bootstrap=20))  # fmt: skip
+    metrics = train_cv(
+        cfg(
+            planted,
+            out,
+            task="survival",
+            survival_loss="cox",
+            epochs=1,
+            val_share=0.3,
+            bootstrap=20,
+        )
+    )
     val = _roles(out, 0)["val"]
     labels = {r["slide_id"]: r for r in _read(planted / "labels.csv")}
     assert len(val) >= 5 and sum(int(labels[s]["event"]) for s in val) >= 2
@@ -329,8 +390,11 @@ def test_discrete_time_predictions_use_the_bins_of_the_training_fold(planted, tm
     from pipeline.mil.training import MILModule, bin_edges, discrete_survival, read_labels
 
     out = tmp_path / "run"
-    metrics = train_cv(cfg(planted, out, task="survival", survival_loss="nll", epochs=1,
-                           val_share=0.0, bootstrap=0))  # fmt: skip
+    metrics = train_cv(
+        cfg(
+            planted, out, task="survival", survival_loss="nll", epochs=1, val_share=0.0, bootstrap=0
+        )
+    )
     assert np.isfinite(metrics["pooled"]["ibs"]["value"])
     labels = {r["slide_id"]: r for r in read_labels(planted / "labels.csv", "survival")}
     preds = {r["slide_id"]: r for r in _read(out / "predictions.csv")}
@@ -353,8 +417,18 @@ def test_predictions_are_the_trained_modules_outputs_at_its_precision(planted, t
     from pipeline.mil.training import MILModule
 
     out = tmp_path / "run"
-    train_cv(cfg(planted, out, folds=2, epochs=1, val_share=0.0, bootstrap=0, device="cpu",
-                 precision="bf16-mixed"))  # fmt: skip
+    train_cv(
+        cfg(
+            planted,
+            out,
+            folds=2,
+            epochs=1,
+            val_share=0.0,
+            bootstrap=0,
+            device="cpu",
+            precision="bf16-mixed",
+        )
+    )
     preds = {r["slide_id"]: r for r in _read(out / "predictions.csv")}
     test = _roles(out, 0)["test"]
     got = np.array([[float(preds[s][f"prob_{c}"]) for c in ("normal", "tumor")] for s in test])

@@ -61,11 +61,24 @@ def tiny_module():
     from pipeline.ssl.config import LossConfig, ModelConfig, OptimConfig
     from pipeline.ssl.module import DINOv2Module
 
-    def make(max_steps: int = 10, loss: dict | None = None, model: dict | None = None,
-             optim: dict | None = None):  # fmt: skip
-        model_cfg = ModelConfig(**{"arch": "vit_tiny_patch16_224", "arch_kwargs": dict(TINY_VIT),
-                                   "drop_path_rate": 0.0, "prototypes": 16, "head_hidden": 16,
-                                   "head_bottleneck": 8, "head_layers": 2, **(model or {})})  # fmt: skip
+    def make(
+        max_steps: int = 10,
+        loss: dict | None = None,
+        model: dict | None = None,
+        optim: dict | None = None,
+    ):
+        model_cfg = ModelConfig(
+            **{
+                "arch": "vit_tiny_patch16_224",
+                "arch_kwargs": dict(TINY_VIT),
+                "drop_path_rate": 0.0,
+                "prototypes": 16,
+                "head_hidden": 16,
+                "head_bottleneck": 8,
+                "head_layers": 2,
+                **(model or {}),
+            }
+        )
         optim = OptimConfig(**{"warmup_steps": 2, "freeze_last_layer_steps": 0, **(optim or {})})
         return DINOv2Module.from_configs(model_cfg, LossConfig(**(loss or {})), optim, max_steps)
 

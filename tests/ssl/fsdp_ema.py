@@ -32,21 +32,35 @@ MOMENTUM = 0.9
 def full(root: FSDP, prefix: str) -> dict[str, torch.Tensor]:
     """The full (gathered) parameters of ``prefix`` (student or teacher), by name."""
     with FSDP.summon_full_params(root):
-        return {clean_name(n.split(".", 1)[1]): p.detach().clone()
-                for n, p in root.module.named_parameters() if n.startswith(prefix + ".")}  # fmt: skip
+        return {
+            clean_name(n.split(".", 1)[1]): p.detach().clone()
+            for n, p in root.module.named_parameters()
+            if n.startswith(prefix + ".")
+        }
 
 
 def ema_step(units: str) -> dict:
     """Wrap, train a step, update the teacher; the EMA's error on the gathered parameters."""
     rank = dist.get_rank()
     torch.manual_seed(0)  # the same module on both ranks
-    model = ModelConfig(arch="vit_tiny_patch16_224", arch_kwargs=TINY_VIT, drop_path_rate=0.0,
-                        prototypes=16, head_hidden=16, head_bottleneck=8, head_layers=2)  # fmt: skip
+    model = ModelConfig(
+        arch="vit_tiny_patch16_224",
+        arch_kwargs=TINY_VIT,
+        drop_path_rate=0.0,
+        prototypes=16,
+        head_hidden=16,
+        head_bottleneck=8,
+        head_layers=2,
+    )
     module = DINOv2Module.from_configs(model, LossConfig(), OptimConfig(), max_steps=10)
     module.forward = lambda batch: sum(module.ssl_losses(batch, 0.04)[0].values())
     policy = {Block} if units == "blocks" else fsdp_units()
-    root = FSDP(module, auto_wrap_policy=ModuleWrapPolicy(policy), use_orig_params=True,
-                device_id=torch.device("cpu"))  # fmt: skip
+    root = FSDP(
+        module,
+        auto_wrap_policy=ModuleWrapPolicy(policy),
+        use_orig_params=True,
+        device_id=torch.device("cpu"),
+    )
     torch.manual_seed(1 + rank)  # each rank its own batch
     masks = torch.zeros(4, 4, dtype=torch.bool)
     masks[0, :2] = True
@@ -63,8 +77,10 @@ def ema_step(units: str) -> dict:
     else:
         after = full(root, "teacher")
         expected = {n: MOMENTUM * teacher[n] + (1 - MOMENTUM) * student[n] for n in teacher}
-        result["max_error"] = max(float((after[n] - expected[n]).abs().max()
-                                        / expected[n].abs().max().clamp_min(1)) for n in after)  # fmt: skip
+        result["max_error"] = max(
+            float((after[n] - expected[n]).abs().max() / expected[n].abs().max().clamp_min(1))
+            for n in after
+        )
         result["params"] = len(after)
         result["trained"] = sum(not torch.equal(student[n], teacher[n]) for n in teacher)
     return result
@@ -73,24 +89,38 @@ def ema_step(units: str) -> dict:
 def make_module(optim: OptimConfig) -> DINOv2Module:
     """The same tiny module (with LayerScale) on every rank."""
     torch.manual_seed(0)
-    model = ModelConfig(arch="vit_tiny_patch16_224", arch_kwargs=TINY_VIT, drop_path_rate=0.0,
-                        prototypes=16, head_hidden=16, head_bottleneck=8, head_layers=2,
-                        layerscale=1e-5, separate_ibot_head=True)  # fmt: skip
+    model = ModelConfig(
+        arch="vit_tiny_patch16_224",
+        arch_kwargs=TINY_VIT,
+        drop_path_rate=0.0,
+        prototypes=16,
+        head_hidden=16,
+        head_bottleneck=8,
+        head_layers=2,
+        layerscale=1e-5,
+        separate_ibot_head=True,
+    )
     module = DINOv2Module.from_configs(model, LossConfig(), optim, max_steps=10)
     module.forward = lambda batch: sum(module.ssl_losses(batch, 0.04)[0].values())
     return module
 
 
 def wrap_fsdp(module: DINOv2Module) -> FSDP:
-    return FSDP(module, auto_wrap_policy=ModuleWrapPolicy(fsdp_units()), use_orig_params=True,
-                device_id=torch.device("cpu"))  # fmt: skip
+    return FSDP(
+        module,
+        auto_wrap_policy=ModuleWrapPolicy(fsdp_units()),
+        use_orig_params=True,
+        device_id=torch.device("cpu"),
+    )
 
 
 def group_table(module: DINOv2Module, optimizer: torch.optim.Optimizer) -> list:
     """Each AdamW group as ``[lr_mult, wd_mult, last_layer, sorted clean parameter names]``."""
     names = {id(p): clean_name(n) for n, p in module.student.named_parameters()}
-    return sorted([g["lr_mult"], g["wd_mult"], g["last_layer"], sorted(names[id(p)] for p in
-                   g["params"])] for g in optimizer.param_groups)  # fmt: skip
+    return sorted(
+        [g["lr_mult"], g["wd_mult"], g["last_layer"], sorted(names[id(p)] for p in g["params"])]
+        for g in optimizer.param_groups
+    )
 
 
 def weight_decay_and_training() -> dict:
@@ -98,16 +128,24 @@ def weight_decay_and_training() -> dict:
     gradients, where AdamW only decays (``p * (1 - lr * wd)``); then 3 training steps with
     per-part clipping under FSDP and under DDP, compared on the gathered parameters."""
     rank = dist.get_rank()
-    optim = OptimConfig(base_lr=0.1, warmup_steps=0, weight_decay=0.5, weight_decay_end=0.5,
-                        freeze_last_layer_steps=0, clip_grad=0.01)  # fmt: skip
+    optim = OptimConfig(
+        base_lr=0.1,
+        warmup_steps=0,
+        weight_decay=0.5,
+        weight_decay_end=0.5,
+        freeze_last_layer_steps=0,
+        clip_grad=0.01,
+    )
     plain = make_module(optim)
     plain_groups = group_table(plain, plain.configure_optimizers())
     module = make_module(optim)
     root = wrap_fsdp(module)
     optimizer = module.configure_optimizers()
-    result = {"groups_equal": group_table(module, optimizer) == plain_groups,
-              "groups": len(plain_groups),
-              "decayed_groups": sum(g[1] > 0 for g in plain_groups)}  # fmt: skip
+    result = {
+        "groups_equal": group_table(module, optimizer) == plain_groups,
+        "groups": len(plain_groups),
+        "decayed_groups": sum(g[1] > 0 for g in plain_groups),
+    }
     before = full(root, "student")
     sched = module.apply_schedules(optimizer, 0, global_batch=1024)
     for p in module.student.parameters():
@@ -133,8 +171,11 @@ def weight_decay_and_training() -> dict:
         for step in range(3):
             masks = torch.zeros(4, 4, dtype=torch.bool)
             masks[step % 4, :2] = True
-            batch = {"global": torch.randn(4, 3, 16, 16), "local": torch.randn(4, 3, 8, 8),
-                     "masks": masks}  # fmt: skip
+            batch = {
+                "global": torch.randn(4, 3, 16, 16),
+                "local": torch.randn(4, 3, 8, 8),
+                "masks": masks,
+            }
             module.apply_schedules(optimizer, step, global_batch=1024)
             wrapped(batch).backward()
             norms += [float(v) for v in module.clip_gradients_per_part().values()]
@@ -165,8 +206,10 @@ def main(out: str) -> None:
     try:
         result["optimizer"] = weight_decay_and_training()
     except Exception as exc:  # reported to the test
-        result["optimizer"] = {"error": f"{type(exc).__name__}: {exc}",
-                               "trace": traceback.format_exc()}  # fmt: skip
+        result["optimizer"] = {
+            "error": f"{type(exc).__name__}: {exc}",
+            "trace": traceback.format_exc(),
+        }
     Path(f"{out}.{dist.get_rank()}").write_text(json.dumps(result))
     dist.destroy_process_group()
 

@@ -71,8 +71,11 @@ def test_total_loss_is_weighted_as_in_dinov2(tiny_module):
     module = tiny_module(loss={"koleo_weight": 0.1})
     b, n_local, temp, teacher_temp = 4, 2, 0.1, 0.05
     masks = some_masked(2 * b, 4)
-    batch = {"global": torch.randn(2 * b, 3, 16, 16), "local": torch.randn(n_local * b, 3, 8, 8),
-             "masks": masks}  # fmt: skip
+    batch = {
+        "global": torch.randn(2 * b, 3, 16, 16),
+        "local": torch.randn(n_local * b, 3, 8, 8),
+        "masks": masks,
+    }
     terms, _, _ = module.ssl_losses(batch, teacher_temp)
     student, teacher = module.student, module.teacher
     with torch.no_grad():
@@ -85,8 +88,14 @@ def test_total_loss_is_weighted_as_in_dinov2(tiny_module):
         pairs = (2 - 1) * 2 + n_local * 2
         swapped = torch.cat(t_dino.chunk(2)[::-1])  # crop A's student against crop B's teacher
         dino_global = cross_entropy(swapped, s_out, temp).mean() * 2 / pairs
-        dino_local = sum(cross_entropy(t, s, temp).mean() for s in l_out.chunk(n_local)
-                         for t in t_dino.chunk(2)) / pairs  # fmt: skip
+        dino_local = (
+            sum(
+                cross_entropy(t, s, temp).mean()
+                for s in l_out.chunk(n_local)
+                for t in t_dino.chunk(2)
+            )
+            / pairs
+        )
         ibot = ibot_reference(student.dino_head(s_patch[masks]), t_ibot, masks, temp)
         koleo = 0.1 * sum(koleo_reference(c) for c in s_cls.chunk(2))
     assert terms["dino"].item() == pytest.approx((dino_global + dino_local).item(), rel=1e-5)
@@ -168,15 +177,23 @@ def test_last_layer_lr_is_zero_while_frozen_and_its_adam_state_moves(tiny_module
     last = [g for g in optimizer.param_groups if g["last_layer"]]
     names = {id(p): n for n, p in module.student.named_parameters()}
     assert sorted(names[id(p)] for g in last for p in g["params"]) == [
-        "dino_head.last_layer.weight_g", "dino_head.last_layer.weight_v"]  # fmt: skip
+        "dino_head.last_layer.weight_g",
+        "dino_head.last_layer.weight_v",
+    ]
     sched = module.apply_schedules(optimizer, step=0, global_batch=1024)
     assert all(g["lr"] == 0.0 for g in last)
-    assert all(g["lr"] == pytest.approx(sched["lr"] * g["lr_mult"])
-               for g in optimizer.param_groups if not g["last_layer"])  # fmt: skip
+    assert all(
+        g["lr"] == pytest.approx(sched["lr"] * g["lr_mult"])
+        for g in optimizer.param_groups
+        if not g["last_layer"]
+    )
     params = [p for g in last for p in g["params"]]
     snapshot = [p.detach().clone() for p in params]
-    batch = {"global": torch.randn(4, 3, 16, 16), "local": torch.randn(4, 3, 8, 8),
-             "masks": some_masked(4, 4)}  # fmt: skip
+    batch = {
+        "global": torch.randn(4, 3, 16, 16),
+        "local": torch.randn(4, 3, 8, 8),
+        "masks": some_masked(4, 4),
+    }
     sum(module.ssl_losses(batch, 0.05)[0].values()).backward()
     optimizer.step()
     for p, old in zip(params, snapshot, strict=True):
@@ -215,9 +232,15 @@ def dinov2_name(name: str) -> tuple[str, str]:
 
 def test_parameter_groups_match_dinov2_for_a_vit_with_registers_and_layerscale(tiny_module):
     arch = {"img_size": 16, "patch_size": 8, "depth": 3, "embed_dim": 16, "num_heads": 2}
-    module = tiny_module(model={"arch_kwargs": arch, "reg_tokens": 4, "layerscale": 1e-5,
-                                "separate_ibot_head": True},
-                         optim={"layer_decay": 0.9, "patch_embed_lr_mult": 0.2})  # fmt: skip
+    module = tiny_module(
+        model={
+            "arch_kwargs": arch,
+            "reg_tokens": 4,
+            "layerscale": 1e-5,
+            "separate_ibot_head": True,
+        },
+        optim={"layer_decay": 0.9, "patch_embed_lr_mult": 0.2},
+    )
     vit = module.student.backbone.vit
     assert vit.num_reg_tokens == 4
     gammas = [p for n, p in vit.named_parameters() if n.endswith(".gamma")]
@@ -244,10 +267,16 @@ def test_parameter_groups_match_dinov2_for_a_vit_with_registers_and_layerscale(t
 
 @pytest.mark.parametrize("uniform", [True, False])
 def test_drop_path_is_uniform_over_blocks_unless_asked_otherwise(uniform):
-    model = ModelConfig(arch="vit_tiny_patch16_224", drop_path_rate=0.3, drop_path_uniform=uniform,
-                        arch_kwargs={"img_size": 16, "patch_size": 8, "depth": 4, "embed_dim": 16,
-                                     "num_heads": 2}, prototypes=8, head_hidden=8,
-                        head_bottleneck=4, head_layers=2)  # fmt: skip
+    model = ModelConfig(
+        arch="vit_tiny_patch16_224",
+        drop_path_rate=0.3,
+        drop_path_uniform=uniform,
+        arch_kwargs={"img_size": 16, "patch_size": 8, "depth": 4, "embed_dim": 16, "num_heads": 2},
+        prototypes=8,
+        head_hidden=8,
+        head_bottleneck=4,
+        head_layers=2,
+    )
     student, teacher = build_network(model, drop_path=True), build_network(model, drop_path=False)
     rates = [getattr(b.drop_path1, "drop_prob", 0.0) for b in student.backbone.vit.blocks]
     expected = [0.3] * 4 if uniform else np.linspace(0, 0.3, 4).tolist()
@@ -255,8 +284,9 @@ def test_drop_path_is_uniform_over_blocks_unless_asked_otherwise(uniform):
     assert all(isinstance(b.drop_path1, torch.nn.Identity) for b in teacher.backbone.vit.blocks)
 
 
-def dinov2_masks(batch: int, grid: int, probability: float, ratio: tuple[float, float],
-                 rng: random.Random) -> list[np.ndarray]:  # fmt: skip
+def dinov2_masks(
+    batch: int, grid: int, probability: float, ratio: tuple[float, float], rng: random.Random
+) -> list[np.ndarray]:
     """DINOv2's ``collate_data_and_cast`` with its ``MaskingGenerator(min_num_patches=4,
     min_aspect=0.3, max_num_patches=half the grid)``, written from their definitions."""
     n, cap = grid * grid, 0.5 * grid * grid
@@ -303,9 +333,13 @@ def mask_statistics(masks: list[np.ndarray]) -> dict[str, float]:
         singles += int((sizes == 1).sum())
         smallest.append(sizes.min())
         share.append(mask.mean())
-    return {"blobs": float(np.mean(blobs)), "single_share": singles / sum(blobs),
-            "smallest": float(np.mean(smallest)), "share": float(np.mean(share)),
-            "masked": len(blobs)}  # fmt: skip
+    return {
+        "blobs": float(np.mean(blobs)),
+        "single_share": singles / sum(blobs),
+        "smallest": float(np.mean(smallest)),
+        "share": float(np.mean(share)),
+        "masked": len(blobs),
+    }
 
 
 def test_block_masks_have_the_statistics_of_dinov2s():

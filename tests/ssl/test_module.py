@@ -9,9 +9,11 @@ def tiny_batch(images: int = 2, masked: bool = True) -> dict[str, torch.Tensor]:
     masks = torch.zeros(2 * images, 4, dtype=torch.bool)
     if masked:
         masks[0, :2] = True
-    return {"global": torch.randn(2 * images, 3, 16, 16),  # 2B x 3 x G x G
-            "local": torch.randn(2 * images, 3, 8, 8),  # nB x 3 x L x L
-            "masks": masks}  # fmt: skip
+    return {
+        "global": torch.randn(2 * images, 3, 16, 16),  # 2B x 3 x G x G
+        "local": torch.randn(2 * images, 3, 8, 8),  # nB x 3 x L x L
+        "masks": masks,
+    }
 
 
 @pytest.mark.parametrize(

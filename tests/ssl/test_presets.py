@@ -45,8 +45,11 @@ def test_preset_builds_student_and_teacher_at_the_dinov2_recipe(name):
         assert all(hasattr(b.ls1, "gamma") and hasattr(b.ls2, "gamma") for b in vit.blocks)
         assert (network.ibot_head is not None) == separate
         assert network.dino_head.last_layer.weight_v.shape[0] == prototypes
-        backbone = sum(p.numel() for n, p in network.backbone.named_parameters()
-                       if not n.startswith("vit.reg_token"))  # fmt: skip
+        backbone = sum(
+            p.numel()
+            for n, p in network.backbone.named_parameters()
+            if not n.startswith("vit.reg_token")
+        )
         assert backbone == pytest.approx(params, rel=0.01)
     assert cfg.model.layerscale == 1e-5 and cfg.data.global_size % patch == 0
     assert cfg.data.local_size == (98 if patch == 14 else 96)

@@ -29,10 +29,25 @@ STEPS = 36  # killed after the first checkpoint (step 6), resumed to the end
 
 
 def pretrain_cmd(coords, out, *extra):
-    return [sys.executable, "-m", "pipeline", "pretrain", "--config", str(TINY),
-            "--data.coords", str(coords), "--out", str(out), "--data.batch_size", "8",
-            "--data.workers", "1",
-            "--trainer.progress_bar", "false", *extra]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "pretrain",
+        "--config",
+        str(TINY),
+        "--data.coords",
+        str(coords),
+        "--out",
+        str(out),
+        "--data.batch_size",
+        "8",
+        "--data.workers",
+        "1",
+        "--trainer.progress_bar",
+        "false",
+        *extra,
+    ]
 
 
 def free_port() -> int:
@@ -56,17 +71,35 @@ def ddp_run(tmp_path_factory, tiny_prep, tiny_cohort):
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    ddp = ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", str(STEPS),
-           "--trainer.ckpt_every_n_steps", "6", "--trainer.log_every_n_steps", "1",
-           "--monitor.probe", str(probe), "--monitor.probe_every_n_steps", "12"]  # fmt: skip
+    ddp = [
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.max_steps",
+        str(STEPS),
+        "--trainer.ckpt_every_n_steps",
+        "6",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--monitor.probe",
+        str(probe),
+        "--monitor.probe_every_n_steps",
+        "12",
+    ]
     cmd = pretrain_cmd(tiny_prep / "coords", out, *ddp)
     last = out / "checkpoints" / "last.ckpt"
     logs = []
     for _ in range(2):  # a start-up stuck in the gloo rendezvous is retried once on a new port
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(free_port())}  # fmt: skip
-        proc = subprocess.Popen(cmd, start_new_session=True, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT)  # fmt: skip
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(free_port()),
+        }
+        proc = subprocess.Popen(
+            cmd, start_new_session=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
         deadline = time.time() + 240
         while not last.exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.2)
@@ -81,8 +114,9 @@ def ddp_run(tmp_path_factory, tiny_prep, tiny_cohort):
     killed_step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
     assert not (out / "encoder").exists()
     env["MASTER_PORT"] = str(free_port())
-    resumed = subprocess.run(cmd + ["--ckpt_path", "last"], env=env, capture_output=True, text=True,
-                             timeout=400)  # fmt: skip
+    resumed = subprocess.run(
+        cmd + ["--ckpt_path", "last"], env=env, capture_output=True, text=True, timeout=400
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     return {"out": out, "killed_step": killed_step, "stderr": resumed.stderr}
 
@@ -104,8 +138,9 @@ def test_ddp_run_resumes_with_the_same_step_count(ddp_run):
 def test_resume_on_another_number_of_devices(ddp_run, tiny_prep, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(ddp_run["out"], out)
-    cmd = pretrain_cmd(tiny_prep / "coords", out, "--trainer.max_steps", str(STEPS + 6),
-                       "--ckpt_path", "last")  # one process now, 8 images per step  # fmt: skip
+    cmd = pretrain_cmd(
+        tiny_prep / "coords", out, "--trainer.max_steps", str(STEPS + 6), "--ckpt_path", "last"
+    )  # one process now, 8 images per step
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     final = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
@@ -127,9 +162,12 @@ def test_exported_encoder_loads_both_ways_with_identical_outputs(ddp_run):
     folder = ddp_run["out"] / "encoder"
     encoder = load_encoder(folder)
     cfg = encoder.config["export"]
-    plain = timm.create_model(cfg["architecture"], pretrained=True, **cfg["model_args"],
-                              pretrained_cfg_overlay={"file": str(folder / "model.safetensors"),
-                                                      "num_classes": 0}).eval()  # fmt: skip
+    plain = timm.create_model(
+        cfg["architecture"],
+        pretrained=True,
+        **cfg["model_args"],
+        pretrained_cfg_overlay={"file": str(folder / "model.safetensors"), "num_classes": 0},
+    ).eval()
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         a, b = encoder.model(x), plain(x)
@@ -140,8 +178,11 @@ def test_exported_encoder_loads_both_ways_with_identical_outputs(ddp_run):
 
 def test_export_action_reproduces_the_encoder(ddp_run, tmp_path):
     ckpt = ddp_run["out"] / "checkpoints" / "last.ckpt"
-    done = subprocess.run([sys.executable, "-m", "pipeline", "pretrain", "export", str(ckpt),
-                           "--out", str(tmp_path)], capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "pretrain", "export", str(ckpt), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     a = load_file(tmp_path / "encoder" / "model.safetensors")
     b = load_file(ddp_run["out"] / "encoder" / "model.safetensors")
@@ -163,8 +204,17 @@ def test_export_action_reproduces_the_encoder(ddp_run, tmp_path):
 def test_bad_configs_fail_with_clear_messages(tmp_path, tiny_prep, override, message, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
-    write_coords(empty / "blank.h5", np.zeros((0, 2)), np.zeros(0), {"slide_id": "blank",
-                 "slide_path": "blank.svs", "patch_size_level0": 256, "patch_size": 128})  # fmt: skip
+    write_coords(
+        empty / "blank.h5",
+        np.zeros((0, 2)),
+        np.zeros(0),
+        {
+            "slide_id": "blank",
+            "slide_path": "blank.svs",
+            "patch_size_level0": 256,
+            "patch_size": 128,
+        },
+    )
     override = [
         {"EMPTY": str(empty), "MISSING": str(tmp_path / "nope")}.get(o, o) for o in override
     ]

@@ -47,16 +47,26 @@ class Stopped(Exception):
 def fit(make_module, out, record: Record, ckpt_path=None, steps: int = STEPS) -> L.LightningModule:
     """Train as ``pipeline.ssl.train`` does: one process, a last.ckpt every 3 steps and at
     the end."""
-    data = DataConfig(batch_size=BATCH, workers=0, global_size=16, local_size=8, local_crops=1,
-                      seed=3)  # fmt: skip
+    data = DataConfig(
+        batch_size=BATCH, workers=0, global_size=16, local_size=8, local_crops=1, seed=3
+    )
     datamodule = PretrainDataModule(data, LossConfig(), patch_size=8, max_steps=steps)
     datamodule.dataset = IndexTiles()
     module = make_module(steps)
     checkpoints = ModelCheckpoint(dirpath=out, every_n_train_steps=3, save_last=True, save_top_k=0)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, max_epochs=-1, logger=False,
-                        callbacks=[checkpoints, record], use_distributed_sampler=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, default_root_dir=out)  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        max_epochs=-1,
+        logger=False,
+        callbacks=[checkpoints, record],
+        use_distributed_sampler=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=out,
+    )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     trainer.save_checkpoint(out / "last.ckpt")
     return module

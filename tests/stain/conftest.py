@@ -20,5 +20,6 @@ def skin_tiles(cmu_svs) -> torch.Tensor:
     """Nine real 224-px tiles from the tissue of the CMU Aperio scan (9 x 3 x 224 x 224)."""
     with openslide.OpenSlide(str(cmu_svs)) as slide:
         region = np.array(slide.read_region((700, 1200), 0, (1000, 1000)).convert("RGB"))
-    return torch.stack([_tensor(region[y : y + 224, x : x + 224])
-                        for y in (0, 300, 600) for x in (0, 300, 600)])  # fmt: skip
+    return torch.stack(
+        [_tensor(region[y : y + 224, x : x + 224]) for y in (0, 300, 600) for x in (0, 300, 600)]
+    )

@@ -17,15 +17,22 @@ from pipeline.stain.cli import sample_tiles
 from pipeline.stain.report import colour_features, encoder_features, slide_clustering
 from pipeline.wsi.preprocess import PreprocessConfig, preprocess
 
-TINY = {"num_classes": 0, "img_size": 64, "patch_size": 16, "depth": 2, "embed_dim": 48,
-        "num_heads": 2}  # fmt: skip
+TINY = {
+    "num_classes": 0,
+    "img_size": 64,
+    "patch_size": 16,
+    "depth": 2,
+    "embed_dim": 48,
+    "num_heads": 2,
+}
 
 
 @pytest.fixture(scope="module")
 def coords_dir(tmp_path_factory, tiny_cohort):
     out = tmp_path_factory.mktemp("stain-prep")
-    preprocess(PreprocessConfig(slides=str(tiny_cohort / "slides"), out=out, tile_size=128),
-               progress=False)  # fmt: skip
+    preprocess(
+        PreprocessConfig(slides=str(tiny_cohort / "slides"), out=out, tile_size=128), progress=False
+    )
     return out / "coords"
 
 
@@ -33,8 +40,22 @@ def coords_dir(tmp_path_factory, tiny_cohort):
 def stain_json(tmp_path_factory, carcinoma):
     folder = tmp_path_factory.mktemp("stain")
     Image.fromarray(carcinoma[:, :512, :512].permute(1, 2, 0).numpy()).save(folder / "target.png")
-    assert main(["stain", "--action", "fit", "--method", "macenko", "--target",
-                 str(folder / "target.png"), "--out", str(folder / "stain.json")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "stain",
+                "--action",
+                "fit",
+                "--method",
+                "macenko",
+                "--target",
+                str(folder / "target.png"),
+                "--out",
+                str(folder / "stain.json"),
+            ]
+        )
+        == 0
+    )
     return folder / "stain.json"
 
 
@@ -44,11 +65,43 @@ def test_cli_fit_and_apply_on_an_image_and_a_slide_region(
     assert json.loads(stain_json.read_text())["method"] == "macenko"
     slide = sorted((tiny_cohort / "slides").glob("*.svs"))[0]
     out = tmp_path / "region.png"
-    assert main(["stain", "--action", "apply", "--stain", str(stain_json), "--input", str(slide),
-                 "--region", "256,256,300,200", "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "stain",
+                "--action",
+                "apply",
+                "--stain",
+                str(stain_json),
+                "--input",
+                str(slide),
+                "--region",
+                "256,256,300,200",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert Image.open(out).size == (300, 200)
-    assert main(["stain", "--action", "apply", "--stain", str(stain_json), "--input", str(slide),
-                 "--region", "1,2", "--out", str(out)]) == 1  # fmt: skip
+    assert (
+        main(
+            [
+                "stain",
+                "--action",
+                "apply",
+                "--stain",
+                str(stain_json),
+                "--input",
+                str(slide),
+                "--region",
+                "1,2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 1
+    )
     assert "is not x,y,w,h" in capsys.readouterr().err
 
 
@@ -57,8 +110,12 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "needs --target" in capsys.readouterr().err
     blank = tmp_path / "blank.png"
     Image.fromarray(np.full((64, 64, 3), 250, np.uint8)).save(blank)
-    assert main(["stain", "--action", "fit", "--target", str(blank), "--out",
-                 str(tmp_path / "s.json")]) == 1  # fmt: skip
+    assert (
+        main(
+            ["stain", "--action", "fit", "--target", str(blank), "--out", str(tmp_path / "s.json")]
+        )
+        == 1
+    )
     assert "too little tissue" in capsys.readouterr().err
 
 
@@ -67,8 +124,13 @@ def encoder_dir(tmp_path_factory):
     """A tiny exported ViT (64 px, 2 blocks, 48-d features)."""
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", **TINY)
-    return save_encoder(model.state_dict(), "vit_tiny_patch16_224", TINY,
-                        tmp_path_factory.mktemp("enc") / "encoder", input_size=64)  # fmt: skip
+    return save_encoder(
+        model.state_dict(),
+        "vit_tiny_patch16_224",
+        TINY,
+        tmp_path_factory.mktemp("enc") / "encoder",
+        input_size=64,
+    )
 
 
 def test_normalization_reduces_slide_clustering_of_the_demo_cohort(
@@ -76,8 +138,24 @@ def test_normalization_reduces_slide_clustering_of_the_demo_cohort(
 ):
     """The demo's sites differ in stain colour: tiles cluster by slide until normalized."""
     with caplog.at_level(logging.INFO):
-        assert main(["stain", "--action", "report", "--stain", str(stain_json), "--input",
-                     str(coords_dir), "--out", str(tmp_path / "r.json"), "--tiles-per-slide", "24"]) == 0  # fmt: skip
+        assert (
+            main(
+                [
+                    "stain",
+                    "--action",
+                    "report",
+                    "--stain",
+                    str(stain_json),
+                    "--input",
+                    str(coords_dir),
+                    "--out",
+                    str(tmp_path / "r.json"),
+                    "--tiles-per-slide",
+                    "24",
+                ]
+            )
+            == 0
+        )
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["features"] == "colour statistics" and report["feature_dim"] == 12
     assert "measured on colour statistics" in capsys.readouterr().out + caplog.text
@@ -94,9 +172,26 @@ def test_report_measures_the_features_of_a_given_encoder(
     coords_dir, stain_json, encoder_dir, tmp_path, capsys, caplog
 ):
     with caplog.at_level(logging.INFO):
-        assert main(["stain", "--action", "report", "--stain", str(stain_json), "--input",
-                     str(coords_dir), "--out", str(tmp_path / "r.json"), "--tiles-per-slide", "8",
-                     "--encoder", str(encoder_dir)]) == 0  # fmt: skip
+        assert (
+            main(
+                [
+                    "stain",
+                    "--action",
+                    "report",
+                    "--stain",
+                    str(stain_json),
+                    "--input",
+                    str(coords_dir),
+                    "--out",
+                    str(tmp_path / "r.json"),
+                    "--tiles-per-slide",
+                    "8",
+                    "--encoder",
+                    str(encoder_dir),
+                ]
+            )
+            == 0
+        )
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["features"] == f"features of encoder {encoder_dir}"
     assert report["feature_dim"] == 48

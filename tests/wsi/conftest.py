@@ -47,13 +47,27 @@ def metadata_files(tmp_path_factory, sources) -> dict[str, Path]:
         res = {"resolution": (1e4 / 0.25, 1e4 / 0.25), "resolutionunit": "CENTIMETER"}
         tif.write(big, tile=(256, 256), photometric="rgb", compression="jpeg", metadata=None, **res)
         small = big[::4, ::4]
-        tif.write(small, tile=(256, 256), photometric="rgb", compression="jpeg", metadata=None,
-                  subfiletype=1, resolution=(1e4, 1e4), resolutionunit="CENTIMETER")  # fmt: skip
+        tif.write(
+            small,
+            tile=(256, 256),
+            photometric="rgb",
+            compression="jpeg",
+            metadata=None,
+            subfiletype=1,
+            resolution=(1e4, 1e4),
+            resolutionunit="CENTIMETER",
+        )
     files["generic"] = path
     # stripped (non-tiled) TIFF with resolution tags in inches: OpenSlide refuses it
     path = folder / "stripped.tif"
-    tifffile.imwrite(path, rgb, photometric="rgb", metadata=None, resolution=(25400 / 0.5,
-                     25400 / 0.5), resolutionunit="INCH")  # fmt: skip
+    tifffile.imwrite(
+        path,
+        rgb,
+        photometric="rgb",
+        metadata=None,
+        resolution=(25400 / 0.5, 25400 / 0.5),
+        resolutionunit="INCH",
+    )
     files["stripped"] = path
     # Aperio with AppMag only, no MPP and no resolution tags
     path = folder / "appmag.svs"

@@ -8,8 +8,13 @@ from pipeline.wsi.coords import read_coords, write_coords
 
 def test_round_trip(tmp_path):
     coords = np.array([[0, 0], [512, 1024]])
-    attrs = {"target_mpp": 0.5, "patch_size": 256, "patch_size_level0": 512, "patch_level": 0,
-             "tissue_params": {"mpp": 8.0}}  # fmt: skip
+    attrs = {
+        "target_mpp": 0.5,
+        "patch_size": 256,
+        "patch_size_level0": 512,
+        "patch_level": 0,
+        "tissue_params": {"mpp": 8.0},
+    }
     path = write_coords(tmp_path / "a.h5", coords, np.array([1.0, 0.6]), attrs)
     table = read_coords(path)
     np.testing.assert_array_equal(table.coords, coords)
@@ -23,8 +28,15 @@ def test_reads_clam_coords(tmp_path):
     """CLAM: attrs on the coords dataset, patch_size at patch_level, downsample per level."""
     with h5py.File(tmp_path / "clam.h5", "w") as f:
         d = f.create_dataset("coords", data=np.array([[100, 200], [612, 200]], np.int64))
-        d.attrs.update({"patch_level": 1, "patch_size": 256, "downsample": np.array([4.0, 4.0]),
-                        "level_dim": np.array([1000, 800]), "name": "slide_x"})  # fmt: skip
+        d.attrs.update(
+            {
+                "patch_level": 1,
+                "patch_size": 256,
+                "downsample": np.array([4.0, 4.0]),
+                "level_dim": np.array([1000, 800]),
+                "name": "slide_x",
+            }
+        )
     table = read_coords(tmp_path / "clam.h5")
     assert (table.patch_size, table.patch_size_level0, table.target_mpp) == (256, 1024, None)
     assert table.attrs["name"] == "slide_x" and len(table) == 2
@@ -34,8 +46,16 @@ def test_reads_trident_coords(tmp_path):
     """TRIDENT: patch_size (target px), patch_size_level0, target_magnification."""
     with h5py.File(tmp_path / "trident.h5", "w") as f:
         d = f.create_dataset("coords", data=np.zeros((3, 2), np.int64))
-        d.attrs.update({"patch_size": 512, "patch_size_level0": 1024, "target_magnification": 20,
-                        "level0_magnification": 40, "overlap": 0, "name": "s"})  # fmt: skip
+        d.attrs.update(
+            {
+                "patch_size": 512,
+                "patch_size_level0": 1024,
+                "target_magnification": 20,
+                "level0_magnification": 40,
+                "overlap": 0,
+                "name": "s",
+            }
+        )
     table = read_coords(tmp_path / "trident.h5")
     assert (table.patch_size, table.patch_size_level0, table.target_mpp) == (512, 1024, 0.5)
 

@@ -27,8 +27,10 @@ def clam_tiles(coords_file: Path, slide_path: Path) -> list[np.ndarray]:
         level, size = int(data.attrs["patch_level"]), int(data.attrs["patch_size"])
         coords = data[:]
     wsi = openslide.OpenSlide(slide_path)
-    return [np.asarray(wsi.read_region((int(x), int(y)), level, (size, size)).convert("RGB"))
-            for x, y in coords]  # fmt: skip
+    return [
+        np.asarray(wsi.read_region((int(x), int(y)), level, (size, size)).convert("RGB"))
+        for x, y in coords
+    ]
 
 
 def trident_tiles(coords_file: Path, slide_path: Path) -> list[np.ndarray]:
@@ -65,8 +67,19 @@ def slide_40x(tmp_path_factory, sources) -> Path:
 
 
 def preprocess(slide: Path, out: Path, mpp: float, tile: int) -> Path:
-    assert run(PreprocessConfig(slides=str(slide), out=out, mpp=mpp, tile_size=tile,
-                                thumbnails=False, min_tissue=0.1)) == 0  # fmt: skip
+    assert (
+        run(
+            PreprocessConfig(
+                slides=str(slide),
+                out=out,
+                mpp=mpp,
+                tile_size=tile,
+                thumbnails=False,
+                min_tissue=0.1,
+            )
+        )
+        == 0
+    )
     (coords_file,) = (out / "coords").glob("*.h5")
     return coords_file
 

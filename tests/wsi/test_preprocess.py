@@ -45,8 +45,13 @@ def prepared(tmp_path_factory, tiny_cohort, broken_dir):
 def test_bad_slides_fail_alone_with_clear_errors(prepared):
     rows = _manifest(prepared["out"])
     assert prepared["code"] == 1  # a failed slide makes the run exit non-zero
-    expected = {"truncated": "truncated or corrupt", "notes": "not a slide format",
-                "empty": "empty", "blank": "no tissue found", "no_mpp": "--level0-mpp"}  # fmt: skip
+    expected = {
+        "truncated": "truncated or corrupt",
+        "notes": "not a slide format",
+        "empty": "empty",
+        "blank": "no tissue found",
+        "no_mpp": "--level0-mpp",
+    }
     for slide_id, message in expected.items():
         assert rows[slide_id]["status"] == "failed"
         assert message in rows[slide_id]["error"], rows[slide_id]["error"]
@@ -132,8 +137,20 @@ def test_killed_run_resumes_without_partial_files(tmp_path, tiny_cohort):
         for p in sorted((tiny_cohort / "slides").glob("*.svs")):
             os.symlink(p, slides / f"copy{i}_{p.name}")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "pipeline", "preprocess", "--slides", str(slides), "--out",
-           str(out), "--workers", "1", "--tile-size", "128"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "preprocess",
+        "--slides",
+        str(slides),
+        "--out",
+        str(out),
+        "--workers",
+        "1",
+        "--tile-size",
+        "128",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and len(list((out / "coords").glob("*.h5"))) < 3:
@@ -158,8 +175,10 @@ def test_shards_partition_the_slides(tmp_path, tiny_cohort):
     entries = list_slides(tiny_cohort / "slides")
     parts = [shard_slides(entries, i, 3) for i in range(3)]
     assert sorted(e.slide_id for p in parts for e in p) == [e.slide_id for e in entries]
-    assert parse_shard(None, {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "3",
-                              "SLURM_ARRAY_TASK_MIN": "4"}) == (1, 3)  # fmt: skip
+    assert parse_shard(
+        None,
+        {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "4"},
+    ) == (1, 3)
     assert parse_shard(None, {"RANK": "1", "WORLD_SIZE": "2"}) == (1, 2)
     assert parse_shard("2/4", {"RANK": "1", "WORLD_SIZE": "2"}) == (2, 4)
     for i in range(2):
@@ -173,10 +192,17 @@ def test_shards_partition_the_slides(tmp_path, tiny_cohort):
 
 def test_csv_list_supplies_mpp_and_ids(tmp_path, metadata_files, cmu_svs, caplog):
     listing = tmp_path / "slides.csv"
-    listing.write_text(f"path,slide_id,mpp\n{metadata_files['png']},carcinoma,0.25\n"
-                       f"{cmu_svs},cmu,\n{cmu_svs},cmu_fixed,0.25\n")  # fmt: skip
-    cfg = load_config(PreprocessConfig, slides=str(listing), out=str(tmp_path / "o"),
-                      tile_size=128, min_tissue=0.3)  # fmt: skip
+    listing.write_text(
+        f"path,slide_id,mpp\n{metadata_files['png']},carcinoma,0.25\n"
+        f"{cmu_svs},cmu,\n{cmu_svs},cmu_fixed,0.25\n"
+    )
+    cfg = load_config(
+        PreprocessConfig,
+        slides=str(listing),
+        out=str(tmp_path / "o"),
+        tile_size=128,
+        min_tissue=0.3,
+    )
     with caplog.at_level(logging.WARNING, logger="pipeline.wsi.preprocess"):
         rows = {r["slide_id"]: r for r in preprocess(cfg, progress=False)}
     assert rows["carcinoma"]["status"] == "ok" and rows["carcinoma"]["mpp_source"] == "override"
@@ -220,8 +246,9 @@ def test_foreign_coords_file_is_redone_not_fatal(tmp_path, cmu_svs):
     (tmp_path / "out" / "coords").mkdir(parents=True)
     with h5py.File(tmp_path / "out" / "coords" / "cmu.h5", "w") as f:
         d = f.create_dataset("coords", data=np.zeros((3, 2), np.int64))
-        d.attrs.update({"patch_size": 512, "patch_size_level0": 1024, "target_magnification": 20,
-                        "overlap": 0})  # fmt: skip
+        d.attrs.update(
+            {"patch_size": 512, "patch_size_level0": 1024, "target_magnification": 20, "overlap": 0}
+        )
     (tmp_path / "out" / "coords" / "other.h5").write_bytes(b"truncated")
     cfg = PreprocessConfig(slides=str(slides), out=tmp_path / "out", tile_size=128, min_tissue=0.3)
     rows = {r["slide_id"]: r for r in preprocess(cfg, progress=False)}
@@ -247,8 +274,9 @@ def test_rerun_redoes_slides_whose_resolution_or_file_changed(tmp_path, metadata
     out = tmp_path / "out"
 
     def status(level0_mpp, spec=slides):
-        cfg = PreprocessConfig(slides=str(spec), out=out, tile_size=128, min_tissue=0.3,
-                               level0_mpp=level0_mpp)  # fmt: skip
+        cfg = PreprocessConfig(
+            slides=str(spec), out=out, tile_size=128, min_tissue=0.3, level0_mpp=level0_mpp
+        )
         return [r["status"] for r in preprocess(cfg, progress=False)]
 
     assert status(0.25) == ["ok"]
@@ -296,8 +324,9 @@ def test_worker_killed_fails_its_slide_and_the_others_finish(tmp_path, cmu_svs, 
     assert sorted(p.stem for p in (out / "coords").glob("*.h5")) == ["a", "d"]
 
 
-def test_given_level0_mpp_overrides_the_metadata_and_a_new_value_retiles(tmp_path, tiny_cohort,
-                                                                         caplog):  # fmt: skip
+def test_given_level0_mpp_overrides_the_metadata_and_a_new_value_retiles(
+    tmp_path, tiny_cohort, caplog
+):
     """A slide whose metadata says 0.25 mpp, tiled with --level0-mpp: tiles at the given
     value, a warning when it is more than 5% off, and a changed value re-tiles."""
     source = first_slide(tiny_cohort, site="C")  # 0.25 mpp in its Aperio metadata

@@ -19,11 +19,14 @@ def test_mpp_from_aperio_metadata_of_the_real_cmu_svs(cmu_svs):
         assert slide.mpp_source == "aperio-mpp"
 
 
-@pytest.mark.parametrize("kind,mpp,source", [
-    ("generic", 0.25, "tiff-resolution"),  # OpenSlide generic-tiff, resolution tags
-    ("stripped", 0.5, "tiff-resolution"),  # not tiled: read by tifffile, tags in inches
-    ("appmag", 0.25, "objective-power"),  # Aperio with AppMag = 40 and nothing else
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "kind,mpp,source",
+    [
+        ("generic", 0.25, "tiff-resolution"),  # OpenSlide generic-tiff, resolution tags
+        ("stripped", 0.5, "tiff-resolution"),  # not tiled: read by tifffile, tags in inches
+        ("appmag", 0.25, "objective-power"),  # Aperio with AppMag = 40 and nothing else
+    ],
+)
 def test_mpp_chain_sources(metadata_files, kind, mpp, source):
     with Slide(metadata_files[kind]) as slide:
         assert slide.mpp == pytest.approx(mpp, rel=1e-6)
@@ -102,11 +105,14 @@ def test_chunked_thumbnail_equals_a_single_read(tiny_cohort):
     assert np.abs(whole.astype(int) - chunked).mean() < 2.0
 
 
-@pytest.mark.parametrize("name,message", [
-    ("truncated.svs", "truncated or corrupt"),
-    ("notes.svs", "not a slide format"),
-    ("empty.tiff", "empty"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "name,message",
+    [
+        ("truncated.svs", "truncated or corrupt"),
+        ("notes.svs", "not a slide format"),
+        ("empty.tiff", "empty"),
+    ],
+)
 def test_broken_files_give_clear_errors(broken_dir, name, message):
     with pytest.raises(SlideError, match=message) as err, Slide(broken_dir / name) as slide:
         slide.thumbnail_at_mpp(8.0)  # a truncated file may only fail when read

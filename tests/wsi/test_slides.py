@@ -21,13 +21,23 @@ def clean_env(monkeypatch):
 # What Slurm sets (src/common/env.c): the batch script gets the job's variables, among them
 # SLURM_NTASKS and SLURM_PROCID=0; only `srun` steps get the SLURM_STEP_* variables.
 BATCH = {"SLURM_JOB_ID": "77", "SLURM_NTASKS": "8", "SLURM_PROCID": "0", "SLURM_NODEID": "0"}
-ARRAY = {**BATCH, "SLURM_NTASKS": "1", "SLURM_ARRAY_JOB_ID": "70", "SLURM_ARRAY_TASK_ID": "5",
-         "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "4"}  # fmt: skip
+ARRAY = {
+    **BATCH,
+    "SLURM_NTASKS": "1",
+    "SLURM_ARRAY_JOB_ID": "70",
+    "SLURM_ARRAY_TASK_ID": "5",
+    "SLURM_ARRAY_TASK_COUNT": "3",
+    "SLURM_ARRAY_TASK_MIN": "4",
+}
 
 
 def _step(procid: int, ntasks: int) -> dict:
-    return {"SLURM_PROCID": str(procid), "SLURM_NTASKS": str(ntasks), "SLURM_STEP_ID": "0",
-            "SLURM_STEP_NUM_TASKS": str(ntasks)}  # fmt: skip
+    return {
+        "SLURM_PROCID": str(procid),
+        "SLURM_NTASKS": str(ntasks),
+        "SLURM_STEP_ID": "0",
+        "SLURM_STEP_NUM_TASKS": str(ntasks),
+    }
 
 
 def test_sbatch_script_with_several_tasks_is_not_a_shard(clean_env):
@@ -64,8 +74,12 @@ def test_every_array_task_and_rank_gets_its_own_slides(clean_env):
     taken = []
     for task in range(3):
         for rank in range(4):
-            env = {**ARRAY, "SLURM_ARRAY_TASK_ID": str(4 + task), "RANK": str(rank),
-                   "WORLD_SIZE": "4"}  # fmt: skip
+            env = {
+                **ARRAY,
+                "SLURM_ARRAY_TASK_ID": str(4 + task),
+                "RANK": str(rank),
+                "WORLD_SIZE": "4",
+            }
             taken += [e.slide_id for e in shard_slides(entries, *parse_shard(None, env))]
     assert sorted(taken) == [e.slide_id for e in entries]
 
@@ -78,8 +92,9 @@ def test_sbatch_run_processes_every_slide(clean_env, tmp_path, cmu_svs):
     for name in ("a", "b"):
         os.symlink(cmu_svs.resolve(), slides / f"{name}.svs")
     out = tmp_path / "out"
-    rows = preprocess(PreprocessConfig(slides=str(slides), out=out, tile_size=128,
-                                       min_tissue=0.3), progress=False)  # fmt: skip
+    rows = preprocess(
+        PreprocessConfig(slides=str(slides), out=out, tile_size=128, min_tissue=0.3), progress=False
+    )
     assert sorted(r["slide_id"] for r in rows) == ["a", "b"]
     assert (out / "manifest.csv").exists()
 
@@ -88,8 +103,7 @@ def test_rerun_with_out_inside_the_slides_folder(tmp_path, cmu_svs):
     slides = tmp_path / "slides"
     slides.mkdir()
     os.symlink(cmu_svs.resolve(), slides / "cmu.svs")
-    cfg = PreprocessConfig(slides=str(slides), out=slides / "prep", tile_size=128,
-                           min_tissue=0.3)  # fmt: skip
+    cfg = PreprocessConfig(slides=str(slides), out=slides / "prep", tile_size=128, min_tissue=0.3)
     assert [r["status"] for r in preprocess(cfg, progress=False)] == ["ok"]
     assert (slides / "prep" / "thumbnails" / "cmu.png").exists()
     assert [r["status"] for r in preprocess(cfg, progress=False)] == ["skipped"]

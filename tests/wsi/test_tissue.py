@@ -38,8 +38,9 @@ def test_ink_removal_keeps_real_he_without_ink(sources, name, tissue_mpp):
     assert changed < 0.01, f"{name} at {mpp:.2f} mpp: ink removal changed {changed:.2%} of tissue"
 
 
-def _draw_stroke(thumb: np.ndarray, mpp: float, color: tuple[int, int, int],
-                 width_um: float) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def _draw_stroke(
+    thumb: np.ndarray, mpp: float, color: tuple[int, int, int], width_um: float
+) -> tuple[np.ndarray, np.ndarray]:
     """A marker stroke blended over ``thumb`` across its middle: ink opacity 0.9 at the
     centre, fading over 16 um at the edges. Returns the image and the stroke's distance
     from its centre line in um."""
