@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 
 from jsonargparse import ArgumentParser
 
@@ -50,6 +51,8 @@ def quiet_lightning() -> None:
         logger.addFilter(_DropNoise())
         for handler in logger.handlers:
             handler.addFilter(_DropNoise())
+    # Lightning 2.x's pytree helper on torch >= 2.9, once per fit: not actionable by a user
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 def positional_to_options(args: list[str], stage: str, config_cls: type) -> list[str]:
