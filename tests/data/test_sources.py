@@ -52,7 +52,7 @@ def test_offline_cli_prints_error_not_traceback(tmp_path):
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=OFFLINE, timeout=300)
     assert proc.returncode == 1
-    assert "error: cannot fetch the demo texture" in proc.stderr
+    assert "error: cannot fetch the real source 'cmu'" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "demo" / "cohort.json").exists()
 
