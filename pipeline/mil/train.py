@@ -68,6 +68,11 @@ class TrainMILConfig:
             models and predictions are the same with either.
         memory_budget_gb: most GB (10^9 bytes) of float32 features that store auto holds in
             memory (None: a quarter of the machine's memory).
+        tile_labels: CSV of tile-level ground truth (columns slide_id, index: the tile's row
+            in the slide's feature file, positive: 1 for tiles of the class to localise, e.g.
+            tumour, else 0). Each test slide with both kinds gets the AUC of its fold model's
+            tile scores (attention, or instance scores) against them: the localization AUC
+            in metrics.json, mean over slides with a bootstrap CI by patient.
     """
 
     features: Path | None = None
@@ -100,6 +105,7 @@ class TrainMILConfig:
     progress: bool = True
     store: Literal["auto", "memory", "disk"] = "auto"
     memory_budget_gb: float | None = None
+    tile_labels: Path | None = None
 
 
 def run(cfg: TrainMILConfig) -> int:

@@ -521,7 +521,86 @@ def train_cv(cfg: TrainMILConfig) -> dict:
         with open(done, newline="") as f:
             predictions += list(csv.DictReader(f))
     bar.close()
-    return _write_results(cfg, out, predictions, classes, targets)
+    located = localization(cfg, out, store, splits, targets) if cfg.tile_labels else None
+    return _write_results(cfg, out, predictions, classes, targets, located)
+
+
+def read_tile_labels(path: Path) -> dict[str, dict[int, int]]:
+    """``{slide_id: {tile index: 0 or 1}}`` of a tile-labels CSV (slide_id, index,
+    positive; see ``TrainMILConfig.tile_labels``)."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the tile labels ({exc})") from exc
+    if not rows or not {"slide_id", "index", "positive"} <= set(rows[0]):
+        raise ConfigError(f"{path}: tile labels need the columns slide_id, index, positive")
+    labels: dict[str, dict[int, int]] = {}
+    for i, row in enumerate(rows, start=2):
+        try:
+            index, positive = int(row["index"]), int(row["positive"])
+        except ValueError:
+            raise ConfigError(f"{path}, line {i}: index and positive must be integers") from None
+        if positive not in (0, 1):
+            raise ConfigError(f"{path}, line {i}: positive must be 0 or 1, got {positive}")
+        labels.setdefault(row["slide_id"], {})[index] = positive
+    return labels
+
+
+def localization(cfg: TrainMILConfig, out: Path, store, splits, targets) -> dict:
+    """Attention localization: per test slide with positive and negative labelled tiles,
+    the ROC AUC of its fold model's tile scores (:func:`pipeline.mil.drawing.tile_scores`:
+    attention of the predicted class, or the instance score) against the tile labels, as
+    in CAMELYON16-style localization of attention-based MIL (Lu et al., CLAM, 2021); the
+    mean over slides with a bootstrap CI over patients."""
+    from sklearn.metrics import roc_auc_score
+
+    from pipeline.mil.drawing import tile_scores
+
+    labels = read_tile_labels(Path(cfg.tile_labels))
+    per_slide: dict[str, float] = {}
+    folds = sum(1 for k in splits[0] if k.startswith("fold_"))
+    for k in range(folds):
+        test = [s for s in fold_members(splits, k, "test") if s in labels and s in store.index]
+        if not test:
+            continue
+        module = MILModule.load_from_checkpoint(
+            out / f"fold_{k}" / "model.ckpt", map_location="cpu"
+        )
+        for slide_id in test:
+            index = np.array(sorted(labels[slide_id]))
+            positive = np.array([labels[slide_id][i] for i in index])
+            n = int(store.lengths[store.index[slide_id]])
+            if index.min() < 0 or index.max() >= n:
+                raise PipelineError(
+                    f"{cfg.tile_labels}: slide {slide_id} has {n} tiles, but a label names "
+                    f"tile {int(index.max() if index.max() >= n else index.min())}"
+                )
+            if positive.min() == positive.max():
+                continue  # one kind of tile only: no AUC
+            scores = tile_scores(module, store.bag(slide_id).numpy())  # n
+            per_slide[slide_id] = float(roc_auc_score(positive, scores[index]))
+    ids = sorted(per_slide)
+    values = np.array([per_slide[s] for s in ids])
+    result = {
+        "auc": float(values.mean()) if len(ids) else float("nan"),
+        "n_slides": len(ids),
+        "per_slide": per_slide,
+        "labels": str(cfg.tile_labels),
+        "scores": "tile attention of the predicted class (or instance score), fold model",
+    }
+    if len(ids) > 1:
+        patients = np.array([targets.by_id[s]["case_id"] for s in ids])
+        cis = bootstrap_cis(
+            lambda idx: {"auc": float(values[idx].mean())},
+            len(ids),
+            n=cfg.bootstrap,
+            seed=cfg.seed,
+            groups=patients,
+        )
+        result["ci"] = list(cis["auc"])
+    log.info("localization AUC %.3f over %d slides", result["auc"], len(ids))
+    return result
 
 
 def _horizons(rows: list[dict]) -> list[float]:
@@ -700,7 +779,9 @@ def _scores(cfg, rows: list[dict], classes: list[str]) -> dict[str, float]:
     return survival_metrics(t, e, risk, survival, horizons or None)
 
 
-def _write_results(cfg, out: Path, predictions: list[dict], classes, targets) -> dict:
+def _write_results(
+    cfg, out: Path, predictions: list[dict], classes, targets, localization: dict | None = None
+) -> dict:
     folds = sorted({int(r["fold"]) for r in predictions})
     per_fold = [
         _scores(cfg, [r for r in predictions if int(r["fold"]) == k], classes) for k in folds
@@ -729,6 +810,8 @@ def _write_results(cfg, out: Path, predictions: list[dict], classes, targets) ->
         "n_slides": len(predictions),
         "classes": classes,
     }
+    if localization is not None:
+        metrics["localization"] = localization
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
     with atomic_path(out / "predictions.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(predictions[0]))

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from pipeline.cli import main
-from pipeline.features import FeatureWriter
+from pipeline.errors import PipelineError
+from pipeline.features import FeatureWriter, read_features
 from pipeline.mil.metrics import bootstrap_ci, classification_metrics, concordance_index
 from pipeline.mil.train import TrainMILConfig
 from pipeline.mil.training import cox_loss, nll_survival_loss, survival_risk, train_cv
@@ -25,7 +26,7 @@ def planted(tmp_path_factory):
     rng = np.random.default_rng(0)
     direction = rng.normal(size=D)
     direction /= np.linalg.norm(direction)
-    rows = []
+    rows, tiles = [], ["slide_id,index,positive"]
     for i in range(40):
         case = f"case_{min(i, 29):02d}" if i < 30 else f"case_{i - 30:02d}"
         tumour = i % 2 == 1
@@ -33,6 +34,8 @@ def planted(tmp_path_factory):
         feats = rng.normal(size=(n, D)).astype(np.float32)
         k = int(rng.integers(4, 9)) if tumour else 0
         feats[:k] += 4.0 * direction
+        if tumour:  # the planted instances are the tumour tiles
+            tiles += [f"s{i:02d},{j},{int(j < k)}" for j in range(n)]
         writer = FeatureWriter(
             root / "feats" / f"s{i:02d}.h5", n, D, np.zeros((n, 2)), {}, "float32"
         )
@@ -48,6 +51,7 @@ def planted(tmp_path_factory):
                 "event": int(rng.random() < 0.8),
             }
         )
+    (root / "tiles.csv").write_text("\n".join(tiles) + "\n")
     with open(root / "labels.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -317,6 +321,7 @@ def test_every_setting_is_either_training_or_reporting():
 
     elsewhere = {"features", "labels", "splits", "folds", "val_share"}  # by content or splits
     reporting = {
+        "tile_labels",
         "out",
         "ordinal",
         "bootstrap",
@@ -437,3 +442,43 @@ def test_predictions_are_the_trained_modules_outputs_at_its_precision(planted, t
     fp32 = torch.softmax(_outputs(module, planted, test), -1).numpy()
     np.testing.assert_allclose(got, bf16, atol=1e-6)  # as trained: bf16 autocast
     assert np.abs(got - fp32).max() > 1e-4  # which differs from fp32 here
+
+
+def test_localization_auc_of_the_fold_models_against_tile_labels(planted, tmp_path):
+    """Each tumour slide's planted instances are its positive tiles: the localization AUC
+    of a reused run equals roc_auc_score of its fold model's tile scores, slide by slide."""
+    from sklearn.metrics import roc_auc_score
+
+    from pipeline.mil.drawing import tile_scores
+    from pipeline.mil.training import MILModule
+
+    out = tmp_path / "run"
+    train_cv(cfg(planted, out))
+    before = (out / "fold_0" / "model.ckpt").stat().st_mtime_ns
+    metrics = train_cv(cfg(planted, out, tile_labels=planted / "tiles.csv"))
+    assert (out / "fold_0" / "model.ckpt").stat().st_mtime_ns == before  # a reporting setting
+    loc = metrics["localization"]
+    assert loc["n_slides"] == 20 and set(loc["per_slide"]) == {f"s{i:02d}" for i in range(1, 40, 2)}
+    assert loc["auc"] > 0.9 and loc["ci"][0] <= loc["auc"] <= loc["ci"][1]
+    splits = _read(out / "splits.csv")
+    for slide_id in ("s01", "s02", "s17"):
+        if slide_id not in loc["per_slide"]:
+            continue  # normal slides have no positive tile
+        fold = next(r for r in splits if r["slide_id"] == slide_id)
+        k = next(int(c[5:]) for c, v in fold.items() if c.startswith("fold_") and v == "test")
+        module = MILModule.load_from_checkpoint(
+            out / f"fold_{k}" / "model.ckpt", map_location="cpu"
+        )
+        feats, _, _ = read_features(planted / "feats" / f"{slide_id}.h5")
+        labels = [
+            int(r.split(",")[2])
+            for r in (planted / "tiles.csv").read_text().splitlines()[1:]
+            if r.startswith(slide_id + ",")
+        ]
+        expected = roc_auc_score(labels, tile_scores(module, feats))
+        assert loc["per_slide"][slide_id] == pytest.approx(expected)
+    assert json.loads((out / "metrics.json").read_text())["localization"]["auc"] == loc["auc"]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("slide_id,index,positive\ns01,999,1\ns01,0,0\n")
+    with pytest.raises(PipelineError, match="slide s01 has .* tiles, but a label names tile 999"):
+        train_cv(cfg(planted, out, tile_labels=bad))
