@@ -156,19 +156,7 @@ def measure(spec: dict) -> dict:
     targets = Targets(rows, "classification", ["neg", "pos"], cfg.time_bins)
     train = [r["slide_id"] for r in rows if r["split"] == "train"]
     val = [r["slide_id"] for r in rows if r["split"] == "val"]
-    module = MILModule(
-        "abmil",
-        store.dim,
-        2,
-        dict(cfg.model_args),
-        "classification",
-        cfg.lr,
-        cfg.weight_decay,
-        cfg.epochs,
-        cfg.bag_weight,
-        cfg.survival_loss,
-        standardize=cfg.standardize,
-    )
+    module = MILModule.for_config(cfg, store.dim, 2)  # abmil, classification
     start = time.perf_counter()
     module.feature_mean, module.feature_std = store.statistics(train)
     stats = time.perf_counter() - start

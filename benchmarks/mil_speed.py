@@ -25,6 +25,7 @@ import logging
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -158,18 +159,8 @@ def ours(
     targets = Targets(rows, "classification", ["neg", "pos"], cfg.time_bins)
     train = [r["slide_id"] for r in rows if r["split"] == "train"]
     val = [r["slide_id"] for r in rows if r["split"] == "val"]
-    module = MILModule(
-        model,
-        store.dim,
-        2,
-        dict(cfg.model_args),
-        "classification",
-        cfg.lr,
-        cfg.weight_decay,
-        epochs,
-        cfg.bag_weight,
-        cfg.survival_loss,
-    )
+    run = replace(cfg, model=model, task="classification", epochs=epochs, standardize=False)
+    module = MILModule.for_config(run, store.dim, 2)
     timer = EpochTimer()
     trainer = mil_trainer(cfg, logger=False, callbacks=[timer], enable_checkpointing=False)
     trainer.fit(

@@ -11,7 +11,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import timm
 import torch
 
 from pipeline.cli import main
@@ -19,18 +18,9 @@ from pipeline.encoders import load_encoder
 from pipeline.extract import ExtractConfig
 from pipeline.extraction import extract
 from pipeline.features import is_complete, read_features
-from pipeline.ssl.export import save_encoder
 from pipeline.wsi.coords import read_coords, write_coords
 from pipeline.wsi.reader import Slide
-
-TINY = {
-    "num_classes": 0,
-    "img_size": 64,
-    "patch_size": 16,
-    "depth": 2,
-    "embed_dim": 48,
-    "num_heads": 2,
-}
+from tests.tiny_encoder import save_tiny_encoder
 
 
 @pytest.fixture(scope="module")
@@ -43,15 +33,7 @@ def carcinoma_tile(sources):
 
 @pytest.fixture(scope="module")
 def encoder_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", **TINY)
-    return save_encoder(
-        model.state_dict(),
-        "vit_tiny_patch16_224",
-        TINY,
-        tmp_path_factory.mktemp("enc") / "encoder",
-        input_size=64,
-    )
+    return save_tiny_encoder(tmp_path_factory.mktemp("enc") / "encoder")
 
 
 def config(coords, out, encoder, **kw):
@@ -379,18 +361,15 @@ def test_encoder_is_required_and_random_init_is_said(
 @pytest.fixture(scope="module")
 def loud_encoder_dir(tmp_path_factory):
     """The tiny encoder with its final norm scaled by 1e6: features far beyond float16."""
-    torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", **TINY)
-    state = model.state_dict()
-    state["norm.weight"] = state["norm.weight"] * 1e6
-    state["norm.bias"] = state["norm.bias"] * 1e6
-    return save_encoder(
-        state,
-        "vit_tiny_patch16_224",
-        TINY,
-        tmp_path_factory.mktemp("loud") / "encoder",
-        input_size=64,
-    )
+
+    def loud(state: dict) -> dict:
+        return {
+            **state,
+            "norm.weight": state["norm.weight"] * 1e6,
+            "norm.bias": state["norm.bias"] * 1e6,
+        }
+
+    return save_tiny_encoder(tmp_path_factory.mktemp("loud") / "encoder", edit=loud)
 
 
 def test_features_beyond_float16_fail_the_slide_or_go_float32(

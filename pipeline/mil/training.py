@@ -117,6 +117,24 @@ class MILModule(L.LightningModule):
         self.register_buffer("feature_mean", torch.zeros(in_dim))
         self.register_buffer("feature_std", torch.ones(in_dim))
 
+    @classmethod
+    def for_config(cls, cfg: TrainMILConfig, in_dim: int, n_out: int) -> MILModule:
+        """The module ``cfg`` trains: its model, task, optimiser, loss and standardization."""
+        return cls(
+            cfg.model,
+            in_dim,
+            n_out,
+            dict(cfg.model_args),
+            cfg.task,
+            cfg.lr,
+            cfg.weight_decay,
+            cfg.epochs,
+            cfg.bag_weight,
+            cfg.survival_loss,
+            standardize=cfg.standardize,
+            cox_ties=cfg.cox_ties,
+        )
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor, labels=None) -> dict:
         if self.hparams.get("standardize"):
             x = (x - self.feature_mean) / self.feature_std  # B x N x D
@@ -670,20 +688,7 @@ def _train_fold(
     L.seed_everything(cfg.seed + k, verbose=False)
     generator = torch.Generator().manual_seed(cfg.seed + k)
     targets = targets.for_training(roles["train"])  # bins from the fold's training patients
-    module = MILModule(
-        cfg.model,
-        store.dim,
-        n_out,
-        dict(cfg.model_args),
-        cfg.task,
-        cfg.lr,
-        cfg.weight_decay,
-        cfg.epochs,
-        cfg.bag_weight,
-        cfg.survival_loss,
-        standardize=cfg.standardize,
-        cox_ties=cfg.cox_ties,
-    )
+    module = MILModule.for_config(cfg, store.dim, n_out)
     if cfg.standardize:
         module.feature_mean, module.feature_std = store.statistics(roles["train"])
     # with a validation split: the best epoch by validation loss, and early stopping;

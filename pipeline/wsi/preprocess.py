@@ -218,16 +218,7 @@ def process_slide(entry: SlideEntry, cfg: PreprocessConfig) -> dict:
     """Preprocess one slide; returns its manifest row (never raises for a bad slide)."""
     start = time.perf_counter()
     out = Path(cfg.out)
-    row = {
-        "slide_id": entry.slide_id,
-        "path": str(entry.path),
-        "status": "failed",
-        "n_tiles": 0,
-        "level0_mpp": "",
-        "mpp_source": "",
-        "seconds": 0.0,
-        "error": "",
-    }
+    row = _failed(entry)
     coords_path = out / "coords" / f"{entry.slide_id}.h5"
     params = cfg.tiling_params()
     try:
@@ -308,6 +299,20 @@ def process_slide(entry: SlideEntry, cfg: PreprocessConfig) -> dict:
     return row
 
 
+def _failed(entry: SlideEntry, error: str = "") -> dict:
+    """A manifest row of ``entry`` marked failed (a worker fills it in as it goes)."""
+    return {
+        "slide_id": entry.slide_id,
+        "path": str(entry.path),
+        "status": "failed",
+        "n_tiles": 0,
+        "level0_mpp": "",
+        "mpp_source": "",
+        "seconds": 0.0,
+        "error": error,
+    }
+
+
 def _failed_row(entry: SlideEntry, exc: BaseException) -> dict:
     """The manifest row of a slide whose worker process did not return a row."""
     if isinstance(exc, BrokenProcessPool):
@@ -319,16 +324,7 @@ def _failed_row(entry: SlideEntry, exc: BaseException) -> dict:
         )
     else:
         error = f"{entry.path}: the worker process failed: {type(exc).__name__}: {exc}"
-    return {
-        "slide_id": entry.slide_id,
-        "path": str(entry.path),
-        "status": "failed",
-        "n_tiles": 0,
-        "level0_mpp": "",
-        "mpp_source": "",
-        "seconds": 0.0,
-        "error": error,
-    }
+    return _failed(entry, error)
 
 
 def _process_in_pool(entries: list[SlideEntry], cfg: PreprocessConfig, collect) -> None:

@@ -7,22 +7,12 @@ import json
 
 import numpy as np
 import pytest
-import timm
-import torch
 from PIL import Image
 
 from pipeline.eval.evaluate import EvaluateConfig, run
 from pipeline.eval.report import leaderboard
-from pipeline.ssl.export import save_encoder
+from tests.tiny_encoder import save_tiny_encoder
 
-TINY = {
-    "num_classes": 0,
-    "img_size": 64,
-    "patch_size": 16,
-    "depth": 2,
-    "embed_dim": 48,
-    "num_heads": 2,
-}
 SITE_TINT = {"A": (40, 0, 0), "B": (0, 40, 0), "C": (0, 0, 40), "D": (30, 30, 0)}
 
 
@@ -48,14 +38,8 @@ def suite(tmp_path_factory):
                     root / "tiles" / label / f"{slide}_{t}.png"
                 )
     (root / "labels.csv").write_text("\n".join(rows) + "\n")
-    torch.manual_seed(1)  # other weights than random:<folder> (seed 0)
-    encoder = save_encoder(
-        timm.create_model("vit_tiny_patch16_224", **TINY).state_dict(),
-        "vit_tiny_patch16_224",
-        TINY,
-        root / "encoder",
-        input_size=64,
-    )
+    # other weights than random:<folder> (seed 0)
+    encoder = save_tiny_encoder(root / "encoder", seed=1)
     task = {
         "name": "tiles",
         "kind": "tile",

@@ -1,30 +1,16 @@
 """Features of the tiny demo cohort from a small random-init encoder."""
 
 import pytest
-import timm
-import torch
 
 from pipeline.extract import ExtractConfig
 from pipeline.extraction import extract
-from pipeline.ssl.export import save_encoder
+from tests.tiny_encoder import save_tiny_encoder
 
 
 @pytest.fixture(scope="session")
 def tiny_features(tmp_path_factory, tiny_prep):
-    tiny = {
-        "num_classes": 0,
-        "img_size": 32,
-        "patch_size": 16,
-        "depth": 1,
-        "embed_dim": 16,
-        "num_heads": 2,
-    }
-    torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", **tiny)
     root = tmp_path_factory.mktemp("bags")
-    enc = save_encoder(
-        model.state_dict(), "vit_tiny_patch16_224", tiny, root / "enc", input_size=32
-    )
+    enc = save_tiny_encoder(root / "enc", img_size=32, depth=1, embed_dim=16)
     extract(
         ExtractConfig(
             coords=tiny_prep / "coords",

@@ -3,7 +3,6 @@ import logging
 
 import numpy as np
 import pytest
-import timm
 import torch
 from PIL import Image
 
@@ -11,20 +10,11 @@ from pipeline.cli import main
 from pipeline.data.tiles import TileDataset
 from pipeline.encoders import load_encoder
 from pipeline.eval.robustness import sampled_silhouette
-from pipeline.ssl.export import save_encoder
 from pipeline.stain import load_normalizer
 from pipeline.stain.cli import sample_tiles
 from pipeline.stain.report import colour_features, encoder_features, slide_clustering
 from pipeline.wsi.preprocess import PreprocessConfig, preprocess
-
-TINY = {
-    "num_classes": 0,
-    "img_size": 64,
-    "patch_size": 16,
-    "depth": 2,
-    "embed_dim": 48,
-    "num_heads": 2,
-}
+from tests.tiny_encoder import save_tiny_encoder
 
 
 @pytest.fixture(scope="module")
@@ -122,15 +112,7 @@ def test_cli_errors_are_clear(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def encoder_dir(tmp_path_factory):
     """A tiny exported ViT (64 px, 2 blocks, 48-d features)."""
-    torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", **TINY)
-    return save_encoder(
-        model.state_dict(),
-        "vit_tiny_patch16_224",
-        TINY,
-        tmp_path_factory.mktemp("enc") / "encoder",
-        input_size=64,
-    )
+    return save_tiny_encoder(tmp_path_factory.mktemp("enc") / "encoder")
 
 
 def test_normalization_reduces_slide_clustering_of_the_demo_cohort(

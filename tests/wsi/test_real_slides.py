@@ -13,26 +13,16 @@ import shutil
 
 import numpy as np
 import pytest
-import timm
-import torch
 
 from pipeline.extract import ExtractConfig
 from pipeline.extraction import extract
 from pipeline.features import read_features
-from pipeline.ssl.export import save_encoder
 from pipeline.wsi.coords import read_coords
 from pipeline.wsi.preprocess import PreprocessConfig, preprocess
+from tests.tiny_encoder import save_tiny_encoder
 
 # 256-px tiles at 0.5 mpp, min tissue 0.5: counts seen when the thumbnails were checked
 TILES = {"tcga": (151, 130, 170), "prostate": (68, 58, 78), "cmu_dicom": (33, 28, 38)}
-TINY = {
-    "num_classes": 0,
-    "img_size": 64,
-    "patch_size": 16,
-    "depth": 2,
-    "embed_dim": 48,
-    "num_heads": 2,
-}
 
 
 @pytest.fixture(scope="module")
@@ -78,14 +68,7 @@ def test_slides_without_mpp_fail_with_the_mpp_message_then_tile_with_one(slides,
     )
     assert read_coords(out / "coords" / "tcga.h5").attrs["mpp_source"] == "override"
 
-    torch.manual_seed(0)
-    encoder = save_encoder(
-        timm.create_model("vit_tiny_patch16_224", **TINY).state_dict(),
-        "vit_tiny_patch16_224",
-        TINY,
-        tmp_path / "encoder",
-        input_size=64,
-    )
+    encoder = save_tiny_encoder(tmp_path / "encoder")
     done = extract(
         ExtractConfig(
             coords=out / "coords",
