@@ -2,15 +2,20 @@
 
 Stages, each reusing what an earlier run finished (so a rerun only does what is missing):
 
-1. cohort: build the demo slides, labels and ground-truth masks (if missing);
-2. preprocess: tissue detection and tiling at 0.5 mpp, QC thumbnails;
-3. stain: fit Macenko to a reference tile, before/after figure and slide-clustering report;
-4. pretrain: the tiny DINOv2 preset with stain augmentation, exported encoder;
-5. extract: stain-normalized features with that encoder and with the same architecture
-   at random init;
-6. train-mil: ABMIL (``configs/mil/abmil-small.yaml``), 5 folds grouped by patient, on
-   both feature sets; one survival run (Cox);
-7. evaluate: ``configs/benchmarks/demo.yaml`` for both encoders;
+1. cohort: build the development and held-out cohorts' slides, labels and ground-truth
+   masks (if missing);
+2. preprocess: tissue detection and tiling at 0.5 mpp, QC thumbnails, for both cohorts;
+   the lists of each cohort's coords files and the tumour / other label of every tile;
+3. stain: fit Macenko to a reference tile of the development cohort, before/after figure
+   and slide-clustering report;
+4. pretrain: the tiny DINOv2 preset with stain augmentation, on development tiles only;
+5. extract: stain-normalized features of both cohorts with that encoder and with the
+   same architecture at random init;
+6. train-mil: ABMIL (``configs/mil/abmil-small.yaml``), 5 folds grouped by patient of the
+   development cohort, on both feature sets; one survival run (Cox);
+7. evaluate: ``configs/benchmarks/demo.yaml`` for both encoders: tissue-type tiles and
+   tumour slides cross-validated on the development cohort and trained on it, scored on
+   the held-out cohort;
 8. heatmaps: attention of the pretrained ABMIL over tumour slides;
 9. report: ``RUNS/report.html`` linking every stage's outputs.
 
@@ -26,6 +31,7 @@ from pathlib import Path
 
 from pipeline.config import save_config
 from pipeline.data.demo import describe_cohort, make_cohort, tile_labels
+from pipeline.data.textures import COHORTS, DEVELOPMENT
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.io import atomic_write_text
 
@@ -53,7 +59,9 @@ class DemoConfig:
         data: cohort folder (slides/, ground_truth/, labels.csv, cohort.json).
         cache: folder of the downloaded real texture sources.
         runs: folder of the stage outputs.
-        n_slides: slides in the cohort (half tumour, half normal).
+        n_slides: slides in the development cohort (half tumour, half normal).
+        n_heldout: slides in the held-out cohort (other patients and sites, tissue from
+            the textures' held-out regions only).
         seed: random seed; the cohort is deterministic for a seed.
         size_scale: physical extent of the slides (1.0: about 2-6 mm a side).
         workers: processes that generate and preprocess slides.
@@ -68,6 +76,7 @@ class DemoConfig:
     cache: Path = Path("data/cache")
     runs: Path = Path("runs/demo")
     n_slides: int = 32
+    n_heldout: int = 16
     seed: int = 0
     size_scale: float = 1.0
     workers: int = 2
@@ -93,7 +102,12 @@ class Demo:
         self.mil = self.runs / "mil"
         self.eval = self.runs / "eval"
         self.heatmaps = self.runs / "heatmaps"
+        self.tumour_tiles = self.prep / "tumour_tiles.csv"
         self.summary: dict = {}
+
+    def coords_list(self, cohort: str) -> Path:
+        """The text file listing the coords files of one cohort's slides."""
+        return self.prep / f"{cohort}.txt"
 
     # 2
     def preprocess(self) -> str:
@@ -107,21 +121,40 @@ class Demo:
         if failed:
             raise PipelineError(f"{len(failed)} slides failed, first: {failed[0]['error']}")
         tiles = sum(int(r["n_tiles"]) for r in rows)
+        cohort_of = {r["slide_id"]: r.get("cohort", DEVELOPMENT) for r in self.records()}
+        per_cohort = {}
+        for cohort in COHORTS:
+            ids = sorted(s for s, c in cohort_of.items() if c == cohort)
+            files = [f"coords/{s}.h5" for s in ids if (self.prep / "coords" / f"{s}.h5").is_file()]
+            atomic_write_text(self.coords_list(cohort), "".join(f"{f}\n" for f in files))
+            per_cohort[cohort] = sum(int(r["n_tiles"]) for r in rows if r["slide_id"] in ids)
+        # tumour (1) / other (0) tiles from the ground-truth masks: attention localization
+        truth = tile_labels(self.prep / "coords", self.cfg.data, test="all")
+        lines = [f"{r['slide_id']},{r['index']},{int(r['label'] == 'tumor')}" for r in truth]
+        atomic_write_text(self.tumour_tiles, "slide_id,index,positive\n" + "\n".join(lines) + "\n")
         self.summary["preprocess"] = {
             "slides": len(rows),
             "tiles": tiles,
+            "tiles_per_cohort": per_cohort,
             "mpp": prep.target_mpp,
             "tile_size": prep.tile_size,
         }
+        split = ", ".join(f"{n} {c}" for c, n in per_cohort.items() if n)
         return (
-            f"{tiles} tiles of {prep.tile_size} px at {prep.target_mpp} mpp from {len(rows)} slides"
+            f"{tiles} tiles ({split}) of {prep.tile_size} px at {prep.target_mpp} mpp "
+            f"from {len(rows)} slides"
         )
+
+    def records(self) -> list[dict]:
+        import json
+
+        return json.loads((Path(self.cfg.data) / "cohort.json").read_text())["slides"]
 
     # 3
     def stain(self) -> str:
         from pipeline.stain.figures import stain_demo
 
-        facts = stain_demo(self.prep / "coords", self.stain_dir)
+        facts = stain_demo(self.coords_list(DEVELOPMENT), self.stain_dir)
         self.summary["stain"] = facts
         return (
             f"macenko fitted to {facts['reference']}; slide-ID probe on colour "
@@ -141,7 +174,7 @@ class Demo:
             CONFIGS / "pretrain" / "tiny-cpu.yaml",
             **{
                 "out": self.pretrain_dir,
-                "data.coords": self.prep / "coords",
+                "data.coords": self.coords_list(DEVELOPMENT),  # never a held-out tile
                 "data.stain_augment": True,
                 "trainer.max_steps": self.cfg.pretrain_steps,
                 "trainer.progress_bar": self.cfg.progress,
@@ -149,7 +182,10 @@ class Demo:
             },
         )
         train(cfg)
-        return f"{self.cfg.pretrain_steps} steps of the tiny preset -> {self.encoder}"
+        return (
+            f"{self.cfg.pretrain_steps} steps of the tiny preset on the development cohort's "
+            f"tiles -> {self.encoder}"
+        )
 
     # 5
     def extract(self) -> str:
@@ -183,15 +219,10 @@ class Demo:
         from pipeline.mil.train import TrainMILConfig
         from pipeline.mil.training import train_cv
 
-        labels = self.cfg.data / "labels.csv"
+        labels = self.cfg.data / "labels.csv"  # the development cohort
         self.summary["mil"] = {}
-        # tumour / normal tiles from the ground-truth masks: the attention localization AUC
-        truth = self.mil / "tile_labels.csv"
-        rows = tile_labels(self.prep / "coords", self.cfg.data)
-        lines = [f"{r['slide_id']},{r['index']},{int(r['label'] == 'tumor')}" for r in rows]
-        atomic_write_text(truth, "slide_id,index,positive\n" + "\n".join(lines) + "\n")
         runs = [
-            (name, "abmil-small.yaml", {"task": "classification", "tile_labels": truth})
+            (name, "abmil-small.yaml", {"task": "classification", "tile_labels": self.tumour_tiles})
             for name in self.encoders
         ]
         runs.append(
@@ -247,19 +278,12 @@ class Demo:
         failed = {n: t["error"] for n, t in results["tasks"].items() if t["status"] != "ok"}
         if failed:
             raise PipelineError("; ".join(f"task {n}: {e}" for n, e in failed.items()))
-        tiles = results["tasks"]["tumour-tiles"]["scores"]["linear"]
-        slides = results["tasks"]["tumour-slides"]["scores"]["abmil"]
-        self.summary["evaluate"] = {
-            "tile_linear": {e: tiles[e]["value"] for e in self.encoders},
-            "slide_auc": {e: slides[e]["value"] for e in self.encoders},
-        }
-        s = self.summary["evaluate"]
-        lines = []
-        for key, what in (("tile_linear", "tile linear probe"), ("slide_auc", "slide AUC (ABMIL)")):
-            a, b = s[key]["pretrained"], s[key]["random"]
-            verdict = "pretrained ahead" if a > b else "pretrained NOT ahead"
-            lines.append(f"{what}: pretrained {a:.3f} vs random init {b:.3f} ({verdict})")
-        return "; ".join(lines)
+        self.summary["evaluate"] = summary = evaluation_summary(results, list(self.encoders))
+        lines = [
+            f"{title} ({where}): pretrained {a} vs random init {b}" + (p and f", p = {p}")
+            for title, where, a, b, p in headline_rows(summary)
+        ]
+        return "\n      ".join(lines)
 
     # 8
     def heatmaps_(self) -> str:
@@ -284,12 +308,86 @@ class Demo:
         return f"report: {write_report(self)}"
 
 
+# {summary key: (title, (task, column) cross-validated on development, (task, column) held-out)}
+HEADLINES = {
+    "tile_linear": (
+        "tissue-type tiles, linear probe",
+        ("tissue-tiles", "linear"),
+        ("tissue-tiles-heldout", "linear"),
+    ),
+    "tile_knn": (
+        "tissue-type tiles, kNN",
+        ("tissue-tiles", "knn"),
+        ("tissue-tiles-heldout", "knn"),
+    ),
+    "slide_auc": (
+        "tumour slides, ABMIL AUC",
+        ("tumour-slides", "abmil"),
+        ("tumour-slides-heldout", "abmil"),
+    ),
+    "localization": (
+        "attention localization AUC",
+        ("tumour-slides", "abmil_localization"),
+        ("tumour-slides-heldout", "abmil_localization"),
+    ),
+}
+WHERE = {"development": "development CV", "held_out": "held-out"}
+
+
+def evaluation_summary(results: dict, encoders: list[str]) -> dict:
+    """``{figure: {development | held_out: {encoder: value, ..., p_value}}}``: each headline
+    figure of the demo suite per encoder, with the paired bootstrap p-value of the first
+    two encoders (pretrained vs random init)."""
+    out: dict = {}
+    for key, (_, *places) in HEADLINES.items():
+        for where, (task, col) in zip(WHERE, places, strict=True):
+            r = results["tasks"].get(task, {})
+            scores = r.get("scores", {}).get(col)
+            if r.get("status") != "ok" or not scores:
+                continue
+            entry = {e: scores[e]["value"] for e in encoders if e in scores}
+            pair = [
+                c
+                for c in r.get("comparisons", {}).get(col, [])
+                if {c["a"], c["b"]} == set(encoders[:2])
+            ]
+            if pair:
+                sign = 1 if pair[0]["a"] == encoders[0] else -1
+                entry["difference"] = sign * pair[0]["difference"]
+                entry["p_value"] = pair[0]["p_value"]
+            out.setdefault(key, {})[where] = entry
+    return out
+
+
+def headline_rows(summary: dict) -> list[list[str]]:
+    """``[title, scored on, pretrained, random init, p]`` per figure of
+    :func:`evaluation_summary`, development before held-out."""
+    rows = []
+    for key, (title, *_) in HEADLINES.items():
+        for where, label in WHERE.items():
+            got = summary.get(key, {}).get(where)
+            if got:
+                p = got.get("p_value")
+                scores = [f"{got[e]:.3f}" for e in ("pretrained", "random")]
+                rows.append([title, label, *scores, "" if p is None else f"{p:.3f}"])
+    return rows
+
+
 def run(cfg: DemoConfig) -> None:
     if cfg.stop_after not in STAGES:
         raise ConfigError(f"--stop_after '{cfg.stop_after}': one of {', '.join(STAGES)}")
     start = time.perf_counter()
     log.info("demo cohort: %s (%d slides, seed %d)", cfg.data, cfg.n_slides, cfg.seed)
-    records = make_cohort(cfg.data, cfg.n_slides, cfg.seed, cfg.size_scale, cfg.workers, cfg.cache)
+    records = make_cohort(
+        cfg.data,
+        cfg.n_slides,
+        cfg.seed,
+        cfg.size_scale,
+        cfg.workers,
+        cfg.cache,
+        progress=cfg.progress,
+        n_heldout=cfg.n_heldout,
+    )
     save_config(cfg, cfg.data)
     print(describe_cohort(records))
     print(f"[1/{len(STAGES) + 1}] cohort ready in {time.perf_counter() - start:.0f} s: {cfg.data}")

@@ -18,7 +18,7 @@ CACHE = ROOT / "data" / "cache"
 
 @pytest.fixture(scope="session")
 def sources() -> dict[str, Path]:
-    """Verified local paths of the real H&E sources (the CMU SVS and the carcinoma PNG)."""
+    """Verified local paths of the real H&E texture sources (:data:`SOURCES`)."""
     return fetch_all(CACHE)
 
 
@@ -38,10 +38,18 @@ def cmu_svs(sources) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_cohort(tmp_path_factory, sources) -> Path:
-    """A 6-slide demo cohort at a third of the default size (all four sites, both classes)."""
+    """A 6-slide development cohort at a third of the default size (all four sites, both
+    classes) and a 4-slide held-out cohort (sites E and F)."""
     out = tmp_path_factory.mktemp("cohort")
     make_cohort(
-        out, n_slides=6, seed=3, size_scale=0.35, workers=2, cache_dir=CACHE, progress=False
+        out,
+        n_slides=6,
+        seed=3,
+        size_scale=0.35,
+        workers=2,
+        cache_dir=CACHE,
+        progress=False,
+        n_heldout=4,
     )
     return out
 
@@ -62,7 +70,8 @@ def tiny_prep(tmp_path_factory, tiny_cohort) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tiny_prep) -> Path:
     """The tiny-cpu pretraining preset (here 200 steps of 16 tiles, one process) on the tiny
-    cohort; its exported encoder is ``tiny_run / "encoder"``."""
+    cohort (both cohorts: a fixture of the pretraining code, not of the hold-out); its
+    exported encoder is ``tiny_run / "encoder"``."""
     out = tmp_path_factory.mktemp("tiny_run")
     cmd = [
         sys.executable,
@@ -97,6 +106,7 @@ def tiny_demo(tmp_path_factory, tiny_cohort, tiny_run):
         cache=CACHE,
         runs=runs,
         n_slides=6,
+        n_heldout=4,
         seed=3,
         size_scale=0.35,
         folds=3,

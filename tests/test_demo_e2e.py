@@ -49,7 +49,10 @@ def assert_renders(page) -> None:
 def test_every_stage_leaves_well_formed_outputs(tiny_demo):
     runs = tiny_demo.runs
     coords = sorted((runs / "preprocess" / "coords").glob("*.h5"))
-    assert len(coords) == 6 and len(list((runs / "preprocess" / "thumbnails").glob("*.png"))) == 6
+    assert len(coords) == 10 and len(list((runs / "preprocess" / "thumbnails").glob("*.png"))) == 10
+    listed = (runs / "preprocess" / "development.txt").read_text().split()
+    assert listed == [f"coords/{c.name}" for c in coords if c.stem.startswith("demo_")]
+    assert len(listed) == 6  # pretraining and the stain reference see these only
     assert json.loads((runs / "stain" / "stain.json").read_text())["method"] == "macenko"
     report = json.loads((runs / "stain" / "report.json").read_text())
     assert report["after"]["slide_probe_accuracy"] <= report["before"]["slide_probe_accuracy"]
@@ -62,7 +65,7 @@ def test_every_stage_leaves_well_formed_outputs(tiny_demo):
         metrics = json.loads((runs / "mil" / name / "metrics.json").read_text())
         assert len(metrics["folds"]) == 3 and 0 <= metrics["pooled"]["auc"]["value"] <= 1
         with open(runs / "mil" / name / "predictions.csv") as f:
-            assert len(list(csv.DictReader(f))) == 6
+            assert len(list(csv.DictReader(f))) == 6  # the development cohort
     survival = json.loads((runs / "mil" / "survival" / "metrics.json").read_text())
     assert "c_index" in survival["pooled"]
     results = json.loads((runs / "eval" / "results.json").read_text())
@@ -88,8 +91,9 @@ def test_rerun_reuses_every_finished_stage(tiny_demo, capsys):
     watched = [
         *sorted((runs / "features" / "pretrained").glob("*.h5")),
         runs / "mil" / "pretrained" / "fold_0" / "model.ckpt",
-        runs / "eval" / "cache" / "pretrained" / "tumour-tiles.npz",
-        runs / "eval" / "tasks" / "tumour-tiles" / "result.json",  # scores not recomputed
+        runs / "eval" / "cache" / "pretrained" / "tissue-tiles-heldout.npz",
+        runs / "eval" / "tasks" / "tissue-tiles" / "result.json",  # scores not recomputed
+        runs / "eval" / "tasks" / "tumour-slides-heldout" / "result.json",
         runs / "eval" / "tasks" / "survival" / "result.json",
         runs / "stain" / "report.json",
         runs / "eval" / "tasks" / "tumour-slides" / "random" / "seed_0" / "fold_0" / "model.ckpt",

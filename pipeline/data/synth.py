@@ -4,12 +4,12 @@ A slide is laid out at low resolution as smooth *fields* (tissue pieces, tumour
 regions, pen strokes), then rendered at full resolution strip by strip:
 
 - fields are upsampled bilinearly, so region borders are smooth and resolution-free;
-- tissue is filled by *quilting*: overlapping square patches cut from the real
+- tissue is filled by *quilting*: overlapping square patches cut from blocks of a real
   texture (random offset, 90-degree rotation and flip) blended with linear ramps
   whose weights sum to one, so no seams show;
-- normal tissue comes from the CMU skin texture, tumour regions from the carcinoma
-  texture; both are stain-shifted per slide in haematoxylin-eosin-DAB space
-  (Ruifrok & Johnston, 2001) to mimic scanning sites;
+- normal tissue comes from one normal texture, tumour regions from one tumour texture
+  (see :mod:`pipeline.data.textures`); both are stain-shifted per slide in
+  haematoxylin-eosin-DAB space (Ruifrok & Johnston, 2001) to mimic scanning sites;
 - pen ink and debris are drawn on the glass around the tissue.
 
 Memory is bounded by one level-0 RGB image plus one strip of float buffers.
@@ -27,9 +27,7 @@ from scipy import ndimage
 from skimage.color import hed2rgb, rgb2hed
 from skimage.draw import disk, line
 
-STRIP = 256  # rows per rendered strip and quilting stride (level-0 px)
-OVERLAP = 64  # blend width between quilted patches (level-0 px)
-PATCH = STRIP + OVERLAP
+STRIP = 256  # rows per rendered strip (level-0 px)
 
 
 @dataclass
@@ -70,74 +68,109 @@ def to_hed(image: np.ndarray) -> np.ndarray:
     return rgb2hed(image).astype(np.float32)
 
 
-def tissue_dense_offsets(image: np.ndarray, patch: int, min_fraction: float) -> np.ndarray:
-    """Top-left ``(y, x)`` offsets of ``patch``-px windows that are mostly tissue.
+def window_tissue(image: np.ndarray, patch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-left ``(y, x)`` offsets of ``patch``-px windows of ``image`` on an 8-px grid, and
+    the share of tissue in each.
 
     Tissue is where HSV-like saturation (max - min over RGB) exceeds 20/255; the
-    windows are scored with a summed-area table on an 8x coarser grid.
+    windows are scored with a summed-area table on the 8x coarser grid. ``patch`` must fit
+    in ``image``.
     """
     step = 8
     small = image[::step, ::step].astype(np.int16)
     tissue = (small.max(-1) - small.min(-1)) > 20
     sat = np.pad(tissue.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-    k = patch // step
+    k = max(1, patch // step)
     frac = (sat[k:, k:] - sat[:-k, k:] - sat[k:, :-k] + sat[:-k, :-k]) / (k * k)
-    ys, xs = np.nonzero(frac >= min_fraction)
-    if len(ys) == 0:  # texture too sparse for this patch size: fall back to the best windows
-        best = np.argsort(frac, axis=None)[-64:]
-        ys, xs = np.unravel_index(best, frac.shape)
+    ys, xs = np.nonzero(np.ones_like(frac, bool))
     ys = np.minimum(ys * step, image.shape[0] - patch)
     xs = np.minimum(xs * step, image.shape[1] - patch)
-    return np.stack([ys, xs], axis=1)
+    return np.stack([ys, xs], axis=1), frac.ravel()
 
 
 class Quilt:
-    """Deterministic patch quilting of one texture over a grid of cells.
+    """Deterministic patch quilting of a set of texture blocks over a grid of cells.
 
-    Cell ``(r, c)`` covers level-0 rows ``[r*STRIP - OVERLAP, (r+1)*STRIP)`` and the
-    same in x; its weight ramps linearly over the first and last ``OVERLAP`` px so
-    that neighbouring weights sum to exactly one.
+    Patches are ``patch`` px squares cut from the ``blocks`` (each patch inside one block,
+    at a random tissue-dense offset, with a random 90-degree rotation and flip). Cell
+    ``(r, c)`` covers level-0 rows ``[r*stride - overlap, (r+1)*stride)`` and the same in
+    x (``stride = patch - overlap``); its weight ramps linearly over the first and last
+    ``overlap`` px so that neighbouring weights sum to exactly one.
     """
 
-    def __init__(self, texture: np.ndarray, rows: int, cols: int, rng: np.random.Generator):
-        self.texture = texture
-        offsets = tissue_dense_offsets(texture, PATCH, 0.8)
-        pick = rng.integers(0, len(offsets), size=(rows, cols))
-        self.offsets = offsets[pick]  # rows x cols x 2
-        self.turns = rng.integers(0, 4, size=(rows, cols))
-        self.flips = rng.integers(0, 2, size=(rows, cols)).astype(bool)
-        t = np.arange(PATCH, dtype=np.float32) + 0.5
-        self.ramp = np.minimum(np.minimum(t / OVERLAP, (PATCH - t) / OVERLAP), 1.0)  # PATCH
+    def __init__(
+        self,
+        blocks: list[np.ndarray],
+        patch: int,
+        height: int,
+        width: int,
+        rng: np.random.Generator,
+    ):
+        self.blocks = blocks
+        self.patch = patch
+        self.overlap = max(2, patch // 5)
+        self.stride = patch - self.overlap
+        self.rows, self.cols = -(-height // self.stride) + 1, -(-width // self.stride) + 1
+        shape = (self.rows, self.cols)
+        # candidate windows of every block: those at least 80% tissue (where no window of
+        # any block is, the 64 densest), drawn uniformly over all blocks
+        windows = [window_tissue(image, patch) for image in blocks]
+        dense = max(f.max() for _, f in windows) >= 0.8
+        where, offsets = [], []
+        for b, (offs, frac) in enumerate(windows):
+            keep = frac >= 0.8 if dense else frac >= np.sort(frac)[-min(64, len(frac))]
+            where.append(np.full(int(keep.sum()), b))
+            offsets.append(offs[keep])
+        where, offsets = np.concatenate(where), np.concatenate(offsets)
+        pick = rng.integers(0, len(where), size=shape)  # rows x cols
+        self.block = where[pick]  # rows x cols
+        self.offsets = offsets[pick]  # rows x cols x 2 (y, x in the block)
+        self.turns = rng.integers(0, 4, size=shape)
+        self.flips = rng.integers(0, 2, size=shape).astype(bool)
+        t = np.arange(patch, dtype=np.float32) + 0.5
+        self.ramp = np.minimum(np.minimum(t / self.overlap, (patch - t) / self.overlap), 1.0)
 
-    def patch(self, r: int, c: int) -> np.ndarray:
+    def patch_at(self, r: int, c: int) -> np.ndarray:
         y, x = self.offsets[r, c]
-        p = self.texture[y : y + PATCH, x : x + PATCH]  # PATCH x PATCH x 3 uint8
+        p = self.blocks[self.block[r, c]][y : y + self.patch, x : x + self.patch]  # P x P x 3
         p = np.rot90(p, self.turns[r, c])
         return p[:, ::-1] if self.flips[r, c] else p
 
-    def render_strip(self, k: int, xa: int, xb: int, need: np.ndarray) -> np.ndarray:
-        """Rows ``[k*STRIP, (k+1)*STRIP)`` x columns ``[xa, xb)`` of the quilt (float32).
+    def cells_touching(self, region: np.ndarray, ds: int) -> np.ndarray:
+        """Cells (``rows x cols``) that overlap a mask-resolution ``region`` (``ds`` level-0
+        px per mask px), dilated by one cell."""
+
+        def incidence(n_cells: int, n_mask: int) -> np.ndarray:  # n_cells x n_mask
+            start = np.arange(n_cells)[:, None] * self.stride - self.overlap
+            i = np.arange(n_mask)[None, :] * ds
+            return ((start < i + ds) & (start + self.patch > i)).astype(np.float32)
+
+        rows = incidence(self.rows, region.shape[0])
+        cols = incidence(self.cols, region.shape[1])
+        cells = (rows @ region.astype(np.float32) @ cols.T) > 0
+        return ndimage.binary_dilation(cells, np.ones((3, 3), bool))
+
+    def render(self, y0: int, y1: int, xa: int, xb: int, need: np.ndarray) -> np.ndarray:
+        """Rows ``[y0, y1)`` x columns ``[xa, xb)`` of the quilt (float32, ``n x m x 3``).
 
         ``need[r, c]`` says whether cell ``(r, c)`` touches the region to be filled;
         cells that do not are skipped (their pixels are never shown).
         """
-        out = np.zeros((STRIP, xb - xa, 3), np.float32)  # STRIP x m x 3
-        c_first, c_last = xa // STRIP, min(need.shape[1] - 1, (xb + OVERLAP) // STRIP)
-        for r in (k, k + 1):
-            if r >= need.shape[0]:
-                continue
-            y0 = r * STRIP - OVERLAP - k * STRIP  # patch row 0 in strip coordinates
-            a, b = max(0, y0), min(STRIP, y0 + PATCH)
-            wy = self.ramp[a - y0 : b - y0, None, None]
-            for c in range(c_first, c_last + 1):
+        s, o, size = self.stride, self.overlap, self.patch
+        out = np.zeros((y1 - y0, xb - xa, 3), np.float32)  # n x m x 3
+        for r in range(y0 // s, min(self.rows, (y1 + o - 1) // s + 1)):
+            top = r * s - o - y0  # patch row 0 in output coordinates
+            a, b = max(0, top), min(y1 - y0, top + size)
+            wy = self.ramp[a - top : b - top, None, None]
+            for c in range(xa // s, min(self.cols, (xb + o - 1) // s + 1)):
                 if not need[r, c]:
                     continue
-                x0 = c * STRIP - OVERLAP - xa  # patch column 0 in output coordinates
-                u, v = max(0, x0), min(xb - xa, x0 + PATCH)
-                if u >= v:
+                left = c * s - o - xa  # patch column 0 in output coordinates
+                u, v = max(0, left), min(xb - xa, left + size)
+                if a >= b or u >= v:
                     continue
-                patch = self.patch(r, c)[a - y0 : b - y0, u - x0 : v - x0]
-                out[a:b, u:v] += patch * wy * self.ramp[None, u - x0 : v - x0, None]
+                patch = self.patch_at(r, c)[a - top : b - top, u - left : v - left]
+                out[a:b, u:v] += patch * wy * self.ramp[None, u - left : v - left, None]
         return out
 
 
@@ -193,41 +226,28 @@ def field_masks(layout: SlideLayout, supersample: int = 4) -> dict[str, np.ndarr
 
 def render_slide(
     layout: SlideLayout,
-    normal: np.ndarray,
-    tumor: np.ndarray,
+    quilts: dict[str, Quilt],
     background: tuple[int, int, int],
     rng: np.random.Generator,
-) -> np.ndarray:
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Render a slide's level-0 RGB image (``H x W x 3`` uint8).
 
-    ``normal`` and ``tumor`` are stained RGB textures already at the slide's mpp.
-    Only the columns of each strip that hold tissue or ink are blended in float;
-    the rest is the glass background.
+    ``quilts["normal"]`` fills the tissue, ``quilts["tumor"]`` (when the layout has a
+    tumour field) the tumour regions; their blocks are stained RGB textures already at the
+    slide's mpp. Only the columns of each strip that hold tissue or ink are blended in
+    float; the rest is the glass background. Returns the image and, per quilt, the cells
+    that were drawn (``rows x cols`` bool).
     """
     h, w, ds = layout.height, layout.width, layout.mask_downsample
-    rows, cols = -(-h // STRIP) + 1, -(-w // STRIP) + 1
-    quilts = {"normal": Quilt(normal, rows, cols, rng)}
-    if layout.tumor_field is not None:
-        quilts["tumor"] = Quilt(tumor, rows, cols, rng)
-
-    def cells_touching(field_lr: np.ndarray) -> np.ndarray:
-        """Cells of the quilting grid that overlap ``field_lr > 0`` (dilated by one cell)."""
-        per = STRIP // ds
-        up = np.zeros((rows * per, cols * per), bool)
-        region = field_lr[: rows * per, : cols * per] > -ds
-        up[: region.shape[0], : region.shape[1]] = region
-        cells = up.reshape(rows, per, cols, per).any(axis=(1, 3))
-        return ndimage.binary_dilation(cells, np.ones((3, 3), bool))
-
     fields = {"tissue": layout.tissue_field, "tumor": layout.tumor_field, "pen": layout.pen_field}
     fields = {k: v for k, v in fields.items() if v is not None}
     for name in ("tissue", "tumor"):  # as signed distances in level-0 px, for crisp edges
         if name in fields:
             fields[name] = signed_distance(fields[name]) * ds
-    fields_x = {k: _lerp(v, _level0_to_mask(np.arange(w), ds), 1) for k, v in fields.items()}
-    need = {"normal": cells_touching(fields["tissue"])}
+    need = {"normal": quilts["normal"].cells_touching(fields["tissue"] > -ds, ds)}
     if "tumor" in fields:
-        need["tumor"] = cells_touching(fields["tumor"])
+        need["tumor"] = quilts["tumor"].cells_touching(fields["tumor"] > -ds, ds)
+    fields_x = {k: _lerp(v, _level0_to_mask(np.arange(w), ds), 1) for k, v in fields.items()}
     active_lr = fields["tissue"] > -ds
     if "pen" in fields:
         active_lr |= fields["pen"] > 0.01
@@ -250,11 +270,10 @@ def render_slide(
         f = {name: _lerp(fx[:, xa:xb], rows_lr, 0) for name, fx in fields_x.items()}
 
         strip = image[y0:y1, xa:xb].astype(np.float32)  # n x m x 3
-        n = y1 - y0
-        tex = quilts["normal"].render_strip(k, xa, xb, need["normal"])[:n]
+        tex = quilts["normal"].render(y0, y1, xa, xb, need["normal"])
         if "tumor" in f:
             beta = np.clip(f["tumor"] / soft + 0.5, 0.0, 1.0)[..., None]  # n x m x 1
-            tex += beta * (quilts["tumor"].render_strip(k, xa, xb, need["tumor"])[:n] - tex)
+            tex += beta * (quilts["tumor"].render(y0, y1, xa, xb, need["tumor"]) - tex)
         alpha = np.clip(f["tissue"] / soft + 0.5, 0.0, 1.0)[..., None]  # n x m x 1
         strip += alpha * (tex - strip)
         if "pen" in f:
@@ -265,7 +284,7 @@ def render_slide(
     for x, y, r in layout.debris:
         rr, cc = disk((y, x), r, shape=(h, w))
         image[rr, cc] = (np.asarray([70, 50, 45]) + rng.integers(-15, 15, 3)).astype(np.uint8)
-    return image
+    return image, need
 
 
 def smooth_noise(shape: tuple[int, int], sigma: float, rng: np.random.Generator) -> np.ndarray:

@@ -23,7 +23,12 @@ from dataclasses import dataclass
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import GroupKFold, GroupShuffleSplit, StratifiedShuffleSplit
+from sklearn.model_selection import (
+    GroupKFold,
+    GroupShuffleSplit,
+    ShuffleSplit,
+    StratifiedShuffleSplit,
+)
 from sklearn.neighbors import KNeighborsClassifier, NearestCentroid
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler, normalize
@@ -39,11 +44,14 @@ def _logistic(c: float, max_iter: int = 1000):
 
 
 def _validation_split(labels: np.ndarray, groups: np.ndarray, seed: int):
-    """Train/validation indices inside a training set: by group when there are enough."""
+    """Train/validation indices inside a training set: by group when there are enough,
+    else stratified by class (unless a class has a single item: then at random)."""
     if len(np.unique(groups)) >= 5:
         return next(
             GroupShuffleSplit(1, test_size=0.2, random_state=seed).split(labels, labels, groups)
         )
+    if np.unique(labels, return_counts=True)[1].min() < 2:
+        return next(ShuffleSplit(1, test_size=0.2, random_state=seed).split(labels))
     return next(StratifiedShuffleSplit(1, test_size=0.2, random_state=seed).split(labels, labels))
 
 

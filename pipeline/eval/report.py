@@ -1,7 +1,9 @@
 """Outputs of ``cpath evaluate``: ``results.json``, ``leaderboard.csv`` (encoders x task
 columns and the mean rank, as pathology foundation-model papers report it, plus each
 tile task's PathoROB robustness index, which is not ranked), ``report.md`` and
-``report.html`` (tables plus the figures of each task)."""
+``report.html`` (tables plus the figures of each task). A slide task with tile labels
+has a ``<model>_localization`` column (attention localization AUC), ranked like the
+others."""
 
 from __future__ import annotations
 
@@ -88,7 +90,7 @@ def _task_tables(name: str, r: dict) -> list[tuple[str, list[str], list[list[str
     """(title, header, rows) tables of one finished task."""
     tables = []
     header = ["encoder"] + [
-        f"{col} ({meta['metric']}, 95% CI)" for col, meta in r["columns"].items()
+        f"{meta.get('title', col)} ({meta['metric']}, 95% CI)" for col, meta in r["columns"].items()
     ]
     encoders = list(next(iter(r["scores"].values()))) if r["scores"] else []
     rows = [[e] + [_ci(r["scores"][col].get(e, {})) for col in r["columns"]] for e in encoders]
@@ -202,6 +204,59 @@ ROBUSTNESS_NOTE = (
 )
 
 
+LOCALIZATION_NOTE = (
+    "localization AUC: per test slide with positive (e.g. tumour) and negative labelled "
+    "tiles, the ROC AUC of the slide model's attention (or instance scores) against the "
+    "tile labels, averaged over seeds, then the mean over slides (95% CI resampling "
+    "patients). Ranked like the other columns."
+)
+
+
+def _column_titles(results: dict) -> dict[str, str]:
+    """Leaderboard headers of the columns that carry a title (``task: title``); the others
+    are shown as ``task/column``."""
+    return {
+        f"{task}/{col}": f"{task}: {meta['title']}"
+        for task, r in results["tasks"].items()
+        if r.get("status") == "ok"
+        for col, meta in r["columns"].items()
+        if meta.get("title")
+    }
+
+
+def _facts(r: dict) -> str:
+    """One line on what a finished task was scored on."""
+    if r.get("kind") == "slide" and r.get("split"):
+        seeds = len(r.get("seeds") or [0])
+        if r["split"] == "fixed":
+            facts = (
+                f"{r['n_items']} test slides of {r['n_patients']} patients; fixed split (the "
+                f"labels' split column): one model per seed trained on {r['n_train']} slides"
+                + (f" ({r['n_val']} more for validation)" if r.get("n_val") else "")
+                + f", {seeds} seeds"
+            )
+        else:
+            facts = (
+                f"{r['n_items']} slides of {r['n_patients']} patients; {r['folds']}-fold "
+                f"cross-validation by patient, {seeds} seeds"
+            )
+        for col, meta in r["columns"].items():
+            if meta.get("metric") == "localization_auc":
+                n = {e: v.get("n_slides") for e, v in r["scores"][col].items()}
+                facts += (
+                    f"; {meta.get('title', col)}: attention against the tile labels in "
+                    f"{meta.get('tile_labels')}, on {max(n.values())} slides with positive "
+                    "and negative tiles"
+                )
+        return facts
+    facts = f"{r.get('n_items')} items" + (
+        f" from {r['n_slides']} slides" if r.get("n_slides") else ""
+    )
+    if r.get("grouped_by") == "patient":
+        facts += f" of {r['n_groups']} patients (folds keep each patient on one side)"
+    return facts
+
+
 def write_outputs(results: dict, out: Path) -> None:
     """``results.json``, ``leaderboard.csv``, ``report.md`` and ``report.html`` in ``out``."""
     results = _plain(results)
@@ -211,8 +266,9 @@ def write_outputs(results: dict, out: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=["encoder", "weights", *columns, "mean_rank"])
         writer.writeheader()
         writer.writerows(rows)
+    titles = _column_titles(results)
     board = (
-        ["encoder", *columns, "mean rank"],
+        ["encoder", *(titles.get(c, c) for c in columns), "mean rank"],
         [[_board_name(r), *(_fmt(r[c]) for c in columns), _fmt(r["mean_rank"], 2)] for r in rows],
     )
     encoders = ", ".join(f"{k} = {v}" for k, v in results["encoders"].items())
@@ -236,6 +292,9 @@ def write_outputs(results: dict, out: Path) -> None:
     if any(c.endswith("/robustness_index") for c in columns):
         md += [ROBUSTNESS_NOTE, ""]
         parts.append(f"<p>{html.escape(ROBUSTNESS_NOTE)}</p>")
+    if any(c.endswith("_localization") and c in titles for c in columns):
+        md += [LOCALIZATION_NOTE, ""]
+        parts.append(f"<p>{html.escape(LOCALIZATION_NOTE)}</p>")
     for name, r in results["tasks"].items():
         md += [f"## {name} ({r.get('kind')})", ""]
         parts.append(f"<h2>{html.escape(name)} ({html.escape(str(r.get('kind')))})</h2>")
@@ -243,11 +302,7 @@ def write_outputs(results: dict, out: Path) -> None:
             md += [f"**Failed**: {r.get('error')}", ""]
             parts.append(f"<p class='failed'><b>Failed</b>: {html.escape(str(r.get('error')))}</p>")
             continue
-        facts = f"{r.get('n_items')} items" + (
-            f" from {r['n_slides']} slides" if r.get("n_slides") else ""
-        )
-        if r.get("grouped_by") == "patient":
-            facts += f" of {r['n_groups']} patients (folds keep each patient on one side)"
+        facts = _facts(r)
         md += [facts, ""]
         parts.append(f"<p>{html.escape(facts)}</p>")
         for title, header, trows in _task_tables(name, r):

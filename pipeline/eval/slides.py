@@ -3,9 +3,16 @@
 Every encoder of a task is trained on the same splits (one ``splits_seed<s>.csv`` per
 seed, grouped by patient, made again when the labels or split settings change), with
 :func:`pipeline.mil.training.train_cv`; finished folds are reused on a rerun with the
-same labels, features, splits and training settings. Per encoder, the out-of-fold predictions of the seeds are
-averaged per slide, and the metrics, their bootstrap CI and the paired comparisons
-are computed on those averages, resampling patients (all slides of one together).
+same labels, features, splits and training settings. Per encoder, the out-of-fold
+predictions of the seeds are averaged per slide, and the metrics, their bootstrap CI and
+the paired comparisons are computed on those averages, resampling patients (all slides of
+one together).
+
+A labels CSV with a ``split`` column (``train``, ``val`` or ``test`` per slide) gives a
+fixed split instead: every seed trains one model on the ``train`` slides (``val`` ones
+for early stopping) and predicts the ``test`` slides, which are then the task's items.
+With ``tile_labels`` (a CSV ``slide_id,index,positive``), every run also scores its fold
+models' attention against the tile labels of its test slides (the localization AUC).
 """
 
 from __future__ import annotations
@@ -80,14 +87,37 @@ def run_slide_task(task: dict, encoders: list[str], out: Path, progress: bool = 
     labels = Path(task["labels"]) if task.get("labels") else None
     if labels is None or not labels.is_file():
         raise PipelineError(f"labels file '{labels}' not found")
+    given = task.get("tile_labels") or task.get("mil", {}).get("tile_labels")
+    tile_labels = Path(given) if given else None
+    if tile_labels is not None and not tile_labels.is_file():
+        raise PipelineError(f"tile_labels file '{tile_labels}' not found")
     folders = feature_folders(str(task["features"]), encoders)
     rows = read_labels(labels, kind)
+    fixed = fixed_split(rows, labels)  # None: cross-validation
     slides = check_same_tiles(folders, [r["slide_id"] for r in rows])
     rows = [r for r in rows if r["slide_id"] in set(slides)]
     if kind == "classification" and len({r["label"] for r in rows}) < 2:
         raise PipelineError(f"{labels}: one class among the slides with features")
     seeds = list(task.get("seeds", [0]))
     folds = int(task.get("folds", 5))
+    if fixed is not None:
+        fixed = [r for r in fixed if r["slide_id"] in set(slides)]
+        for role in ("train", "test"):
+            if not any(r["fold_0"] == role for r in fixed):
+                raise PipelineError(
+                    f"{labels}: the split column has no {role} rows among the slides with "
+                    "features; a fixed split needs train and test slides"
+                )
+        if "folds" in task:
+            log.warning(
+                "%s has a split column: its fixed split is used, not folds %d", labels, folds
+            )
+        log.info(
+            "%s: fixed split, %s slides",
+            labels,
+            ", ".join(f"{sum(r['fold_0'] == k for r in fixed)} {k}" for k in SPLIT_ROLES),
+        )
+        folds = 1
     out.mkdir(parents=True, exist_ok=True)
     kept = out / "labels.csv"  # the slides every encoder has, for train_cv
     fields = list(rows[0])
@@ -97,11 +127,24 @@ def run_slide_task(task: dict, encoders: list[str], out: Path, progress: bool = 
         writer.writerows(rows)
     stratify = "label" if kind == "classification" else "event"
     for s in seeds:
-        splits = make_splits(rows, folds, float(task.get("val_share", 0.2)), s, stratify=stratify)
+        if fixed is not None:  # the same split for every seed: only the training varies
+            splits = fixed
+        else:
+            splits = make_splits(
+                rows, folds, float(task.get("val_share", 0.2)), s, stratify=stratify
+            )
         current_splits(out / f"splits_seed{s}.csv", splits)
+    roles = [r["fold_0"] for r in fixed] if fixed is not None else []
+    split = {
+        "split": "cv" if fixed is None else "fixed",
+        # cross-validation: every slide trains the models of the folds that do not test it
+        "n_train": roles.count("train") if fixed is not None else len(rows),
+        "n_val": roles.count("val") if fixed is not None else None,  # cv: val_share
+        "folds": folds,
+    }
     results = {}
     for e in encoders:
-        runs = []
+        runs, located = [], []
         for s in seeds:
             cfg = TrainMILConfig(
                 **{
@@ -114,15 +157,59 @@ def run_slide_task(task: dict, encoders: list[str], out: Path, progress: bool = 
                     "seed": s,
                     "splits": out / f"splits_seed{s}.csv",
                     "out": out / e / f"seed_{s}",
-                    "bootstrap": 0,
+                    "tile_labels": tile_labels,
+                    "bootstrap": 0,  # the suite computes its own intervals
                     "progress": progress,
                 }
             )
-            train_cv(cfg)
+            metrics = train_cv(cfg)
             with open(cfg.out / "predictions.csv", newline="") as f:
                 runs.append(list(csv.DictReader(f)))
-        results[e] = seed_average(runs, kind)
+            if tile_labels is not None:
+                located.append(dict(metrics.get("localization", {}).get("per_slide", {})))
+        results[e] = {
+            **seed_average(runs, kind),
+            **split,
+            "localization": located if tile_labels is not None else None,
+        }
     return results
+
+
+SPLIT_ROLES = ("train", "val", "test")
+
+
+def fixed_split(rows: list[dict], labels: Path) -> list[dict] | None:
+    """The splits (one fold, ``fold_0``: train, val or test) of a labels CSV with a
+    ``split`` column, in the layout of :func:`pipeline.mil.splits.write_splits`; ``None``
+    without one. An error for another value (naming the row), or for a patient with slides
+    on both sides (training or validation, and test)."""
+    if not rows or "split" not in rows[0]:
+        return None
+    splits, sides = [], {}
+    for line, r in enumerate(rows, start=2):  # line 1: the header
+        role = (r.get("split") or "").strip().lower()
+        if role not in SPLIT_ROLES:
+            raise PipelineError(
+                f"{labels}, line {line} (slide {r['slide_id']}): split must be train, val "
+                f"or test, not '{r.get('split') or ''}'"
+            )
+        sides.setdefault(r["case_id"], {})[role == "test"] = r["slide_id"]
+        splits.append(
+            {
+                "slide_id": r["slide_id"],
+                "case_id": r["case_id"],
+                "label": str(r["label"]),
+                "fold_0": role,
+            }
+        )
+    for case, side in sides.items():
+        if len(side) > 1:
+            raise PipelineError(
+                f"{labels}: patient {case} has slides on both sides of the split "
+                f"({side[False]} trains, {side[True]} tests); put all of a patient's "
+                "slides in train/val or all in test"
+            )
+    return splits
 
 
 def current_splits(path: Path, splits: list[dict]) -> Path:

@@ -12,8 +12,10 @@ A tile task's ``data`` is one of
   patient) or ``group_pattern`` (a regular expression searched in each file name: its
   first group, or the whole match, names the slide or patient); without either, each
   image is its own group, which a warning flags where there is no fixed split;
-- ``{coords: DIR, demo: DIR, per_slide: N}``: the demo cohort's tiles labelled tumour or
-  normal from its ground-truth masks.
+- ``{coords: DIR, demo: DIR, per_slide: N, classes: tumour | tissue, test: cv | held-out}``:
+  the demo cohorts' tiles labelled from their ground-truth masks, tumour / normal or by
+  tissue class; ``cv`` cross-validates on the development cohort, ``held-out`` trains on
+  it and tests on the held-out cohort (:func:`pipeline.data.demo.tile_labels`).
 
 Cross-validation folds (and bootstrap clusters) group tiles by patient where the data
 names one, a ``case_id`` column of the CSV or of the task's ``sites`` file (the slide
@@ -218,7 +220,23 @@ def read_tile_set(
         for key in ("coords", "demo"):
             if not Path(data.get(key, "")).is_dir():
                 raise PipelineError(f"tile data {data}: '{key}' must be an existing folder")
-        rows = tile_labels(data["coords"], data["demo"], data.get("per_slide"), data.get("seed", 0))
+        unknown = set(data) - {"coords", "demo", "per_slide", "seed", "classes", "test"}
+        if unknown:
+            raise ConfigError(
+                f"tile data {data}: unknown keys {', '.join(sorted(unknown))} (coords, demo, "
+                "per_slide, seed, classes: tumour | tissue, test: cv | held-out | all)"
+            )
+        try:
+            rows = tile_labels(
+                data["coords"],
+                data["demo"],
+                data.get("per_slide"),
+                data.get("seed", 0),
+                classes=data.get("classes", "tumour"),
+                test=data.get("test", "cv"),
+            )
+        except ValueError as exc:
+            raise ConfigError(f"tile data {data}: {exc}") from exc
         tiles = _from_rows(rows, Path(data["coords"]))
     else:
         path = Path(data)

@@ -607,7 +607,7 @@ def localization(cfg: TrainMILConfig, out: Path, store, splits, targets) -> dict
         "labels": str(cfg.tile_labels),
         "scores": "tile attention of the predicted class (or instance score), fold model",
     }
-    if len(ids) > 1:
+    if len(ids) > 1 and cfg.bootstrap > 0:
         patients = np.array([targets.by_id[s]["case_id"] for s in ids])
         cis = bootstrap_cis(
             lambda idx: {"auc": float(values[idx].mean())},

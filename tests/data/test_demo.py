@@ -9,7 +9,15 @@ import pytest
 import tifffile
 from PIL import Image
 
-from pipeline.data.demo import generate_slide, load_textures, make_cohort, plan_cohort, tile_labels
+from pipeline.data.demo import generate_slide, make_cohort, plan_cohort, tile_labels
+from pipeline.data.textures import (
+    DEVELOPMENT,
+    HELD_OUT,
+    TEXTURES,
+    TISSUE_CLASSES,
+    load_textures,
+    texture_blocks,
+)
 from tests.conftest import CACHE
 
 
@@ -44,7 +52,8 @@ def test_labels_csv_matches_ground_truth_masks(tiny_cohort):
     records = {r["slide_id"]: r for r in _records(tiny_cohort)}
     with open(tiny_cohort / "labels.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["slide_id"] for r in rows] == sorted(records)
+    development = sorted(s for s, r in records.items() if r["cohort"] == DEVELOPMENT)
+    assert [r["slide_id"] for r in rows] == development
     assert set(rows[0]) == {"slide_id", "case_id", "label", "site", "time", "event"}
     by_case = defaultdict(list)
     for row in rows:
@@ -134,3 +143,85 @@ def test_tile_labels_follow_the_ground_truth_tumour_masks(tiny_prep, tiny_cohort
     for r in capped:
         per[(r["slide_id"], r["label"])] = per.get((r["slide_id"], r["label"]), 0) + 1
     assert max(per.values()) <= 5
+
+
+def test_texture_blocks_are_a_checkerboard_of_the_whole_texture():
+    textures = load_textures(CACHE)
+    for name, image in textures.items():
+        blocks = texture_blocks(name, image.shape[:2])
+        cover = np.zeros(image.shape[:2], np.int32)
+        for b in blocks:
+            cover[b.y0 : b.y1, b.x0 : b.x1] += 1
+            assert min(b.y1 - b.y0, b.x1 - b.x0) * TEXTURES[name].mpp >= 60, name
+        assert (cover == 1).all(), f"{name}: blocks overlap or leave gaps"
+        for a in blocks:  # blocks that share an edge belong to different cohorts
+            for b in blocks:
+                touching = (a.y1 == b.y0 and a.x0 == b.x0) or (a.x1 == b.x0 and a.y0 == b.y0)
+                assert not touching or a.cohort != b.cohort, name
+        assert {b.cohort for b in blocks} == {DEVELOPMENT, HELD_OUT}
+
+
+def test_no_held_out_tissue_reaches_a_development_slide(tiny_cohort):
+    """Every quilt patch drawn on a slide was cut inside one block of its cohort's regions,
+    from the slide's own textures; the cohorts share no slide, patient or site."""
+    summary = json.loads((tiny_cohort / "cohort.json").read_text())
+    records = summary["slides"]
+    blocks = {(name, b["index"]): b for name, t in summary["textures"].items() for b in t["blocks"]}
+    seen = {DEVELOPMENT: set(), HELD_OUT: set()}
+    for r in records:
+        with open(tiny_cohort / "ground_truth" / f"{r['slide_id']}_patches.csv") as f:
+            patches = list(csv.DictReader(f))
+        assert len(patches) > 20, r["slide_id"]
+        layers = {p["layer"]: p["texture"] for p in patches}
+        assert layers["normal"] == r["normal"]
+        assert layers.get("tumor", "") == r["tumour"]
+        for p in patches:
+            b = blocks[(p["texture"], int(p["block"]))]
+            x0, y0, x1, y1 = (int(p[k]) for k in ("x0", "y0", "x1", "y1"))
+            assert b["cohort"] == r["cohort"], (r["slide_id"], p)
+            assert b["x0"] <= x0 < x1 <= b["x1"] and b["y0"] <= y0 < y1 <= b["y1"], p
+            seen[r["cohort"]].add((p["texture"], int(p["block"])))
+    assert seen[DEVELOPMENT] and seen[HELD_OUT] and not seen[DEVELOPMENT] & seen[HELD_OUT]
+    by_cohort = {c: [r for r in records if r["cohort"] == c] for c in (DEVELOPMENT, HELD_OUT)}
+    for key in ("slide_id", "case_id", "site"):
+        dev, held = ({r[key] for r in rows} for rows in by_cohort.values())
+        assert dev and held and not dev & held, key
+    with open(tiny_cohort / "labels_heldout.csv") as f:
+        split = {r["slide_id"]: r["split"] for r in csv.DictReader(f)}
+    assert split == {
+        r["slide_id"]: "train" if r["cohort"] == DEVELOPMENT else "test" for r in records
+    }
+
+
+def test_held_out_plans_spread_textures_over_their_own_patients_and_sites():
+    dev, held = plan_cohort(32, seed=0), plan_cohort(16, seed=0, cohort=HELD_OUT)
+    assert all(p.slide_id.startswith("held_") and p.site in {"E", "F"} for p in held)
+    assert not {p.case_id for p in dev} & {p.case_id for p in held}
+    for plans in (dev, held):
+        tumours = [TEXTURES[p.tumour].tissue for p in plans if p.label == "tumor"]
+        counts = np.unique(tumours, return_counts=True)[1]
+        assert len(counts) == 4 and counts.max() - counts.min() <= 1  # by slide count
+        assert all(p.tumour == "" for p in plans if p.label == "normal")
+        assert len({p.normal for p in plans}) == 5
+
+
+def test_tissue_tile_labels_and_the_held_out_split(tiny_prep, tiny_cohort):
+    records = {r["slide_id"]: r for r in _records(tiny_cohort)}
+    cv = tile_labels(tiny_prep / "coords", tiny_cohort, classes="tissue")
+    assert {records[r["slide_id"]]["cohort"] for r in cv} == {DEVELOPMENT}
+    assert "split" not in cv[0]
+    held = tile_labels(tiny_prep / "coords", tiny_cohort, classes="tissue", test="held-out")
+    assert {r["split"] for r in held} == {"train", "test"}
+    for r in held:
+        facts = records[r["slide_id"]]
+        assert r["split"] == ("train" if facts["cohort"] == DEVELOPMENT else "test")
+        assert r["label"] in {facts["normal_tissue"], facts["tumour_tissue"]}
+        assert r["label"] in TISSUE_CLASSES and r["case_id"] == facts["case_id"]
+    tumour = tile_labels(tiny_prep / "coords", tiny_cohort, test="held-out")
+    tumour_keys = {(r["slide_id"], r["index"]) for r in tumour if r["label"] == "tumor"}
+    tissue_tumour = {
+        (r["slide_id"], r["index"])
+        for r in held
+        if r["label"] == records[r["slide_id"]]["tumour_tissue"]
+    }
+    assert tumour_keys == tissue_tumour  # the same tiles, named by class

@@ -1,5 +1,7 @@
 """The tile protocols against direct computations on the same features, and the statistics."""
 
+import warnings
+
 import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
@@ -9,7 +11,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from pipeline.errors import PipelineError
-from pipeline.eval.protocols import C_SWEEP, Folds, cross_validate, few_shot, knn
+from pipeline.eval.protocols import C_SWEEP, Folds, cross_validate, few_shot, knn, linear_probe
 from pipeline.eval.stats import bootstrap_ci, paired_bootstrap
 
 
@@ -122,3 +124,32 @@ def test_paired_bootstrap_separates_a_better_encoder():
     assert test["p_value"] < 0.01 and test["ci"][0] > 0
     same = paired_bootstrap(accuracy, good, good.copy(), n=200)
     assert same["difference"] == 0 and same["p_value"] == 1.0
+
+
+def test_balanced_accuracy_equals_scikit_learns():
+    from pipeline.mil.metrics import balanced_accuracy
+
+    rng = np.random.default_rng(0)
+    for trial in range(50):
+        n = int(rng.integers(1, 60))
+        y = rng.choice(np.array(["a", "b", "c", "d"]), n, p=[0.5, 0.3, 0.15, 0.05])
+        pred = rng.choice(np.array(["a", "b", "c", "d", "e"]), n)  # "e" is never a label
+        if trial % 5 == 0:
+            pred = y.copy()
+        with warnings.catch_warnings():  # "y_pred contains classes not in y_true"
+            warnings.simplefilter("ignore", UserWarning)
+            expected = balanced_accuracy_score(y, pred)
+        assert balanced_accuracy(y, pred) == pytest.approx(expected, abs=1e-12)
+    ints = rng.integers(0, 3, 40)
+    assert balanced_accuracy(ints, np.roll(ints, 1)) == pytest.approx(
+        balanced_accuracy_score(ints, np.roll(ints, 1))
+    )
+
+
+def test_linear_probe_with_few_patients_and_a_class_of_one_tile(blobs):
+    """Under five patients, C is chosen on a stratified split, which cannot hold a class
+    with a single training tile: the split is then random, and the probe still fits."""
+    x, y, groups = blobs
+    train = np.r_[np.arange(0, 60), np.arange(60, 120), [150]]  # one tile of class "c"
+    probs, meta = linear_probe(x[train], y[train], x[:5], groups[train] != "", seed=0)
+    assert probs.shape == (5, 3) and meta["C"] in C_SWEEP

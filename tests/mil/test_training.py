@@ -478,6 +478,8 @@ def test_localization_auc_of_the_fold_models_against_tile_labels(planted, tmp_pa
         expected = roc_auc_score(labels, tile_scores(module, feats))
         assert loc["per_slide"][slide_id] == pytest.approx(expected)
     assert json.loads((out / "metrics.json").read_text())["localization"]["auc"] == loc["auc"]
+    quiet = train_cv(cfg(planted, out, tile_labels=planted / "tiles.csv", bootstrap=0))
+    assert quiet["localization"]["auc"] == loc["auc"] and "ci" not in quiet["localization"]
     bad = tmp_path / "bad.csv"
     bad.write_text("slide_id,index,positive\ns01,999,1\ns01,0,0\n")
     with pytest.raises(PipelineError, match="slide s01 has .* tiles, but a label names tile 999"):
