@@ -39,8 +39,20 @@ def cmu_svs(sources) -> Path:
 @pytest.fixture(scope="session")
 def tiny_cohort(tmp_path_factory, sources) -> Path:
     """A 6-slide development cohort at a third of the default size (all four sites, both
-    classes) and a 4-slide held-out cohort (sites E and F)."""
+    classes)."""
     out = tmp_path_factory.mktemp("cohort")
+    make_cohort(
+        out, n_slides=6, seed=3, size_scale=0.35, workers=2, cache_dir=CACHE, progress=False
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_cohorts(tmp_path_factory, tiny_cohort) -> Path:
+    """The tiny cohort (its slides reused) plus a 4-slide held-out cohort (sites E and F,
+    held-out tissue regions)."""
+    out = tmp_path_factory.mktemp("cohorts") / "demo"
+    shutil.copytree(tiny_cohort, out)
     make_cohort(
         out,
         n_slides=6,
@@ -51,6 +63,17 @@ def tiny_cohort(tmp_path_factory, sources) -> Path:
         progress=False,
         n_heldout=4,
     )
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_cohorts_prep(tmp_path_factory, tiny_cohorts) -> Path:
+    """Both tiny cohorts preprocessed at 0.5 mpp into 128-px tiles (the run folder)."""
+    from pipeline.wsi.preprocess import PreprocessConfig, run
+
+    out = tmp_path_factory.mktemp("tiny_cohorts_prep")
+    cfg = PreprocessConfig(slides=str(tiny_cohorts / "slides"), out=out, tile_size=128)
+    assert run(cfg) == 0
     return out
 
 
@@ -70,8 +93,7 @@ def tiny_prep(tmp_path_factory, tiny_cohort) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tiny_prep) -> Path:
     """The tiny-cpu pretraining preset (here 200 steps of 16 tiles, one process) on the tiny
-    cohort (both cohorts: a fixture of the pretraining code, not of the hold-out); its
-    exported encoder is ``tiny_run / "encoder"``."""
+    (development) cohort; its exported encoder is ``tiny_run / "encoder"``."""
     out = tmp_path_factory.mktemp("tiny_run")
     cmd = [
         sys.executable,
@@ -95,14 +117,15 @@ def tiny_run(tmp_path_factory, tiny_prep) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_demo(tmp_path_factory, tiny_cohort, tiny_run):
-    """The demo on the tiny cohort (3 folds); pretraining reuses the 200-step tiny run."""
+def tiny_demo(tmp_path_factory, tiny_cohorts, tiny_run):
+    """The demo on the tiny cohorts (3 folds); pretraining reuses the 200-step tiny run
+    (on the development slides, as the demo's)."""
     runs = tmp_path_factory.mktemp("demo_runs")
     shutil.copytree(tiny_run, runs / "pretrain")
     from pipeline.demo import DemoConfig, run
 
     cfg = DemoConfig(
-        data=tiny_cohort,
+        data=tiny_cohorts,
         cache=CACHE,
         runs=runs,
         n_slides=6,

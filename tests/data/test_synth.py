@@ -2,6 +2,7 @@ import numpy as np
 
 from pipeline.data.synth import (
     STRIP,
+    Quilt,
     SlideLayout,
     blob_field,
     field_masks,
@@ -27,8 +28,13 @@ def test_regions_get_their_texture_and_glass_its_tint():
     layout = _layout(rng)
     red = np.zeros((400, 400, 3), np.uint8) + np.array([200, 40, 60], np.uint8)
     blue = np.zeros((400, 400, 3), np.uint8) + np.array([60, 40, 180], np.uint8)
-    image = render_slide(layout, red, blue, (240, 240, 240), rng)
+    quilts = {
+        "normal": Quilt([red], 160, layout.height, layout.width, rng),
+        "tumor": Quilt([blue], 96, layout.height, layout.width, rng),
+    }
+    image, drawn = render_slide(layout, quilts, (240, 240, 240), rng)
     masks = field_masks(layout)
+    assert drawn["tumor"].sum() < drawn["normal"].sum() < drawn["normal"].size
     assert image.shape == (1500, 1900, 3)
     ds = layout.mask_downsample
     centres = image[ds // 2 :: ds, ds // 2 :: ds].astype(int)  # one level-0 px per mask px
@@ -40,11 +46,14 @@ def test_regions_get_their_texture_and_glass_its_tint():
 
 
 def test_quilting_leaves_no_seams():
-    """Blend weights of overlapping patches sum to one: a flat texture stays flat."""
+    """Blend weights of overlapping patches sum to one: a flat texture stays flat, on a
+    cell grid (stride 80 px) that does not line up with the rendered strips (256 px)."""
     rng = np.random.default_rng(1)
     layout = _layout(rng, with_tumor=False)
     flat = np.full((400, 400, 3), (150, 60, 120), np.uint8)
-    image = render_slide(layout, flat, flat, (240, 240, 240), rng)
+    quilt = Quilt([flat[:200], flat[200:]], 100, layout.height, layout.width, rng)
+    assert quilt.stride == 80 and STRIP % quilt.stride
+    image, _ = render_slide(layout, {"normal": quilt}, (240, 240, 240), rng)
     inside = field_masks(layout)["tissue"]
     ds = layout.mask_downsample
     core = inside[1:-1, 1:-1] & inside[:-2, 1:-1] & inside[2:, 1:-1] & inside[1:-1, :-2]
@@ -59,3 +68,21 @@ def test_quilting_leaves_no_seams():
     )
     assert len(ys) * ds > 2 * STRIP
     assert np.abs(block.astype(int) - [150, 60, 120]).max() <= 1
+
+
+def test_quilt_patches_come_from_dense_windows_inside_one_block():
+    """Each cell's patch lies inside its block, on a window at least 80% tissue."""
+    rng = np.random.default_rng(2)
+    tissue = np.zeros((300, 300, 3), np.uint8) + np.array([180, 60, 140], np.uint8)
+    half = tissue.copy()
+    half[:, 150:] = 245  # unstained glass on the right half
+    quilt = Quilt([tissue[:120], half], 64, 800, 900, rng)
+    assert set(np.unique(quilt.block)) == {0, 1}
+    for r in range(quilt.rows):
+        for c in range(quilt.cols):
+            block = quilt.blocks[quilt.block[r, c]]
+            y, x = quilt.offsets[r, c]
+            assert 0 <= y <= block.shape[0] - 64 and 0 <= x <= block.shape[1] - 64
+            patch = quilt.patch_at(r, c).astype(int)
+            assert patch.shape == (64, 64, 3)
+            assert ((patch.max(-1) - patch.min(-1)) > 20).mean() >= 0.8 - 1 / 8
