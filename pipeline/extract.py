@@ -36,10 +36,11 @@ class ExtractConfig:
     Args:
         coords: coords folder of `cpath preprocess` (or one .h5, or a text list of them).
         encoder: required: an exported folder (`cpath pretrain`), timm:<arch> with
-            --encoder_weights, or hf-hub:<org>/<name>. timm:<arch> without weights and
-            random:<folder> are random-init baselines: logged as a warning and marked
-            `weights: random` in every feature file.
-        encoder_weights: local weights for a timm:<arch> encoder or, of the same
+            --encoder_weights, hf-hub:<org>/<name>, or a zoo model KEY or KEY:MODE
+            (`cpath encoders`, e.g. virchow2:cls) with --encoder_weights. timm:<arch>
+            without weights and random:<folder> are random-init baselines: logged as a
+            warning and marked `weights: random` in every feature file.
+        encoder_weights: local weights for a timm:<arch> or zoo encoder or, of the same
             architecture, for an exported folder (safetensors or torch file).
         slides: where the slides are (a folder, glob or CSV, as for preprocess), matched to
             the coords by slide id: for coords that do not name their slide (CLAM) or

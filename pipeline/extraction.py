@@ -110,6 +110,13 @@ def plan(
         "mean": list(encoder.mean),
         "std": list(encoder.std),
     }
+    if encoder.resize_size is not None:  # zoo encoders: the authors' resize and crop
+        transform.update(
+            resize_size=encoder.resize_size,
+            interpolation=encoder.interpolation,
+            center_crop=encoder.center_crop,
+        )
+    zoo = {"encoder_key": encoder.key, "output_mode": encoder.output_mode} if encoder.key else {}
     stain_sha = (
         sha256_file(cfg.stain_norm) if cfg.stain_norm and Path(cfg.stain_norm).is_file() else ""
     )
@@ -157,6 +164,7 @@ def plan(
             "encoder_sha256": weights_sha,
             "weights": encoder.weights,
             "pooling": cfg.pooling,
+            **zoo,
             "precision": cfg.precision,
             "dtype": cfg.dtype,
             "transform": transform,
@@ -194,7 +202,8 @@ def extract(cfg: ExtractConfig) -> list[dict]:
     if not cfg.encoder:
         raise ConfigError(
             "extract needs --encoder: an exported folder (`cpath pretrain`), timm:<arch> with "
-            "--encoder_weights FILE, or hf-hub:<org>/<name>. For a random-init baseline say so: "
+            "--encoder_weights FILE, hf-hub:<org>/<name>, or a zoo model KEY[:MODE] "
+            "(`cpath encoders`) with --encoder_weights FILE. For a random-init baseline say so: "
             "timm:<arch> without weights, or random:<exported folder>."
         )
     if cfg.batch_size < 1:
@@ -202,6 +211,11 @@ def extract(cfg: ExtractConfig) -> list[dict]:
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)  # random-init encoders are reproducible
     encoder = load_encoder(cfg.encoder, weights=cfg.encoder_weights, device=device)
+    if encoder.output_mode is not None and cfg.pooling != "cls":
+        raise ConfigError(
+            f"--pooling {cfg.pooling} does not apply to {encoder.name}: choose its output mode "
+            f"in the name ({encoder.key}:MODE) and leave --pooling at cls"
+        )
     weights_sha = encoder.weights_sha256 or state_sha256(encoder.model)
     stain = load_normalizer(cfg.stain_norm, device=device) if cfg.stain_norm else None
     out = Path(cfg.out)

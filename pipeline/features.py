@@ -6,7 +6,8 @@ Layout (CLAM-compatible: ``features`` + ``coords`` datasets)::
       features   N x D float16 or float32, row i = tile i of the slide's coords file
       coords     N x 2 int64 level-0 (x, y), the coords file's rows in order
       attrs      slide_id, slide_path, encoder, encoder_sha256, weights (pretrained or
-                 random), embed_dim, pooling, transform (JSON), precision, dtype (as asked:
+                 random), embed_dim, pooling, encoder_key and output_mode (zoo
+                 encoders only), transform (JSON), precision, dtype (as asked:
                  float16, float32 or auto; the dataset's own dtype is what was stored),
                  target_mpp, patch_size, patch_size_level0, coords_sha256, stain_norm,
                  stain_norm_sha256, n_tiles, package_version, schema_version, complete

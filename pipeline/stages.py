@@ -64,5 +64,11 @@ STAGES = {
         ),
         Stage("demo", "the whole pipeline on the demo cohort", "pipeline.demo", "DemoConfig"),
         Stage("info", "versions, devices, OpenSlide and demo data", "pipeline.info", "InfoConfig"),
+        Stage(
+            "encoders",
+            "the zoo of public pathology foundation models",
+            "pipeline.encoder_list",
+            "EncodersConfig",
+        ),
     )
 }

@@ -328,7 +328,7 @@ def embed_tiles(
     from tqdm import tqdm
 
     loader = DataLoader(
-        TileImages(tiles, encoder.input_size), batch_size=batch_size, num_workers=workers
+        TileImages(tiles, encoder.load_size), batch_size=batch_size, num_workers=workers
     )
     gen = torch.Generator().manual_seed(STAIN_SHIFT["seed"])
     jitter = HEDJitter(STAIN_SHIFT["sigma"], STAIN_SHIFT["bias"], generator=gen)

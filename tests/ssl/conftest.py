@@ -2,52 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
-import openslide
 import pytest
 import torch
-import torch.nn.functional as F
-from PIL import Image
-
-from pipeline.data.demo import SITES
-from pipeline.data.synth import stain_shift, to_hed
-
-
-def texture_tiles(sources: dict, per_class: int = 96, size: int = 64, seed: int = 0):
-    """``(N x 3 x size x size uint8, labels, groups)``: 64 um crops at 0.5 mpp (128 px) of the
-    carcinoma image (tumour) and the CMU skin scan (normal), each in the stain of a random
-    demo site. Groups are the quarters of each image, so cross-validation folds never share
-    overlapping crops."""
-    rng = np.random.default_rng(seed)
-    carcinoma = np.asarray(Image.open(sources["carcinoma"]).convert("RGB"))[
-        ::2, ::2
-    ]  # 0.25 -> 0.5 mpp
-    with openslide.OpenSlide(str(sources["cmu"])) as slide:
-        skin = np.asarray(slide.read_region((300, 600), 0, (1600, 2000)).convert("RGB"))
-    images, labels, groups = [], [], []
-    for label, image in (("tumor", carcinoma), ("normal", skin)):
-        h, w = image.shape[:2]
-        for i in range(per_class):
-            quarter = i % 4
-            y0 = (quarter // 2) * (h // 2)
-            x0 = (quarter % 2) * (w // 2)
-            y = y0 + rng.integers(0, h // 2 - 128)
-            x = x0 + rng.integers(0, w // 2 - 128)
-            crop = image[y : y + 128, x : x + 128]
-            site = SITES[rng.integers(len(SITES))]
-            crop = stain_shift(to_hed(crop), site.stain)
-            images.append(torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1))
-            labels.append(label)
-            groups.append(f"{label}-{quarter}")
-    batch = torch.stack(images).float()
-    batch = F.interpolate(batch, size=(size, size), mode="bilinear", antialias=True)
-    return batch.round().clamp(0, 255).to(torch.uint8), np.array(labels), np.array(groups)
-
-
-@pytest.fixture(scope="session")
-def texture_probe(sources):
-    return texture_tiles(sources)
-
 
 TINY_VIT = {"img_size": 16, "patch_size": 8, "depth": 1, "embed_dim": 16, "num_heads": 2}
 

@@ -19,7 +19,6 @@ from safetensors.torch import load_file
 from pipeline.cli import main
 from pipeline.data.demo import tile_labels
 from pipeline.encoders import load_encoder
-from pipeline.ssl.probe import embed, knn_probe, linear_probe
 from pipeline.ssl.train import read_metrics
 from pipeline.wsi.coords import write_coords
 
@@ -221,27 +220,3 @@ def test_bad_configs_fail_with_clear_messages(tmp_path, tiny_prep, override, mes
     argv = pretrain_cmd(tiny_prep / "coords", tmp_path / "run", *override)[3:]  # after -m pipeline
     assert main(argv) == 1
     assert message in capsys.readouterr().err
-
-
-def test_pretrained_encoder_beats_random_init_on_tile_probes(tiny_run, texture_probe):
-    """Tumour vs normal tiles of the demo's real textures (192 tiles, folds by image quarter):
-    the pretrained encoder against the same architecture at three random inits. The linear
-    probe alone varies by about 0.05 between pretraining seeds of this 200-step run (0.870 and
-    0.823 for seeds 0 and 1, the kNN probe 0.870 and 0.875), so it is judged with the kNN
-    probe, as their mean."""
-    images, labels, groups = texture_probe
-    pretrained = load_encoder(tiny_run / "encoder")
-    export = pretrained.config["export"]
-    random = {"linear": [], "knn": []}
-    for seed in range(3):
-        torch.manual_seed(seed)
-        model = load_encoder(f"timm:{export['architecture']}", **export["model_args"])
-        feats = embed(model.model, images, model.mean, model.std)
-        random["linear"].append(linear_probe(feats, labels, groups))
-        random["knn"].append(knn_probe(feats, labels, groups))
-    feats = embed(pretrained.model, images, pretrained.mean, pretrained.std)
-    ours = {"linear": linear_probe(feats, labels, groups), "knn": knn_probe(feats, labels, groups)}
-    print(f"balanced accuracy: pretrained {ours}, random init {random}")
-    assert ours["knn"] > np.mean(random["knn"]) + 0.02
-    both = (ours["linear"] + ours["knn"]) / 2
-    assert both > (np.mean(random["linear"]) + np.mean(random["knn"])) / 2 + 0.02

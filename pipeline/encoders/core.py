@@ -9,7 +9,10 @@ normalisation mean/std, the embedding size, and the SHA-256 of the weights. ``sp
   logged as a warning and marked ``weights: random`` wherever its features go),
 - ``hf-hub:<org>/<name>`` through timm's own hub loader (needs network access),
 - ``random:<exported folder>``: the same architecture and input at random init (seed 0),
-  the baseline a pretrained encoder is compared with.
+  the baseline a pretrained encoder is compared with,
+- ``KEY`` or ``KEY:MODE``: a public pathology foundation model of the zoo
+  (:mod:`pipeline.encoders.zoo`), with its authors' transform and output mode; its weights
+  come from ``weights=FILE`` only (never a random-init fallback).
 
 A new source is one function registered with :func:`register_encoder_source`.
 """
@@ -28,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.encoders.zoo import spec as zoo_spec
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.io import sha256_file
 
@@ -50,6 +54,17 @@ class Encoder:
     config: dict[str, Any] = field(default_factory=dict)
     channels_last: bool = False
     random_init: bool = False  # no trained weights: a baseline, never a feature extractor
+    resize_size: int | None = None  # shorter side before a centre crop to input_size
+    interpolation: str = "bilinear"  # of the resize to resize_size
+    center_crop: bool = False
+    key: str | None = None  # zoo key (pipeline.encoders.zoo), None for other sources
+    output_mode: str | None = None  # zoo output mode, computed by the model itself
+
+    @property
+    def load_size(self) -> int:
+        """Side (px) to resize square tiles to before :meth:`normalize` (which then only
+        crops): ``resize_size`` where the encoder has one, else ``input_size``."""
+        return self.resize_size or self.input_size
 
     @property
     def weights(self) -> str:
@@ -60,6 +75,10 @@ class Encoder:
         """``B x 3 x H x W`` uint8 -> float at the encoder's input size, normalised with its
         mean and std (tiles of another size are resized, antialiased)."""
         x = images.float() / 255
+        if self.resize_size is not None:
+            x = resize_crop(
+                x, self.resize_size, self.interpolation, self.center_crop, self.input_size
+            )
         if x.shape[-2:] != (self.input_size, self.input_size):
             x = F.interpolate(
                 x,
@@ -78,6 +97,11 @@ class Encoder:
         ``cls``: the model's own pooled output (the class token for timm ViTs); ``mean``:
         the mean of the patch tokens; ``cls+mean``: both, concatenated (``B x 2D``).
         """
+        if self.output_mode is not None and pooling != "cls":
+            raise ConfigError(
+                f"{self.name} computes its output mode itself; choose it in the encoder name "
+                f"({self.key}:MODE) and leave --pooling at cls"
+            )
         x = self.normalize(images)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -95,6 +119,27 @@ class Encoder:
 
     def output_dim(self, pooling: str = "cls") -> int:
         return self.embed_dim * (2 if pooling == "cls+mean" else 1)
+
+
+def resize_crop(
+    x: torch.Tensor, size: int, interpolation: str, crop: bool, crop_size: int
+) -> torch.Tensor:
+    """``B x 3 x H x W`` float in [0, 1], shorter side resized to ``size`` (antialiased,
+    clamped to [0, 1]), then centre-cropped to ``crop_size`` if ``crop``: torchvision's
+    ``Resize(size, interpolation, antialias=True)`` + ``CenterCrop(crop_size)``."""
+    h, w = x.shape[-2:]
+    if min(h, w) != size:
+        short, long = (h, w) if h <= w else (w, h)
+        other = int(size * long / short)  # torchvision's rounding (truncation)
+        out = (size, other) if h <= w else (other, size)
+        x = F.interpolate(
+            x, size=out, mode=interpolation, antialias=True, align_corners=False
+        ).clamp_(0, 1)
+    if crop:
+        h, w = x.shape[-2:]
+        top, left = int(round((h - crop_size) / 2.0)), int(round((w - crop_size) / 2.0))
+        x = x[..., top : top + crop_size, left : left + crop_size]  # B x 3 x crop x crop
+    return x
 
 
 def register_encoder_source(prefix: str) -> Callable:
@@ -253,11 +298,15 @@ def load_encoder(
         encoder = ENCODER_SOURCES[prefix](name, weights=weights, **kwargs)
     elif Path(text).is_dir():
         encoder = load_exported(text, weights=weights)
+    elif zoo_spec(prefix) is not None:
+        from pipeline.encoders.build import load_zoo_encoder
+
+        encoder = load_zoo_encoder(text, weights=weights, **kwargs)
     else:
         known = ", ".join(f"{p}:<name>" for p in sorted(ENCODER_SOURCES))
         raise ConfigError(
-            f"unknown encoder '{text}': expected an exported folder (with config.json) or "
-            f"one of {known}"
+            f"unknown encoder '{text}': expected an exported folder (with config.json), "
+            f"one of {known}, or a zoo key (`cpath encoders` lists them)"
         )
     if encoder.random_init:
         log.warning(

@@ -1,0 +1,248 @@
+"""The encoder zoo offline: architectures, output modes, weights layouts and transforms
+(random init only, no network; FM_ZOO.md is the source of every expected number)."""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from torchvision.transforms import v2
+
+from pipeline.cli import main
+from pipeline.encoders import ZOO, build_zoo_model, load_encoder, pool_tokens
+from pipeline.encoders.build import zoo_encoder
+from pipeline.encoders.zoo import specs
+from pipeline.errors import ConfigError
+from pipeline.extract import ExtractConfig
+from pipeline.extraction import extract, plan
+from pipeline.features import read_features
+
+SPECS = specs()
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.params_m], ids=lambda s: s.key)
+def test_full_size_parameter_count_matches_fm_zoo(spec):
+    model = build_zoo_model(spec.key, device="meta")
+    assert n_params(model) == pytest.approx(spec.params_m * 1e6, rel=0.005)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.key)
+def test_every_output_mode_gives_its_stated_dim(spec):
+    x = torch.rand(2, 3, spec.input_size, spec.input_size)
+    for mode, dim in spec.modes.items():
+        torch.manual_seed(0)
+        model = build_zoo_model(spec.key, mode=mode, depth=1)
+        assert model.num_prefix_tokens == spec.num_prefix_tokens
+        with torch.inference_mode():
+            assert model(x).shape == (2, dim)
+
+
+def test_aliases_and_keys_resolve_to_one_spec_each():
+    assert ZOO["prov-gigapath"] is ZOO["gigapath"] and ZOO["uni2"].key == "uni2-h"
+    assert len({s.key for s in SPECS}) == len(SPECS) >= 15
+
+
+def test_patch_mean_skips_the_register_tokens():
+    model = build_zoo_model("virchow2", mode="cls+mean", depth=1)
+    assert model.num_prefix_tokens == 5  # CLS + 4 registers
+    seen = {}
+
+    def huge_registers(module, args, out):  # B x T x D after the final norm
+        out = out.clone()
+        out[:, 1:5] = 1e6
+        seen["tokens"] = out
+        return out
+
+    model.backbone.norm.register_forward_hook(huge_registers)
+    with torch.inference_mode():
+        emb = model(torch.rand(2, 3, 224, 224))
+    tokens = seen["tokens"]
+    assert emb.shape == (2, 2560) and emb.abs().max() < 1e3
+    torch.testing.assert_close(emb[:, :1280], tokens[:, 0])
+    torch.testing.assert_close(emb[:, 1280:], tokens[:, 5:].mean(dim=1))
+
+
+def test_pool_tokens_on_a_known_sequence():
+    tokens = torch.arange(6.0).view(1, 6, 1).expand(1, 6, 2)  # CLS 0, registers 1-2, patches 3-5
+    assert pool_tokens(tokens, 3, "cls").tolist() == [[0.0, 0.0]]
+    assert pool_tokens(tokens, 3, "cls+mean").tolist() == [[0.0, 0.0, 4.0, 4.0]]
+    assert pool_tokens(torch.ones(1, 4, 2, 2), 0, "mean").tolist() == [[1.0] * 4]
+
+
+@pytest.fixture(scope="module")
+def virchow2_file(tmp_path_factory):
+    torch.manual_seed(1)
+    model = build_zoo_model("virchow2", depth=2)
+    path = tmp_path_factory.mktemp("w") / "virchow2.safetensors"
+    save_file(model.backbone.state_dict(), str(path))
+    return model, path
+
+
+def test_timm_weights_round_trip_and_modes_by_name(virchow2_file):
+    model, path = virchow2_file
+    images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    default = load_encoder("virchow2", weights=path, depth=2)
+    cls = load_encoder("virchow2:cls", weights=path, depth=2)
+    assert (default.name, default.output_mode, default.key) == (
+        "virchow2:cls+mean",
+        "cls+mean",
+        "virchow2",
+    )
+    with torch.inference_mode():
+        x = default.normalize(images)
+        assert torch.equal(default.model(x), model(x))
+        assert default.embed(images).shape == (2, 2560) and default.output_dim() == 2560
+        assert cls.embed(images).shape == (2, 1280) and cls.output_dim() == 1280
+        torch.testing.assert_close(cls.embed(images), default.embed(images)[:, :1280])
+    with pytest.raises(ConfigError, match="--pooling"):
+        default.embed(images, "mean")
+
+
+def test_dinov2_teacher_checkpoint_loads_like_timm(tmp_path):
+    torch.manual_seed(2)
+    model = build_zoo_model("gpfm", depth=2)
+    teacher = {"mask_token": torch.zeros(1, 1024), "dino_head.last_layer.weight": torch.ones(3)}
+    for name, value in model.backbone.state_dict().items():
+        if name.startswith("blocks."):  # Meta's chunked blocks: chunk N holds block M
+            block = int(name.split(".")[1])
+            name = f"blocks.{block}.{name.removeprefix('blocks.')}"
+        teacher[f"backbone.{name}"] = value
+    path = tmp_path / "GPFM.pth"
+    torch.save({"teacher": teacher, "student": {"unused": torch.ones(1)}}, path)
+    encoder = load_encoder("gpfm", weights=path, depth=2)
+    x = torch.rand(2, 3, 224, 224)
+    with torch.inference_mode():
+        assert torch.equal(encoder.model(x), model(x))
+
+
+def test_no_weights_is_an_error_naming_the_hub_and_gating():
+    with pytest.raises(ConfigError) as err:
+        load_encoder("virchow2")
+    message = str(err.value)
+    assert "paige-ai/Virchow2" in message and "gated" in message
+    assert "--encoder-weights" in message
+    with pytest.raises(ConfigError, match="not gated"):
+        load_encoder("kaiko-vits16")
+
+
+def test_unknown_mode_names_the_spec_modes(virchow2_file):
+    with pytest.raises(ConfigError, match="cls\\+mean, cls"):
+        load_encoder("virchow2:mean", weights=virchow2_file[1])
+    with pytest.raises(ConfigError, match="cls"):
+        load_encoder("uni:cls+mean", weights=virchow2_file[1])
+
+
+@pytest.fixture(scope="module")
+def carcinoma(sources):
+    from PIL import Image
+
+    rgb = np.array(Image.open(sources["carcinoma"]).convert("RGB"))
+    return torch.from_numpy(rgb).permute(2, 0, 1)  # 3 x H x W uint8
+
+
+@pytest.mark.parametrize("size", [256, 512])
+def test_gigapath_transform_equals_torchvision(carcinoma, size):
+    spec = ZOO["gigapath"]
+    encoder = zoo_encoder(spec, "cls", nn.Identity())
+    by_hand = v2.Compose(
+        [
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Resize(256, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.CenterCrop(224),
+            v2.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+        ]
+    )
+    tile = carcinoma[:, 100 : 100 + size, 200 : 200 + size]  # a real H&E tile
+    ours = encoder.normalize(tile[None])[0]
+    assert ours.shape == (3, 224, 224)
+    expected = by_hand(tile)
+    if size != 256:  # bicubic overshoots: we clamp to [0, 1] as a uint8 (PIL) resize would
+        resized = by_hand.transforms[1](v2.ToDtype(torch.float32, scale=True)(tile))
+        expected = v2.Normalize(spec.mean, spec.std)(v2.CenterCrop(224)(resized.clamp(0, 1)))
+    # torchvision scales uint8 by * (1 / 255), we divide by 255: float rounding only
+    torch.testing.assert_close(ours, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_feature_files_record_the_zoo_key_mode_and_transform(tiny_prep, tmp_path):
+    encoder = zoo_encoder(ZOO["virchow2"], "cls", nn.Identity())
+    cfg = ExtractConfig(coords=tiny_prep / "coords", out=tmp_path, encoder="virchow2:cls")
+    jobs, skipped = plan(cfg, encoder, "sha", tmp_path)
+    assert jobs and not skipped
+    attrs = jobs[0].attrs
+    assert attrs["encoder"] == "virchow2:cls" and attrs["encoder_key"] == "virchow2"
+    assert attrs["output_mode"] == "cls"
+    assert attrs["transform"] == {
+        "input_size": 224,
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+        "resize_size": 224,
+        "interpolation": "bicubic",
+        "center_crop": False,
+    }
+
+
+def test_cpath_encoders_prints_the_zoo(capsys):
+    assert main(["encoders"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["key", "aliases", "dim", "input", "mpp", "licence", "gated"]
+    virchow2 = next(line for line in lines if line.startswith("virchow2 "))
+    assert "2560 (cls+mean)" in virchow2 and virchow2.endswith("yes")
+    assert main(["encoders", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["key"] for r in rows] == [s.key for s in SPECS]
+    assert rows[[r["key"] for r in rows].index("virchow2")]["modes"] == {
+        "cls+mean": 2560,
+        "cls": 1280,
+    }
+
+
+def test_extract_with_a_zoo_encoder_writes_its_key_mode_and_dim(tiny_prep, tmp_path):
+    torch.manual_seed(3)
+    weights = tmp_path / "kaiko-vits16.safetensors"
+    save_file(build_zoo_model("kaiko-vits16").backbone.state_dict(), str(weights))
+    coords = sorted((tiny_prep / "coords").glob("*.h5"))[0]
+    cfg = ExtractConfig(
+        coords=coords,
+        out=tmp_path / "feats",
+        encoder="kaiko-vits16",
+        encoder_weights=weights,
+        batch_size=64,
+        workers=0,
+        precision="fp32",
+        dtype="float32",
+        progress=False,
+    )
+    with pytest.raises(ConfigError, match="kaiko-vits16:MODE"):
+        extract(replace(cfg, pooling="mean"))
+    assert {r["status"] for r in extract(cfg)} == {"done"}
+    feats, _, attrs = read_features(tmp_path / "feats" / coords.name)
+    assert feats.shape[1] == 384 and attrs["embed_dim"] == 384
+    assert (attrs["encoder"], attrs["encoder_key"], attrs["output_mode"]) == (
+        "kaiko-vits16:cls",
+        "kaiko-vits16",
+        "cls",
+    )
+    assert attrs["transform"]["mean"] == [0.5, 0.5, 0.5] and attrs["transform"]["center_crop"]
+
+
+def test_resnet50_trunc_takes_full_resnet_weights_and_pools_layer3(tmp_path):
+    import timm
+
+    torch.manual_seed(4)
+    full = timm.create_model("resnet50", layers=[1] * 4).eval()  # with layer4 and fc
+    path = tmp_path / "resnet50.pth"
+    torch.save(full.state_dict(), path)
+    encoder = load_encoder("resnet50-trunc", weights=path, depth=1)
+    x = torch.rand(2, 3, 224, 224)
+    with torch.inference_mode():
+        stem = full.maxpool(full.act1(full.bn1(full.conv1(x))))
+        layer3 = full.layer3(full.layer2(full.layer1(stem)))  # B x 1024 x 14 x 14
+        torch.testing.assert_close(encoder.model(x), layer3.mean(dim=(2, 3)))
+    assert encoder.name == "resnet50-trunc:mean" and encoder.output_dim() == 1024
