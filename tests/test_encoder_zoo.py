@@ -2,6 +2,7 @@
 (random init only, no network; FM_ZOO.md is the source of every expected number)."""
 
 import json
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -19,6 +20,7 @@ from pipeline.errors import ConfigError
 from pipeline.extract import ExtractConfig
 from pipeline.extraction import extract, plan
 from pipeline.features import read_features
+from pipeline.io import sha256_file
 
 SPECS = specs()
 
@@ -122,14 +124,75 @@ def test_dinov2_teacher_checkpoint_loads_like_timm(tmp_path):
         assert torch.equal(encoder.model(x), model(x))
 
 
-def test_no_weights_is_an_error_naming_the_hub_and_gating():
+@pytest.fixture
+def no_local_weights(tmp_path, monkeypatch):
+    """No weights map and an empty Hugging Face cache."""
+    monkeypatch.delenv("CPATH_WEIGHTS", raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+
+
+def test_no_weights_is_an_error_naming_the_hub_and_gating(no_local_weights):
     with pytest.raises(ConfigError) as err:
         load_encoder("virchow2")
     message = str(err.value)
     assert "paige-ai/Virchow2" in message and "gated" in message
-    assert "--encoder-weights" in message
+    assert "--encoder-weights" in message and "Nothing is downloaded" in message
+    assert "Hugging Face cache: no model.safetensors or pytorch_model.bin" in message
+    assert "huggingface-cli download paige-ai/Virchow2" in message
     with pytest.raises(ConfigError, match="not gated"):
         load_encoder("kaiko-vits16")
+
+
+def test_weights_from_a_map_named_by_the_environment(virchow2_file, tmp_path, monkeypatch):
+    model, path = virchow2_file
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    (tmp_path / "weights").mkdir()
+    shutil.copy(path, tmp_path / "weights" / "v2.safetensors")
+    mapping = tmp_path / "weights.yaml"
+    mapping.write_text("virchow2: weights/v2.safetensors\nuni-v1: /nowhere/uni.bin\n")
+    monkeypatch.setenv("CPATH_WEIGHTS", str(mapping))
+    encoder = load_encoder("virchow2:cls", depth=2)  # relative to the map's folder
+    x = torch.rand(1, 3, 224, 224)
+    with torch.inference_mode():
+        assert torch.equal(encoder.model(x), build_like(model, "cls")(x))
+    with pytest.raises(ConfigError, match="uni -> /nowhere/uni.bin, which does not exist"):
+        load_encoder("uni", depth=1)  # an alias in the map names the key
+    with pytest.raises(ConfigError, match="no 'gigapath' line"):
+        load_encoder("gigapath", depth=1)
+    mapping.write_text("not-a-model: x.bin\n")
+    with pytest.raises(ConfigError, match="'not-a-model' is no zoo key"):
+        load_encoder("virchow2", depth=2)
+
+
+def test_weights_from_the_hugging_face_cache(virchow2_file, tmp_path, monkeypatch):
+    """The cache's own layout: refs/main names the snapshot that holds the file."""
+    model, path = virchow2_file
+    monkeypatch.delenv("CPATH_WEIGHTS", raising=False)
+    repo = tmp_path / "hub" / "models--paige-ai--Virchow2"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    (repo / "snapshots" / "0123abcd").mkdir(parents=True)
+    shutil.copy(path, repo / "snapshots" / "0123abcd" / "model.safetensors")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    encoder = load_encoder("virchow2", depth=2)
+    assert encoder.weights_sha256 == sha256_file(path)
+    x = torch.rand(1, 3, 224, 224)
+    with torch.inference_mode():
+        assert torch.equal(encoder.model(x), model(x))
+
+
+def build_like(model, mode):
+    """A copy of a shallow zoo model with another output mode, same weights."""
+    other = build_zoo_model("virchow2", mode=mode, depth=2)
+    other.backbone.load_state_dict(model.backbone.state_dict())
+    return other.eval()
+
+
+def test_evaluate_takes_a_zoo_key_as_an_encoder():
+    from pipeline.eval.evaluate import EvaluateConfig, selected_encoders
+
+    cfg = EvaluateConfig(encoder_specs={"mine": "runs/x/encoder"}, encoders="mine,uni2-h")
+    assert selected_encoders(cfg) == {"mine": "runs/x/encoder", "uni2-h": "uni2-h"}
 
 
 def test_unknown_mode_names_the_spec_modes(virchow2_file):

@@ -17,6 +17,7 @@ from torch import nn
 
 from pipeline.encoders.core import Encoder, read_state_dict
 from pipeline.encoders.outputs import PooledEncoder
+from pipeline.encoders.weights import find_weights
 from pipeline.encoders.zoo import ModelSpec, spec
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.io import sha256_file
@@ -112,24 +113,16 @@ def load_zoo_encoder(
     text: str,
     weights: str | os.PathLike | None = None,
     depth: int | None = None,
+    weights_map: str | os.PathLike | None = None,
     **kwargs,
 ) -> Encoder:
-    """``KEY[:MODE]`` with the weights of the local file ``weights`` (timm state dict, or the
-    spec's published checkpoint layout; safetensors or torch). ``depth`` is for tests only."""
+    """``KEY[:MODE]`` with its weights (timm state dict, or the spec's published checkpoint
+    layout; safetensors or torch) from ``weights``, the weights map or the Hugging Face
+    cache (:func:`pipeline.encoders.weights.find_weights`). ``depth`` is for tests only."""
     model, mode = parse_zoo_name(text)
     if kwargs:
         raise ConfigError(f"{model.key} takes no options {sorted(kwargs)}")
-    if not weights:
-        gated = {
-            True: "gated: request access on the hub page first",
-            False: "not gated",
-            None: "gating not confirmed: see the model card",
-        }[model.gated]
-        raise ConfigError(
-            f"{model.key} needs its weights: download them yourself from {model.hub_id} "
-            f"({gated}; licence: {model.licence}) and pass --encoder-weights FILE. There is "
-            "no random-init fallback for a zoo encoder."
-        )
+    weights = find_weights(model, weights, weights_map)
     net = build_zoo_model(model.key, mode=mode, depth=depth)
     state = read_state_dict(weights)
     if model.checkpoint == "dinov2-teacher":

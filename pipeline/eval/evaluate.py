@@ -75,6 +75,7 @@ class EvaluateConfig:
 
 def selected_encoders(cfg: EvaluateConfig) -> dict[str, str]:
     """``{name: spec}`` of the encoders to evaluate (see ``EvaluateConfig.encoders``)."""
+    from pipeline.encoders.zoo import spec as zoo_spec
     from pipeline.errors import ConfigError
 
     items = cfg.encoders
@@ -90,6 +91,8 @@ def selected_encoders(cfg: EvaluateConfig) -> dict[str, str]:
                 chosen[name] = spec
             elif name in cfg.encoder_specs:
                 chosen[name] = cfg.encoder_specs[name]
+            elif zoo_spec(name) is not None:  # a public model by its zoo key
+                chosen[name] = name
             else:
                 known = ", ".join(cfg.encoder_specs) or "none in this suite"
                 raise ConfigError(

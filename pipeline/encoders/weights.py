@@ -1,0 +1,121 @@
+"""Where a zoo model's weights are found: offline first, never a silent download.
+
+In this order:
+
+1. the file given with ``--encoder-weights``;
+2. the user's weights map: a YAML file of ``key: path`` lines (zoo keys or aliases; a
+   relative path is read from the map's folder), named by the ``CPATH_WEIGHTS``
+   environment variable (so that one map serves every command) or by the ``weights_map``
+   argument of :func:`pipeline.encoders.load_encoder`;
+3. the Hugging Face cache (``HF_HUB_CACHE`` or ``HF_HOME``, as ``huggingface_hub`` reads
+   them), for models published on the Hub: ``model.safetensors`` or ``pytorch_model.bin``
+   of the repo's cached snapshot, looked up without any network access.
+
+Nothing is downloaded: where no place has the file, the error names the repo, whether it
+is gated, the file to fetch and where to put it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+
+from pipeline.encoders.zoo import ModelSpec
+from pipeline.encoders.zoo import spec as zoo_spec
+from pipeline.errors import ConfigError
+
+WEIGHTS_ENV = "CPATH_WEIGHTS"
+HUB_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def read_weights_map(path: str | os.PathLike) -> dict[str, Path]:
+    """``{zoo key: weights file}`` of a YAML weights map (aliases resolved to keys)."""
+    path = Path(path)
+    try:
+        entries = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"weights map {path}: cannot read it ({exc})") from exc
+    if not isinstance(entries, dict):
+        raise ConfigError(f"weights map {path}: expected 'key: path' lines")
+    out = {}
+    for name, file in entries.items():
+        model = zoo_spec(str(name))
+        if model is None:
+            raise ConfigError(
+                f"weights map {path}: '{name}' is no zoo key (`cpath encoders` lists them)"
+            )
+        file = Path(os.path.expanduser(str(file)))
+        out[model.key] = file if file.is_absolute() else path.parent / file
+    return out
+
+
+def hub_repo(model: ModelSpec) -> str | None:
+    """The Hugging Face repo id of a spec's hub id, None for weights published elsewhere."""
+    hub = model.hub_id
+    if hub.startswith("hf-hub:"):
+        return hub[len("hf-hub:") :]
+    if "/" in hub and " " not in hub and not hub.startswith(("http", "/")):
+        return hub
+    return None
+
+
+def cached_hub_file(repo: str) -> Path | None:
+    """The first of :data:`HUB_FILES` in the Hugging Face cache's snapshot of ``repo``."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cache = os.environ.get("HF_HUB_CACHE")  # read now: huggingface_hub reads it at import
+    for name in HUB_FILES:
+        found = try_to_load_from_cache(repo, name, cache_dir=cache)
+        if isinstance(found, str) and Path(found).is_file():
+            return Path(found)
+    return None
+
+
+def find_weights(
+    model: ModelSpec,
+    weights: str | os.PathLike | None = None,
+    weights_map: str | os.PathLike | None = None,
+) -> Path:
+    """The local weights file of ``model`` (see the module docstring for the order), or a
+    :class:`ConfigError` saying where each place was looked and what to do."""
+    if weights:
+        return Path(weights)
+    looked = ["--encoder-weights: not given"]
+    map_path = weights_map or os.environ.get(WEIGHTS_ENV)
+    if map_path:
+        entries = read_weights_map(map_path)
+        if model.key in entries:
+            file = entries[model.key]
+            if not file.is_file():
+                raise ConfigError(
+                    f"weights map {map_path}: {model.key} -> {file}, which does not exist; "
+                    "fix the path (no other place is tried for a mapped key)"
+                )
+            return file
+        looked.append(f"weights map {map_path}: no '{model.key}' line")
+    else:
+        looked.append(f"weights map: none (${WEIGHTS_ENV} names none)")
+    repo = hub_repo(model)
+    if repo is not None:
+        file = cached_hub_file(repo)
+        if file is not None:
+            return file
+        looked.append(f"Hugging Face cache: no {' or '.join(HUB_FILES)} of {repo}")
+    gated = {
+        True: "gated: request access on its page first",
+        False: "not gated",
+        None: "gating not confirmed: see the model card",
+    }[model.gated]
+    fetch = (
+        f"`huggingface-cli download {repo} {HUB_FILES[0]}` (or {HUB_FILES[1]}) fills the cache"
+        if repo
+        else f"download its weights from {model.hub_id}"
+    )
+    raise ConfigError(
+        f"{model.key} needs its weights ({model.hub_id}; {gated}; licence: {model.licence}). "
+        f"Looked in: {'; '.join(looked)}. {fetch[0].upper()}{fetch[1:]}, or pass "
+        f"--encoder-weights FILE, or add '{model.key}: /path/to/file' to a weights map. "
+        "Nothing is downloaded, and there is no random-init fallback for a zoo encoder."
+    )
