@@ -11,7 +11,9 @@ One run measures, on the same device, batch size and precision:
   (each in a fresh process), to show memory does not grow with the slide.
 
 Usage: ``python benchmarks/extract_speed.py [--encoder timm:vit_small_patch16_224]
-[--device cuda] [--batch-size 64] [--tiles 512] [--stain-norm stain.json]``
+[--device cuda] [--batch-size 64] [--tiles 512] [--stain-norm stain.json]``; for a model of
+the zoo without its weights at hand, ``--encoder kaiko-vits16 --random-weights`` writes
+random weights of its architecture to a temporary file (speed only).
 """
 
 from __future__ import annotations
@@ -51,17 +53,31 @@ def subset(coords_dir: Path, tiles: int, folder: Path) -> int:
     return tiles - left
 
 
-def peak_memory(coords: Path, encoder: str, device: str, batch: int, workers: int) -> float:
+def peak_memory(
+    coords: Path, encoder: str, device: str, batch: int, workers: int, weights: str | None
+) -> float:
     """Peak resident memory (MiB, VmHWM) of one extraction in a fresh process."""
     code = (
         "import json,sys,resource\n"
         "from pipeline.extract import ExtractConfig\nfrom pipeline.extraction import extract\n"
-        f"extract(ExtractConfig(coords={str(coords)!r}, encoder={encoder!r}, out={str(coords.parent / 'mem')!r},"
+        f"extract(ExtractConfig(coords={str(coords)!r}, encoder={encoder!r}, encoder_weights={weights!r}, out={str(coords.parent / 'mem')!r},"
         f" device={device!r}, batch_size={batch}, workers={workers}, progress=False, overwrite=True))\n"
         "print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def random_zoo_weights(name: str) -> str:
+    """A temporary safetensors file of random weights for the zoo model ``KEY[:MODE]``."""
+    from safetensors.torch import save_file
+
+    from pipeline.encoders import build_zoo_model
+
+    net = build_zoo_model(name.split(":")[0])
+    path = Path(tempfile.mkdtemp()) / "random.safetensors"
+    save_file({k: v.contiguous() for k, v in net.backbone.state_dict().items()}, str(path))
+    return str(path)
 
 
 def main() -> None:
@@ -74,9 +90,13 @@ def main() -> None:
     parser.add_argument("--tiles", type=int, default=512)
     parser.add_argument("--precision", default="bf16")
     parser.add_argument("--stain-norm", default=None, help="a stain normalizer JSON")
+    parser.add_argument(
+        "--random-weights", action="store_true", help="a zoo key with random weights (speed only)"
+    )
     args = parser.parse_args()
     device = resolve_device(args.device)
-    encoder = load_encoder(args.encoder, device=device)
+    weights = random_zoo_weights(args.encoder) if args.random_weights else None
+    encoder = load_encoder(args.encoder, weights=weights, device=device)
     size = read_coords(list_coords_files(args.coords)[0]).patch_size
     tiles = TileDataset(list_coords_files(args.coords))
     batch = torch.stack([tiles[i % len(tiles)]["image"] for i in range(args.batch_size)])
@@ -114,6 +134,7 @@ def main() -> None:
             cfg = ExtractConfig(
                 coords=folder,
                 encoder=args.encoder,
+                encoder_weights=weights,
                 out=Path(tmp) / f"f{round_}",
                 batch_size=args.batch_size,
                 workers=args.workers,
@@ -156,7 +177,9 @@ def main() -> None:
             one.mkdir()
             coords = np.tile(base.coords, (factor, 1))
             write_coords(one / "slide.h5", coords, np.ones(len(coords), np.float32), base.attrs)
-            mib = peak_memory(one, args.encoder, str(device), args.batch_size, args.workers)
+            mib = peak_memory(
+                one, args.encoder, str(device), args.batch_size, args.workers, weights
+            )
             print(f"  peak memory, {len(coords):6d} tiles  {mib:8.0f} MiB")
 
 
