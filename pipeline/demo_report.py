@@ -176,10 +176,12 @@ def write_report(demo) -> Path:
     rows = headline_rows(demo.summary.get("evaluate") or {})
     if rows:
         parts.append(
-            "<p>The development cohort's tissue was seen in pretraining and training; the "
-            "held-out cohort (other patients and sites) is quilted from other regions of every "
-            "source image, never seen by either. The gap between the two rows of a figure is "
-            "what recall of seen texture adds.</p>"
+            "<p>Development rows: cross-validated by patient inside the development cohort, "
+            "whose tissue pretraining also saw. Held-out rows: trained on the whole development "
+            "cohort, scored on the held-out cohort (other patients and sites), quilted from "
+            "regions of every source image that neither pretraining nor training saw. Folds by "
+            "patient also test images of a class that no training patient had, so the "
+            "cross-validated figure can be the lower one (README, 'The demo').</p>"
         )
         parts.append(
             _html_table(
