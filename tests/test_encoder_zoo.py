@@ -139,6 +139,14 @@ def test_no_weights_is_an_error_naming_the_hub_and_gating(no_local_weights):
     assert "--encoder-weights" in message and "Nothing is downloaded" in message
     assert "Hugging Face cache: no model.safetensors or pytorch_model.bin" in message
     assert "huggingface-cli download paige-ai/Virchow2" in message
+    assert "download: not allowed ($CPATH_ALLOW_DOWNLOAD=1 allows it)" in message
+
+
+def test_an_allowed_download_is_not_tried_offline(no_local_weights, monkeypatch):
+    monkeypatch.setenv("CPATH_ALLOW_DOWNLOAD", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="download: not tried, HF_HUB_OFFLINE is set"):
+        load_encoder("uni2-h")
     with pytest.raises(ConfigError, match="not gated"):
         load_encoder("kaiko-vits16")
 

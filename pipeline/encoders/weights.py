@@ -9,10 +9,13 @@ In this order:
    argument of :func:`pipeline.encoders.load_encoder`;
 3. the Hugging Face cache (``HF_HUB_CACHE`` or ``HF_HOME``, as ``huggingface_hub`` reads
    them), for models published on the Hub: ``model.safetensors`` or ``pytorch_model.bin``
-   of the repo's cached snapshot, looked up without any network access.
+   of the repo's cached snapshot, looked up without any network access;
+4. only when the user allows it with ``CPATH_ALLOW_DOWNLOAD=1`` and ``HF_HUB_OFFLINE`` is
+   not set: a download from the Hub into that cache (with the user's Hub login, for gated
+   repos).
 
-Nothing is downloaded: where no place has the file, the error names the repo, whether it
-is gated, the file to fetch and where to put it.
+Nothing is downloaded otherwise: where no place has the file, the error names the repo,
+whether it is gated, the file to fetch and where to put it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pipeline.encoders.zoo import spec as zoo_spec
 from pipeline.errors import ConfigError
 
 WEIGHTS_ENV = "CPATH_WEIGHTS"
+DOWNLOAD_ENV = "CPATH_ALLOW_DOWNLOAD"
 HUB_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
@@ -73,6 +77,31 @@ def cached_hub_file(repo: str) -> Path | None:
     return None
 
 
+def download_hub_file(repo: str) -> Path:
+    """The first of :data:`HUB_FILES` that ``repo`` has, downloaded into the Hugging Face
+    cache; a :class:`ConfigError` saying why when the Hub refuses or cannot be reached."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, HfHubHTTPError
+
+    for name in HUB_FILES:
+        try:
+            return Path(hf_hub_download(repo, name))
+        except EntryNotFoundError:
+            continue
+        except GatedRepoError as exc:
+            raise ConfigError(
+                f"{repo} is gated: request access on its Hub page, then log in "
+                f"(`huggingface-cli login`) and run again ({type(exc).__name__})"
+            ) from exc
+        except (HfHubHTTPError, OSError, ValueError) as exc:
+            raise ConfigError(f"cannot download {repo}/{name} from the Hub: {exc}") from exc
+    raise ConfigError(f"{repo} has neither {' nor '.join(HUB_FILES)} on the Hub")
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def find_weights(
     model: ModelSpec,
     weights: str | os.PathLike | None = None,
@@ -103,6 +132,12 @@ def find_weights(
         if file is not None:
             return file
         looked.append(f"Hugging Face cache: no {' or '.join(HUB_FILES)} of {repo}")
+        if os.environ.get(DOWNLOAD_ENV, "").strip() != "1":
+            looked.append(f"download: not allowed (${DOWNLOAD_ENV}=1 allows it)")
+        elif _offline():
+            looked.append("download: not tried, HF_HUB_OFFLINE is set")
+        else:
+            return download_hub_file(repo)
     gated = {
         True: "gated: request access on its page first",
         False: "not gated",
