@@ -42,6 +42,8 @@ class ExtractConfig:
             warning and marked `weights: random` in every feature file.
         encoder_weights: local weights for a timm:<arch> or zoo encoder or, of the same
             architecture, for an exported folder (safetensors or torch file).
+        weights_map: YAML file of `key: path` lines giving zoo encoders their weights
+            (default: the file named by $CPATH_WEIGHTS).
         slides: where the slides are (a folder, glob or CSV, as for preprocess), matched to
             the coords by slide id: for coords that do not name their slide (CLAM) or
             slides that moved since preprocessing.
@@ -64,6 +66,7 @@ class ExtractConfig:
     coords: Path | None = None
     encoder: str | None = None
     encoder_weights: Path | None = None
+    weights_map: Path | None = None
     slides: str | None = None
     out: Path = Path("features")
     batch_size: int = 256

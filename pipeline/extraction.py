@@ -210,7 +210,9 @@ def extract(cfg: ExtractConfig) -> list[dict]:
         raise ConfigError("--batch_size must be at least 1")
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)  # random-init encoders are reproducible
-    encoder = load_encoder(cfg.encoder, weights=cfg.encoder_weights, device=device)
+    encoder = load_encoder(
+        cfg.encoder, weights=cfg.encoder_weights, device=device, weights_map=cfg.weights_map
+    )
     if encoder.output_mode is not None and cfg.pooling != "cls":
         raise ConfigError(
             f"--pooling {cfg.pooling} does not apply to {encoder.name}: choose its output mode "

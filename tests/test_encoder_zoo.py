@@ -274,16 +274,20 @@ def test_cpath_encoders_prints_the_zoo(capsys):
     }
 
 
-def test_extract_with_a_zoo_encoder_writes_its_key_mode_and_dim(tiny_prep, tmp_path):
+def test_extract_with_a_zoo_encoder_writes_its_key_mode_and_dim(
+    tiny_prep, tmp_path, no_local_weights
+):
+    """The weights come from the config's weights map."""
     torch.manual_seed(3)
     weights = tmp_path / "kaiko-vits16.safetensors"
     save_file(build_zoo_model("kaiko-vits16").backbone.state_dict(), str(weights))
+    (tmp_path / "map.yaml").write_text("kaiko-vits16: kaiko-vits16.safetensors\n")
     coords = sorted((tiny_prep / "coords").glob("*.h5"))[0]
     cfg = ExtractConfig(
         coords=coords,
         out=tmp_path / "feats",
         encoder="kaiko-vits16",
-        encoder_weights=weights,
+        weights_map=tmp_path / "map.yaml",
         batch_size=64,
         workers=0,
         precision="fp32",
@@ -301,6 +305,7 @@ def test_extract_with_a_zoo_encoder_writes_its_key_mode_and_dim(tiny_prep, tmp_p
         "cls",
     )
     assert attrs["transform"]["mean"] == [0.5, 0.5, 0.5] and attrs["transform"]["center_crop"]
+    assert attrs["encoder_sha256"] == sha256_file(weights)
 
 
 def test_resnet50_trunc_takes_full_resnet_weights_and_pools_layer3(tmp_path):

@@ -289,9 +289,12 @@ def load_encoder(
     spec: str | os.PathLike,
     weights: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
+    weights_map: str | os.PathLike | None = None,
     **kwargs,
 ) -> Encoder:
-    """The encoder named by ``spec`` (see the module docstring), in eval mode on ``device``."""
+    """The encoder named by ``spec`` (see the module docstring), in eval mode on ``device``.
+    ``weights_map``: a YAML weights map for zoo models (default ``$CPATH_WEIGHTS``; see
+    :mod:`pipeline.encoders.weights`); other encoders do not use it."""
     text = os.fspath(spec)
     prefix, sep, name = text.partition(":")
     if sep and prefix in ENCODER_SOURCES:
@@ -301,7 +304,7 @@ def load_encoder(
     elif zoo_spec(prefix) is not None:
         from pipeline.encoders.build import load_zoo_encoder
 
-        encoder = load_zoo_encoder(text, weights=weights, **kwargs)
+        encoder = load_zoo_encoder(text, weights=weights, weights_map=weights_map, **kwargs)
     else:
         known = ", ".join(f"{p}:<name>" for p in sorted(ENCODER_SOURCES))
         raise ConfigError(

@@ -4,9 +4,9 @@ In this order:
 
 1. the file given with ``--encoder-weights``;
 2. the user's weights map: a YAML file of ``key: path`` lines (zoo keys or aliases; a
-   relative path is read from the map's folder), named by the ``CPATH_WEIGHTS``
-   environment variable (so that one map serves every command) or by the ``weights_map``
-   argument of :func:`pipeline.encoders.load_encoder`;
+   relative path is read from the map's folder), given with ``--weights-map`` (the
+   ``weights_map`` argument of :func:`pipeline.encoders.load_encoder`) or named by the
+   ``CPATH_WEIGHTS`` environment variable, so that one map serves every command;
 3. the Hugging Face cache (``HF_HUB_CACHE`` or ``HF_HOME``, as ``huggingface_hub`` reads
    them), for models published on the Hub: ``model.safetensors`` or ``pytorch_model.bin``
    of the repo's cached snapshot, looked up without any network access;
@@ -125,7 +125,7 @@ def find_weights(
             return file
         looked.append(f"weights map {map_path}: no '{model.key}' line")
     else:
-        looked.append(f"weights map: none (${WEIGHTS_ENV} names none)")
+        looked.append(f"weights map: none (neither --weights-map nor ${WEIGHTS_ENV})")
     repo = hub_repo(model)
     if repo is not None:
         file = cached_hub_file(repo)

@@ -32,9 +32,11 @@ class EvaluateConfig:
 
     Args:
         encoder_specs: encoders of the suite, name -> spec (exported folder, timm:<arch>,
-            hf-hub:<repo>, random:<exported folder>).
-        encoders: which to evaluate: names of encoder_specs, or name=spec to add one
-            (comma-separated; default: all of encoder_specs).
+            hf-hub:<repo>, random:<exported folder>, or a zoo model KEY or KEY:MODE).
+        weights_map: YAML file of `key: path` lines giving zoo encoders their weights
+            (default: the file named by $CPATH_WEIGHTS).
+        encoders: which to evaluate: names of encoder_specs, zoo keys, or name=spec to
+            add one (comma-separated; default: all of encoder_specs).
         tasks: the suite's tasks (see the module docstring and configs/benchmarks/).
         out: output folder.
         folds: grouped cross-validation folds of tile tasks without a fixed split.
@@ -56,6 +58,7 @@ class EvaluateConfig:
 
     encoder_specs: dict[str, str] = field(default_factory=dict)
     encoders: str | list[str] | None = None
+    weights_map: Path | None = None
     tasks: list[dict[str, Any]] = field(default_factory=list)
     out: Path = Path("runs/eval")
     folds: int = 5

@@ -530,7 +530,7 @@ def run_suite(cfg: EvaluateConfig) -> dict:
 
     def get_encoder(name: str):
         if name not in loaded:
-            loaded[name] = load_encoder(encoders[name], device=device)
+            loaded[name] = load_encoder(encoders[name], device=device, weights_map=cfg.weights_map)
         return loaded[name]
 
     # random-init encoders are baselines: results, leaderboard and report say so
