@@ -130,17 +130,10 @@ def measure(spec: dict) -> dict:
     from pipeline.mil.train import TrainMILConfig
     from pipeline.mil.training import MILModule, Targets, bag_loader, mil_trainer
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.mil_speed import EpochTimer
+
     baseline = peak_rss_mib()
-
-    class EpochTimer(L.Callback):
-        def __init__(self):
-            self.times = []
-
-        def on_train_epoch_start(self, trainer, module):
-            self.start = time.perf_counter()
-
-        def on_train_epoch_end(self, trainer, module):  # after this epoch's validation
-            self.times.append(time.perf_counter() - self.start)
 
     folder = Path(spec["folder"])
     rows = cohort_rows(spec["slides"])

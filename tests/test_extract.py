@@ -97,32 +97,18 @@ def test_rerun_skips_done_slides_and_redoes_a_truncated_file(
     assert {r["status"] for r in other} == {"done"}  # another pooling is other features
 
 
+def extract_cmd(prep, encoder_dir, out, batch: int, *extra: str) -> list[str]:
+    """`cpath extract` of the tiny cohort's coords in fp32, one worker, as a subprocess."""
+    cmd = [sys.executable, "-m", "pipeline", "extract", "--coords", str(prep / "coords")]
+    cmd += ["--encoder", str(encoder_dir), "--out", str(out), "--batch-size", str(batch)]
+    return cmd + ["--workers", "1", "--precision", "fp32", "--progress", "false", *extra]
+
+
 def test_one_and_two_processes_write_identical_features(
     extracted, tiny_prep, encoder_dir, tmp_path
 ):
     """Two concurrent processes with torchrun's RANK / WORLD_SIZE split the slides."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "pipeline",
-        "extract",
-        "--coords",
-        str(tiny_prep / "coords"),
-        "--encoder",
-        str(encoder_dir),
-        "--out",
-        str(tmp_path),
-        "--batch-size",
-        "32",
-        "--workers",
-        "1",
-        "--precision",
-        "fp32",
-        "--dtype",
-        "float32",
-        "--progress",
-        "false",
-    ]
+    cmd = extract_cmd(tiny_prep, encoder_dir, tmp_path, 32, "--dtype", "float32")
     procs = [
         subprocess.Popen(
             cmd,
@@ -179,26 +165,7 @@ def test_pooling_variants_and_dtype(tiny_prep, encoder_dir, tmp_path):
 
 
 def test_killed_run_leaves_no_partial_file_and_resumes(tiny_prep, encoder_dir, tmp_path):
-    cmd = [
-        sys.executable,
-        "-m",
-        "pipeline",
-        "extract",
-        "--coords",
-        str(tiny_prep / "coords"),
-        "--encoder",
-        str(encoder_dir),
-        "--out",
-        str(tmp_path),
-        "--batch-size",
-        "4",
-        "--workers",
-        "1",
-        "--precision",
-        "fp32",
-        "--progress",
-        "false",
-    ]
+    cmd = extract_cmd(tiny_prep, encoder_dir, tmp_path, 4)
     proc = subprocess.Popen(cmd, start_new_session=True, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while not list(tmp_path.glob("*.h5")) and time.time() < deadline:

@@ -39,11 +39,9 @@ def full(root: FSDP, prefix: str) -> dict[str, torch.Tensor]:
         }
 
 
-def ema_step(units: str) -> dict:
-    """Wrap, train a step, update the teacher; the EMA's error on the gathered parameters."""
-    rank = dist.get_rank()
-    torch.manual_seed(0)  # the same module on both ranks
-    model = ModelConfig(
+def tiny_model(**overrides) -> ModelConfig:
+    """A ViT of 2 blocks, 16 wide, 16 px crops, with a 16-prototype head."""
+    return ModelConfig(
         arch="vit_tiny_patch16_224",
         arch_kwargs=TINY_VIT,
         drop_path_rate=0.0,
@@ -51,7 +49,15 @@ def ema_step(units: str) -> dict:
         head_hidden=16,
         head_bottleneck=8,
         head_layers=2,
+        **overrides,
     )
+
+
+def ema_step(units: str) -> dict:
+    """Wrap, train a step, update the teacher; the EMA's error on the gathered parameters."""
+    rank = dist.get_rank()
+    torch.manual_seed(0)  # the same module on both ranks
+    model = tiny_model()
     module = DINOv2Module.from_configs(model, LossConfig(), OptimConfig(), max_steps=10)
     module.forward = lambda batch: sum(module.ssl_losses(batch, 0.04)[0].values())
     policy = {Block} if units == "blocks" else fsdp_units()
@@ -89,17 +95,7 @@ def ema_step(units: str) -> dict:
 def make_module(optim: OptimConfig) -> DINOv2Module:
     """The same tiny module (with LayerScale) on every rank."""
     torch.manual_seed(0)
-    model = ModelConfig(
-        arch="vit_tiny_patch16_224",
-        arch_kwargs=TINY_VIT,
-        drop_path_rate=0.0,
-        prototypes=16,
-        head_hidden=16,
-        head_bottleneck=8,
-        head_layers=2,
-        layerscale=1e-5,
-        separate_ibot_head=True,
-    )
+    model = tiny_model(layerscale=1e-5, separate_ibot_head=True)
     module = DINOv2Module.from_configs(model, LossConfig(), optim, max_steps=10)
     module.forward = lambda batch: sum(module.ssl_losses(batch, 0.04)[0].values())
     return module

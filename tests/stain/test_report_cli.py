@@ -115,30 +115,20 @@ def encoder_dir(tmp_path_factory):
     return save_tiny_encoder(tmp_path_factory.mktemp("enc") / "encoder")
 
 
+def stain_report(stain_json, coords_dir, out, tiles: int, *extra: str) -> dict:
+    """`cpath stain --action report` on ``tiles`` tiles per slide; its report."""
+    argv = ["stain", "--action", "report", "--stain", str(stain_json), "--input"]
+    argv += [str(coords_dir), "--out", str(out), "--tiles-per-slide", str(tiles), *extra]
+    assert main(argv) == 0
+    return json.loads(out.read_text())
+
+
 def test_normalization_reduces_slide_clustering_of_the_demo_cohort(
     coords_dir, stain_json, tmp_path, capsys, caplog
 ):
     """The demo's sites differ in stain colour: tiles cluster by slide until normalized."""
     with caplog.at_level(logging.INFO):
-        assert (
-            main(
-                [
-                    "stain",
-                    "--action",
-                    "report",
-                    "--stain",
-                    str(stain_json),
-                    "--input",
-                    str(coords_dir),
-                    "--out",
-                    str(tmp_path / "r.json"),
-                    "--tiles-per-slide",
-                    "24",
-                ]
-            )
-            == 0
-        )
-    report = json.loads((tmp_path / "r.json").read_text())
+        report = stain_report(stain_json, coords_dir, tmp_path / "r.json", 24)
     assert report["features"] == "colour statistics" and report["feature_dim"] == 12
     assert "measured on colour statistics" in capsys.readouterr().out + caplog.text
     before, after = report["before"], report["after"]
@@ -154,27 +144,9 @@ def test_report_measures_the_features_of_a_given_encoder(
     coords_dir, stain_json, encoder_dir, tmp_path, capsys, caplog
 ):
     with caplog.at_level(logging.INFO):
-        assert (
-            main(
-                [
-                    "stain",
-                    "--action",
-                    "report",
-                    "--stain",
-                    str(stain_json),
-                    "--input",
-                    str(coords_dir),
-                    "--out",
-                    str(tmp_path / "r.json"),
-                    "--tiles-per-slide",
-                    "8",
-                    "--encoder",
-                    str(encoder_dir),
-                ]
-            )
-            == 0
+        report = stain_report(
+            stain_json, coords_dir, tmp_path / "r.json", 8, "--encoder", str(encoder_dir)
         )
-    report = json.loads((tmp_path / "r.json").read_text())
     assert report["features"] == f"features of encoder {encoder_dir}"
     assert report["feature_dim"] == 48
     assert f"measured on features of encoder {encoder_dir}" in capsys.readouterr().out + caplog.text
