@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,8 @@ from pipeline.data.sources import fetch_all, fetch_slide_files
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "data" / "cache"
+# transformers copies a model folder's own code here (read once, at its import)
+os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="cpath-tests-hf-modules-"))
 
 
 @pytest.fixture(scope="session")

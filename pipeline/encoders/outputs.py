@@ -4,7 +4,9 @@
 - ``cls+mean``: the class token concatenated with the mean of the patch tokens; the mean
   skips the class token and every register token (``tokens[:, num_prefix_tokens:]``), as
   Virchow's authors compute it (FM_ZOO.md: one tool averages registers in by mistake),
-- ``mean``: global average of a CNN's feature map (``B x C x H x W``).
+- ``mean``: global average of a CNN's or a Swin's feature map (timm's own head pooling),
+- ``pooler``: a ``transformers`` model's ``pooler_output`` (for DINOv2 models the class
+  token after the final norm; Hibou's authors name this output).
 """
 
 from __future__ import annotations
@@ -31,12 +33,22 @@ def pool_tokens(tokens: torch.Tensor, num_prefix_tokens: int, mode: str) -> torc
 
 
 class PooledEncoder(nn.Module):
-    """``backbone.forward_features`` followed by :func:`pool_tokens`: images ``B x 3 x H x W``
-    -> embeddings ``B x D``. ``backbone`` keeps the published (timm) state-dict layout."""
+    """A zoo network followed by its output mode: images ``B x 3 x H x W`` -> embeddings
+    ``B x D``. ``backbone`` keeps the published state-dict layout: a timm model (tokens from
+    ``forward_features``; ``mean`` is timm's head pooling with ``num_classes=0``) or a
+    ``transformers`` model (tokens: ``last_hidden_state``, after the final norm)."""
 
-    def __init__(self, backbone: nn.Module, mode: str, num_prefix_tokens: int):
+    def __init__(self, backbone: nn.Module, mode: str, num_prefix_tokens: int, loader="timm"):
         super().__init__()
         self.backbone, self.mode, self.num_prefix_tokens = backbone, mode, num_prefix_tokens
+        self.loader = loader
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.loader == "transformers":
+            out = self.backbone(pixel_values=x)
+            if self.mode == "pooler":
+                return out.pooler_output  # B x D
+            return pool_tokens(out.last_hidden_state, self.num_prefix_tokens, self.mode)
+        if self.mode == "mean":
+            return self.backbone(x)  # B x C: timm's global average pool, no classifier
         return pool_tokens(self.backbone.forward_features(x), self.num_prefix_tokens, self.mode)

@@ -9,7 +9,8 @@ In this order:
    ``CPATH_WEIGHTS`` environment variable, so that one map serves every command;
 3. the Hugging Face cache (``HF_HUB_CACHE`` or ``HF_HOME``, as ``huggingface_hub`` reads
    them), for models published on the Hub: ``model.safetensors`` or ``pytorch_model.bin``
-   of the repo's cached snapshot, looked up without any network access;
+   of the repo's cached snapshot, looked up without any network access (for
+   ``transformers`` models the snapshot folder is read, with its ``config.json``);
 4. only when the user allows it with ``CPATH_ALLOW_DOWNLOAD=1`` and ``HF_HUB_OFFLINE`` is
    not set: a download from the Hub into that cache (with the user's Hub login, for gated
    repos).
@@ -77,24 +78,30 @@ def cached_hub_file(repo: str) -> Path | None:
     return None
 
 
-def download_hub_file(repo: str) -> Path:
+def download_hub_file(repo: str, folder: bool = False) -> Path:
     """The first of :data:`HUB_FILES` that ``repo`` has, downloaded into the Hugging Face
-    cache; a :class:`ConfigError` saying why when the Hub refuses or cannot be reached."""
-    from huggingface_hub import hf_hub_download
+    cache (with ``folder``, for ``transformers`` models: the repo's config, code and weights
+    files too, and the path is that folder); a :class:`ConfigError` saying why when the Hub
+    refuses or cannot be reached."""
+    from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, HfHubHTTPError
 
-    for name in HUB_FILES:
-        try:
-            return Path(hf_hub_download(repo, name))
-        except EntryNotFoundError:
-            continue
-        except GatedRepoError as exc:
-            raise ConfigError(
-                f"{repo} is gated: request access on its Hub page, then log in "
-                f"(`huggingface-cli login`) and run again ({type(exc).__name__})"
-            ) from exc
-        except (HfHubHTTPError, OSError, ValueError) as exc:
-            raise ConfigError(f"cannot download {repo}/{name} from the Hub: {exc}") from exc
+    try:
+        if folder:
+            patterns = ["*.json", "*.py", "*.safetensors", "*.bin"]
+            return Path(snapshot_download(repo, allow_patterns=patterns))
+        for name in HUB_FILES:
+            try:
+                return Path(hf_hub_download(repo, name))
+            except EntryNotFoundError:
+                continue
+    except GatedRepoError as exc:
+        raise ConfigError(
+            f"{repo} is gated: request access on its Hub page, then log in "
+            f"(`huggingface-cli login`) and run again ({type(exc).__name__})"
+        ) from exc
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        raise ConfigError(f"cannot download {repo} from the Hub: {exc}") from exc
     raise ConfigError(f"{repo} has neither {' nor '.join(HUB_FILES)} on the Hub")
 
 
@@ -102,27 +109,23 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def find_weights(
-    model: ModelSpec,
-    weights: str | os.PathLike | None = None,
-    weights_map: str | os.PathLike | None = None,
-) -> Path:
-    """The local weights file of ``model`` (see the module docstring for the order), or a
-    :class:`ConfigError` saying where each place was looked and what to do."""
-    if weights:
-        return Path(weights)
-    looked = ["--encoder-weights: not given"]
+def local_weights(
+    model: ModelSpec, weights_map: str | os.PathLike | None = None
+) -> tuple[Path | None, list[str]]:
+    """``(path, where it looked)``: the weights of ``model`` in the weights map or the
+    Hugging Face cache, without any network access (path None where neither has them)."""
+    looked = []
     map_path = weights_map or os.environ.get(WEIGHTS_ENV)
     if map_path:
         entries = read_weights_map(map_path)
         if model.key in entries:
             file = entries[model.key]
-            if not file.is_file():
+            if not file.exists():
                 raise ConfigError(
                     f"weights map {map_path}: {model.key} -> {file}, which does not exist; "
                     "fix the path (no other place is tried for a mapped key)"
                 )
-            return file
+            return file, looked
         looked.append(f"weights map {map_path}: no '{model.key}' line")
     else:
         looked.append(f"weights map: none (neither --weights-map nor ${WEIGHTS_ENV})")
@@ -130,14 +133,33 @@ def find_weights(
     if repo is not None:
         file = cached_hub_file(repo)
         if file is not None:
-            return file
+            return file, looked
         looked.append(f"Hugging Face cache: no {' or '.join(HUB_FILES)} of {repo}")
+    return None, looked
+
+
+def find_weights(
+    model: ModelSpec,
+    weights: str | os.PathLike | None = None,
+    weights_map: str | os.PathLike | None = None,
+) -> Path:
+    """The local weights of ``model`` (a file, or a ``transformers`` folder; see the module
+    docstring for the order), or a :class:`ConfigError` saying where each place was looked
+    and what to do."""
+    if weights:
+        return Path(weights)
+    found, looked = local_weights(model, weights_map)
+    if found is not None:
+        return found
+    looked.insert(0, "--encoder-weights: not given")
+    repo = hub_repo(model)
+    if repo is not None:
         if os.environ.get(DOWNLOAD_ENV, "").strip() != "1":
             looked.append(f"download: not allowed (${DOWNLOAD_ENV}=1 allows it)")
         elif _offline():
             looked.append("download: not tried, HF_HUB_OFFLINE is set")
         else:
-            return download_hub_file(repo)
+            return download_hub_file(repo, folder=model.loader == "transformers")
     gated = {
         True: "gated: request access on its page first",
         False: "not gated",
