@@ -69,13 +69,19 @@ def peak_memory(
 
 
 def random_zoo_weights(name: str) -> str:
-    """A temporary safetensors file of random weights for the zoo model ``KEY[:MODE]``."""
+    """Random weights for the zoo model ``KEY[:MODE]`` in a temporary place, in its published
+    layout: a safetensors file, or a ``save_pretrained`` folder for ``transformers`` models."""
     from safetensors.torch import save_file
 
     from pipeline.encoders import build_zoo_model
+    from pipeline.encoders.zoo import spec
 
     net = build_zoo_model(name.split(":")[0])
-    path = Path(tempfile.mkdtemp()) / "random.safetensors"
+    path = Path(tempfile.mkdtemp()) / "random"
+    if spec(name.split(":")[0]).loader == "transformers":
+        net.backbone.save_pretrained(path)
+        return str(path)
+    path = path.with_suffix(".safetensors")
     save_file({k: v.contiguous() for k, v in net.backbone.state_dict().items()}, str(path))
     return str(path)
 
