@@ -4,6 +4,7 @@
 import json
 import shutil
 from dataclasses import replace
+from functools import partial
 
 import numpy as np
 import pytest
@@ -311,6 +312,32 @@ def test_extract_with_a_zoo_encoder_writes_its_key_mode_and_dim(
     )
     assert attrs["transform"]["mean"] == [0.5, 0.5, 0.5] and attrs["transform"]["center_crop"]
     assert attrs["encoder_sha256"] == sha256_file(weights)
+
+
+def test_virchow2_feature_files_say_their_mode_and_dim(
+    tiny_prep, tmp_path, virchow2_file, monkeypatch
+):
+    """The issue's check: cls+mean (the default) gives 2560-d files, cls 1280-d, each
+    saying so in its attributes (a two-block Virchow2: the giant one does not fit a test)."""
+    import pipeline.extraction
+
+    monkeypatch.setattr(pipeline.extraction, "load_encoder", partial(load_encoder, depth=2))
+    coords = sorted((tiny_prep / "coords").glob("*.h5"))[0]
+    cfg = ExtractConfig(
+        coords=coords,
+        encoder_weights=virchow2_file[1],
+        workers=0,
+        precision="fp32",
+        dtype="float32",
+        progress=False,
+    )
+    for name, mode, dim in (("virchow2", "cls+mean", 2560), ("virchow2:cls", "cls", 1280)):
+        out = tmp_path / mode
+        assert {r["status"] for r in extract(replace(cfg, encoder=name, out=out))} == {"done"}
+        feats, _, attrs = read_features(out / coords.name)
+        assert feats.shape[1] == dim and attrs["embed_dim"] == dim
+        assert (attrs["encoder_key"], attrs["output_mode"]) == ("virchow2", mode)
+        assert attrs["transform"]["interpolation"] == "bicubic"
 
 
 def test_resnet50_trunc_takes_full_resnet_weights_and_pools_layer3(tmp_path):

@@ -325,7 +325,7 @@ register(
 
 # kaiko.ai (FM_ZOO.md: towards_large_pathology_fms releases; mean = std = 0.5). The
 # ViT-L/14 keeps timm's 518-px position grid, interpolated for 224-px input
-# (dynamic_img_size, not stated in FM_ZOO.md: needed for 224-px input at all).
+# (dynamic_img_size, as eva's kaiko backbones are built).
 for _key, _arch, _dim, _prefix, _kwargs in (
     ("kaiko-vits16", "vit_small_patch16_224", 384, 1, {}),
     ("kaiko-vits8", "vit_small_patch8_224", 384, 1, {}),
@@ -352,12 +352,16 @@ for _key, _arch, _dim, _prefix, _kwargs in (
         )
     )
 
-# Lunit (FM_ZOO.md: benchmark-ssl-pathology release, DINO ViT-S/8)
+# Lunit (FM_ZOO.md: benchmark-ssl-pathology release, DINO ViT-S/8; the file name and its
+# public GitHub release as eva loads it)
 register(
     ModelSpec(
         key="lunit-vits8",
         aliases=("lunit-dino-vits8",),
-        hub_id="lunit-io/benchmark-ssl-pathology (GitHub release)",
+        hub_id=(
+            "https://github.com/lunit-io/benchmark-ssl-pathology/releases/download/"
+            "pretrained-weights/dino_vit_small_patch8_ep200.torch"
+        ),
         arch="vit_small_patch8_224",
         input_size=224,
         resize_size=224,
@@ -368,6 +372,7 @@ register(
         default_mode="cls",
         num_prefix_tokens=1,
         licence="Lunit non-commercial",
+        gated=False,
         params_m=21.7,
     )
 )
