@@ -62,6 +62,12 @@ STAGES = {
         Stage(
             "evaluate", "encoder benchmarks and reports", "pipeline.eval.evaluate", "EvaluateConfig"
         ),
+        Stage(
+            "benchmark-data",
+            "lay out a downloaded public tile benchmark for evaluate",
+            "pipeline.eval.benchmark_data",
+            "BenchmarkDataConfig",
+        ),
         Stage("demo", "the whole pipeline on the demo cohort", "pipeline.demo", "DemoConfig"),
         Stage("info", "versions, devices, OpenSlide and demo data", "pipeline.info", "InfoConfig"),
         Stage(

@@ -163,6 +163,16 @@ def _task_tables(name: str, r: dict) -> list[tuple[str, list[str], list[list[str
                 rows,
             )
         )
+    if (r.get("resolution") or {}).get("encoders"):
+        res = r["resolution"]
+        rows = [
+            [e, v["model"], _fmt(v["recommended_mpp"]), _fmt(v["effective_mpp"])]
+            for e, v in res["encoders"].items()
+        ]
+        title = f"{name}: resolution (data at {_fmt(res['mpp'])} um/px)"
+        tables.append(
+            (title, ["encoder", "model", "recommended mpp", "mpp seen (images resized)"], rows)
+        )
     return tables
 
 
@@ -254,11 +264,24 @@ def _facts(r: dict) -> str:
     )
     if r.get("grouped_by") == "patient":
         facts += f" of {r['n_groups']} patients (folds keep each patient on one side)"
+    res = r.get("resolution")
+    if res:
+        mpp = "mixed" if res["mpp"] is None else f"{res['mpp']}"
+        approx = " (approximate)" if res.get("mpp_approximate") else ""
+        facts += f"; {res['dataset']} images of {res['image_px'][0]} x {res['image_px'][1]} px"
+        facts += f" at {mpp} um/px{approx}"
     return facts
 
 
 def write_outputs(results: dict, out: Path) -> None:
     """``results.json``, ``leaderboard.csv``, ``report.md`` and ``report.html`` in ``out``."""
+    from pipeline.eval.benchmark_data import data_resolution
+
+    for r in results["tasks"].values():  # prepared public benchmarks: their mpp per encoder
+        if r.get("kind") == "tile" and r.get("status") == "ok" and "resolution" not in r:
+            resolution = data_resolution(r.get("data"), results["encoders"])
+            if resolution is not None:
+                r["resolution"] = resolution
     results = _plain(results)
     atomic_write_text(out / "results.json", json.dumps(results, indent=1))
     columns, rows = leaderboard(results)
