@@ -354,3 +354,19 @@ def test_resnet50_trunc_takes_full_resnet_weights_and_pools_layer3(tmp_path):
         layer3 = full.layer3(full.layer2(full.layer1(stem)))  # B x 1024 x 14 x 14
         torch.testing.assert_close(encoder.model(x), layer3.mean(dim=(2, 3)))
     assert encoder.name == "resnet50-trunc:mean" and encoder.output_dim() == 1024
+
+
+def test_a_spec_revision_picks_its_snapshot_in_the_cache(tmp_path, monkeypatch):
+    from pipeline.encoders.weights import local_weights
+
+    monkeypatch.delenv("CPATH_WEIGHTS", raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--paige-ai--Virchow2"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("a" * 40)
+    for commit in ("a" * 40, "b" * 40):
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "model.safetensors").write_bytes(b"x")
+    main_file, _ = local_weights(ZOO["virchow2"])
+    pinned, _ = local_weights(replace(ZOO["virchow2"], revision="b" * 40))
+    assert main_file.parent.name == "a" * 40 and pinned.parent.name == "b" * 40

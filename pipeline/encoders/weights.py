@@ -66,19 +66,20 @@ def hub_repo(model: ModelSpec) -> str | None:
     return None
 
 
-def cached_hub_file(repo: str) -> Path | None:
-    """The first of :data:`HUB_FILES` in the Hugging Face cache's snapshot of ``repo``."""
+def cached_hub_file(repo: str, revision: str | None = None) -> Path | None:
+    """The first of :data:`HUB_FILES` in the Hugging Face cache's snapshot of ``repo`` at
+    ``revision`` (default: main)."""
     from huggingface_hub import try_to_load_from_cache
 
     cache = os.environ.get("HF_HUB_CACHE")  # read now: huggingface_hub reads it at import
     for name in HUB_FILES:
-        found = try_to_load_from_cache(repo, name, cache_dir=cache)
+        found = try_to_load_from_cache(repo, name, cache_dir=cache, revision=revision)
         if isinstance(found, str) and Path(found).is_file():
             return Path(found)
     return None
 
 
-def download_hub_file(repo: str, folder: bool = False) -> Path:
+def download_hub_file(repo: str, folder: bool = False, revision: str | None = None) -> Path:
     """The first of :data:`HUB_FILES` that ``repo`` has, downloaded into the Hugging Face
     cache (with ``folder``, for ``transformers`` models: the repo's config, code and weights
     files too, and the path is that folder); a :class:`ConfigError` saying why when the Hub
@@ -89,10 +90,10 @@ def download_hub_file(repo: str, folder: bool = False) -> Path:
     try:
         if folder:
             patterns = ["*.json", "*.py", "*.safetensors", "*.bin"]
-            return Path(snapshot_download(repo, allow_patterns=patterns))
+            return Path(snapshot_download(repo, allow_patterns=patterns, revision=revision))
         for name in HUB_FILES:
             try:
-                return Path(hf_hub_download(repo, name))
+                return Path(hf_hub_download(repo, name, revision=revision))
             except EntryNotFoundError:
                 continue
     except GatedRepoError as exc:
@@ -131,7 +132,7 @@ def local_weights(
         looked.append(f"weights map: none (neither --weights-map nor ${WEIGHTS_ENV})")
     repo = hub_repo(model)
     if repo is not None:
-        file = cached_hub_file(repo)
+        file = cached_hub_file(repo, model.revision)
         if file is not None:
             return file, looked
         looked.append(f"Hugging Face cache: no {' or '.join(HUB_FILES)} of {repo}")
@@ -159,7 +160,8 @@ def find_weights(
         elif _offline():
             looked.append("download: not tried, HF_HUB_OFFLINE is set")
         else:
-            return download_hub_file(repo, folder=model.loader == "transformers")
+            transformers = model.loader == "transformers"
+            return download_hub_file(repo, folder=transformers, revision=model.revision)
     gated = {
         True: "gated: request access on its page first",
         False: "not gated",

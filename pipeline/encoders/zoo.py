@@ -37,6 +37,8 @@ class ModelSpec:
         key: the name in ``--encoder`` (``KEY`` or ``KEY:MODE``) and in feature files.
         hub_id: where its weights are published, as FM_ZOO.md names it (``hf-hub:`` for the
             Hugging Face Hub); the user downloads them.
+        revision: the Hub revision (commit or tag) whose weights the spec describes; None:
+            the repo's main branch.
         arch: timm architecture; ``kwargs`` are passed to ``timm.create_model`` as given,
             with ``mlp_layer`` named by its class in ``timm.layers``, ``act_layer`` in
             ``torch.nn`` and ``embed_layer`` in :mod:`pipeline.encoders.layers`. For the
@@ -87,6 +89,7 @@ class ModelSpec:
     checkpoint: str = "timm"
     truncate: str | None = None
     loader: str = "timm"
+    revision: str | None = None
     remote_code: bool = False
     install: str | None = None
 
