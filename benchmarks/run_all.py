@@ -28,6 +28,7 @@ SCRIPTS = {  # name -> arguments
     "tile_reading": [],
     "stain_speed": [],
     "ssl_speed": [],
+    "ssl_data": [],
     "extract_speed": ["--tiles", "256"],
     "mil_speed": [],
     "mil_scale": [],

@@ -3,8 +3,8 @@
 On the same batch of multi-crop views made from demo tiles (``make demo`` builds them),
 one run measures (median of ``--steps`` timed steps after warm-up):
 
-- full SSL step: teacher forward, student forward/backward on all crops, DINO/iBOT/KoLeo
-  losses, AdamW step, teacher EMA;
+- full SSL step: the crops' colour augmentations on the device, teacher forward, student
+  forward/backward on all crops, DINO/iBOT/KoLeo losses, AdamW step, teacher EMA;
 - bare step: student backbone forward + backward of the same crops (sum of class tokens),
   the least any trainer of this model must do;
 - data: multi-crop batches per second from the DataLoader with the preset's workers,
@@ -60,16 +60,17 @@ def main() -> None:
     dm = PretrainDataModule(cfg.data, cfg.loss, module.student.backbone.patch_size, 10**9)
     dm.setup()
     b = cfg.data.batch_size
-    batch = dm.collate([dm.dataset[i] for i in range(b)])
-    batch = {k: v.to(args.device) for k, v in batch.items()}
+    raw = dm.collate([dm.dataset[i] for i in range(b)])  # uint8 crops, as workers ship them
+    raw = {k: v.to(args.device) for k, v in raw.items()}
+    batch = dm.augment.batch(raw)  # float crops, for the bare step
     optimizer = module.configure_optimizers()
     autocast = torch.autocast(
         args.device.split(":")[0], dtype=torch.bfloat16, enabled="bf16" in cfg.trainer.precision
     )
 
-    def full_step() -> None:
+    def full_step() -> None:  # with the on-device colour augmentations of the crops
         with autocast:
-            terms, _, _ = module.ssl_losses(batch, 0.04)
+            terms, _, _ = module.ssl_losses(dm.augment.batch(raw), 0.04)
             loss = sum(terms.values())
         loss.backward()
         module.clip_gradients_per_part()  # as the trainer does: backbone and heads each

@@ -144,8 +144,9 @@ def pooled(model: ModelSpec, mode: str, backbone: nn.Module) -> PooledEncoder:
 def dinov2_teacher_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A Meta DINOv2 training checkpoint's teacher as a timm state dict (FM_ZOO.md, GPFM):
     ``["teacher"]`` (unwrapped by :func:`read_state_dict`), ``backbone.`` stripped, chunked
-    ``blocks.N.M`` flattened to ``blocks.M``, ``mask_token`` and the ``dino_head`` /
-    ``ibot_head`` dropped. A plain timm state dict passes through unchanged."""
+    ``blocks.N.M`` flattened to ``blocks.M``, the SwiGLU feed-forward's ``mlp.w12`` /
+    ``mlp.w3`` named as timm's ``mlp.fc1`` / ``mlp.fc2`` (ViT-g), ``mask_token`` and the
+    ``dino_head`` / ``ibot_head`` dropped. A plain timm state dict passes through unchanged."""
     out = {}
     for name, value in state.items():
         if name.startswith(("dino_head.", "ibot_head.")):
@@ -153,8 +154,13 @@ def dinov2_teacher_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
         name = name.removeprefix("backbone.")
         if name == "mask_token":
             continue
-        out[re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", name)] = value
+        name = re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", name)
+        out[re.sub(r"^(blocks\.\d+\.mlp)\.w(12|3)\.", _swiglu_name, name)] = value
     return out
+
+
+def _swiglu_name(match: re.Match) -> str:
+    return f"{match[1]}.{'fc1' if match[2] == '12' else 'fc2'}."
 
 
 def truncated_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

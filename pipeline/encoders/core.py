@@ -14,6 +14,13 @@ normalisation mean/std, the embedding size, and the SHA-256 of the weights. ``sp
   (:mod:`pipeline.encoders.zoo`), with its authors' transform and output mode; its weights
   come from ``weights=FILE`` only (never a random-init fallback).
 
+A suffix ``@SIZE`` on an exported folder, ``timm:``, ``hf-hub:`` or ``random:`` spec
+(``runs/pretrain/encoder@392``) feeds the encoder ``SIZE`` px inputs instead of its own
+size, without training: a ViT's patch-grid position embeddings are resampled bicubically to
+the new grid (timm's ``set_input_size``), the class and register positions unchanged, as
+for the high-resolution post-training of Midnight (Karasikov et al., 2025), whose baseline
+this is. The encoder is named with the suffix.
+
 A new source is one function registered with :func:`register_encoder_source`.
 """
 
@@ -22,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +46,7 @@ from pipeline.io import sha256_file
 log = logging.getLogger(__name__)
 ENCODER_SOURCES: dict[str, Callable[..., Encoder]] = {}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+INPUT_SIZE_SUFFIX = re.compile(r"^(?P<spec>.+)@(?P<size>\d+)$")
 
 
 @dataclass
@@ -280,9 +289,48 @@ def spec_weights(spec: str | os.PathLike, weights: str | os.PathLike | None = No
     """``random`` or ``pretrained``: what :func:`load_encoder` would give for ``spec``,
     without loading it (``random:<folder>``, and ``timm:<arch>`` without ``weights``, are
     random init)."""
-    prefix, sep, _ = os.fspath(spec).partition(":")
+    prefix, sep, _ = split_input_size(os.fspath(spec))[0].partition(":")
     random_init = sep and (prefix == "random" or (prefix == "timm" and not weights))
     return "random" if random_init else "pretrained"
+
+
+def split_input_size(spec: str) -> tuple[str, int | None]:
+    """``SPEC@SIZE`` -> ``(SPEC, SIZE)``; ``(spec, None)`` without the suffix, or for a path
+    that exists under the whole name."""
+    match = INPUT_SIZE_SUFFIX.match(spec)
+    if match is None or Path(spec).exists():
+        return spec, None
+    return match["spec"], int(match["size"])
+
+
+def set_input_size(encoder: Encoder, size: int) -> Encoder:
+    """``encoder`` fed ``size`` px inputs (the ``@SIZE`` suffix of :func:`load_encoder`): a
+    ViT's patch-grid position embeddings resampled bicubically to the new grid by timm's
+    ``set_input_size`` (class and register positions unchanged); a convolutional network
+    only gets the new size. Renamed ``NAME@SIZE``."""
+    model = encoder.model
+    where = f"{encoder.name}@{size}"
+    if encoder.key is not None:
+        raise ConfigError(
+            f"{where}: a zoo encoder keeps its authors' input size and transform; @SIZE is "
+            "for exported folders and timm:, hf-hub: or random: encoders"
+        )
+    if size < 1:
+        raise ConfigError(f"{where}: the input size must be at least 1 px")
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is not None:
+        patch = int(patch_embed.patch_size[0])
+        if size % patch:
+            raise ConfigError(
+                f"{where}: {size} px is no multiple of the patch size {patch}; "
+                f"try {max(patch, round(size / patch) * patch)}"
+            )
+        if not hasattr(model, "set_input_size"):
+            raise ConfigError(f"{where}: this model cannot change its input size")
+        model.set_input_size(img_size=(size, size))  # pos_embed: 1 x (prefix + h*w) x D
+    encoder.config["native_input_size"] = encoder.input_size
+    encoder.input_size, encoder.name = int(size), where
+    return encoder
 
 
 def load_encoder(
@@ -295,8 +343,13 @@ def load_encoder(
     """The encoder named by ``spec`` (see the module docstring), in eval mode on ``device``.
     ``weights_map``: a YAML weights map for zoo models (default ``$CPATH_WEIGHTS``; see
     :mod:`pipeline.encoders.weights`); other encoders do not use it."""
-    text = os.fspath(spec)
+    text, size = split_input_size(os.fspath(spec))
     prefix, sep, name = text.partition(":")
+    if size is not None and not (sep and prefix in ENCODER_SOURCES) and not Path(text).is_dir():
+        raise ConfigError(
+            f"{text}@{size}: @SIZE is for exported folders and timm:, hf-hub: or random: "
+            "encoders; a zoo encoder keeps its authors' input size and transform"
+        )
     if sep and prefix in ENCODER_SOURCES:
         encoder = ENCODER_SOURCES[prefix](name, weights=weights, **kwargs)
     elif Path(text).is_dir():
@@ -317,6 +370,8 @@ def load_encoder(
             "not a pretrained encoder's (pass --encoder_weights FILE, or an exported folder)",
             encoder.name,
         )
+    if size is not None:
+        set_input_size(encoder, size)
     encoder.model.to(device).requires_grad_(False)
     if torch.device(device).type == "cuda":
         encoder.model.to(memory_format=torch.channels_last)

@@ -32,7 +32,11 @@ class EvaluateConfig:
 
     Args:
         encoder_specs: encoders of the suite, name -> spec (exported folder, timm:<arch>,
-            hf-hub:<repo>, random:<exported folder>, or a zoo model KEY or KEY:MODE).
+            hf-hub:<repo>, random:<exported folder>, or a zoo model KEY or KEY:MODE). A
+            suffix @SIZE on any but a zoo spec evaluates the encoder at SIZE px inputs without
+            training, its ViT position embeddings resampled bicubically to the new patch grid
+            (class token position unchanged): `mine@392: runs/pretrain/encoder@392`, the
+            baseline of a high-resolution post-training (Midnight, Karasikov et al., 2025).
         weights_map: YAML file of `key: path` lines giving zoo encoders their weights
             (default: the file named by $CPATH_WEIGHTS).
         encoders: which to evaluate: names of encoder_specs, zoo keys, or name=spec to

@@ -36,7 +36,13 @@ class ModelConfig:
         prototype_scale: trainable: the per-prototype scale of the weight-normalised last
             layer is trained, as in DINOv2; fixed: held at 1 (DINO v1's norm_last_layer).
         separate_ibot_head: an own head for iBOT instead of sharing the DINO head.
-        init_weights: optional state dict (safetensors or torch) to start the backbone from.
+        init_from: trained weights to start from (pipeline.ssl.init_from): a timm state
+            dict (safetensors or torch) or an exported encoder folder (backbone; fresh heads),
+            a `cpath pretrain` checkpoint (student, teacher, and their heads where the
+            architecture matches), or a checkpoint of Meta's DINOv2 code (teacher and student
+            dicts). A patch grid of another size is resampled bicubically; a backbone tensor
+            missing from the file is an error. Not read when a run resumes (--ckpt_path).
+        init_weights: the former name of init_from (same meaning); give one of the two.
     """
 
     arch: str = "vit_small_patch16_224"
@@ -51,7 +57,20 @@ class ModelConfig:
     head_layers: int = 3
     prototype_scale: Literal["trainable", "fixed"] = "trainable"
     separate_ibot_head: bool = False
+    init_from: Path | None = None
     init_weights: Path | None = None
+
+    def init_source(self) -> Path | None:
+        """The weights to start from: ``init_from`` (or its former name ``init_weights``)."""
+        if self.init_from and self.init_weights and Path(self.init_from) != Path(self.init_weights):
+            from pipeline.errors import ConfigError
+
+            raise ConfigError(
+                f"--model.init_from {self.init_from} and --model.init_weights "
+                f"{self.init_weights}: init_weights is the former name of init_from; give one"
+            )
+        source = self.init_from or self.init_weights
+        return Path(source) if source else None
 
     def timm_kwargs(self) -> dict[str, Any]:
         """The timm arguments of the backbone (without stochastic depth)."""
@@ -78,7 +97,9 @@ class DataConfig:
         local_scale: area share range of a local crop.
         stain_augment: HED and HSV stain jitter on every crop.
         hed_sigma: HED jitter scale range (+-).
-        hed_bias: HED jitter shift range (+-).
+        hed_bias: HED jitter shift range (+-), relative to the tile's mean concentration
+            of each stain (so glass stays white).
+        hed_probability: share of crops that get the HED jitter (Midnight: 0.5).
         hsv_hue: hue rotation range (+- turns).
         hsv_saturation: saturation scale range (+-).
         hsv_value: brightness scale range (+-).
@@ -87,6 +108,25 @@ class DataConfig:
         stain_norm: stain normalizer JSON (`cpath stain --action fit`) applied to tiles first.
         max_background: tiles with a larger share of near-white pixels are skipped.
         max_tiles_per_slide: sample at most this many tiles of each slide (None: all).
+        tiles_per_visit: tiles read from a slide each time the shuffled stream opens it
+            (1: every tile from a random slide; more: fewer slide opens on large cohorts,
+            fewer slides per batch).
+        positions: grid: the tiles of the coords files; random: Midnight's online patching
+            (Karasikov et al., 2025), tile positions drawn uniformly inside the tissue
+            that `cpath preprocess` found (its tissue/*.geojson), at the mpps below.
+        mpps: random positions: the resolutions tiles are drawn at, um/px (None: the
+            coords files' target mpp); one preprocess run serves all of them.
+        mpp_weights: random positions: relative weight of each of mpps (None: equal).
+        tile_px: random positions: tile side in px at every mpp (None: the coords files'
+            tile size).
+        min_tissue: random positions: least tissue share of a drawn tile (Midnight: 0.4).
+        slide_weights: random positions: uniform (every slide alike) or tissue (by
+            tissue area).
+        hsv_filter: keep only tiles with at least hsv_min_share of pixels inside Virchow's
+            HSV tissue range (Vorontsov et al., 2024; Midnight uses it): H 90-180, S 8-255,
+            V 103-255 on OpenCV's 8-bit scale; other tiles are replaced, and the share
+            replaced is logged (data/rejected).
+        hsv_min_share: least share of in-range pixels of a kept tile.
         mean: normalisation mean of the encoder input.
         std: normalisation std of the encoder input.
         seed: seed of the tile order and augmentations.
@@ -103,6 +143,7 @@ class DataConfig:
     stain_augment: bool = True
     hed_sigma: float = 0.05
     hed_bias: float = 0.05
+    hed_probability: float = 1.0
     hsv_hue: float = 0.02
     hsv_saturation: float = 0.1
     hsv_value: float = 0.1
@@ -111,6 +152,15 @@ class DataConfig:
     stain_norm: Path | None = None
     max_background: float = 0.7
     max_tiles_per_slide: int | None = None
+    tiles_per_visit: int = 4
+    positions: Literal["grid", "random"] = "grid"
+    mpps: list[float] | None = None
+    mpp_weights: list[float] | None = None
+    tile_px: int | None = None
+    min_tissue: float = 0.4
+    slide_weights: Literal["uniform", "tissue"] = "uniform"
+    hsv_filter: bool = False
+    hsv_min_share: float = 0.6
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     seed: int = 0
@@ -134,9 +184,11 @@ class LossConfig:
         center_momentum: EMA momentum of the centre (centering only).
         student_temp: student softmax temperature.
         teacher_temp: teacher temperature after warm-up.
-        teacher_temp_start: teacher temperature at step 0.
+        teacher_temp_start: teacher temperature at step 0 (teacher_temp with
+            optim.warm_start).
         teacher_temp_warmup_steps: steps of linear teacher-temperature warm-up (the final
-            value is reached at step teacher_temp_warmup_steps - 1, as in DINOv2).
+            value is reached at step teacher_temp_warmup_steps - 1, as in DINOv2; none with
+            optim.warm_start).
         mask_probability: share of the global crops masked for iBOT.
         mask_ratio: range of the share of patches masked in a masked crop.
     """
@@ -165,7 +217,7 @@ class OptimConfig:
         min_lr: final learning rate of the cosine.
         warmup_steps: linear lr warm-up steps (0 to the peak at step warmup_steps - 1, as
             DINOv2's linspace).
-        weight_decay: weight decay at step 0.
+        weight_decay: weight decay at step 0 (weight_decay_end with warm_start).
         weight_decay_end: weight decay at the end (cosine ramp; 0.4 in DINOv2's default
             config, 0.2 in its ViT-L/g configs).
         momentum_teacher: teacher EMA momentum at step 0.
@@ -173,10 +225,16 @@ class OptimConfig:
         layer_decay: layer-wise lr decay (1: off).
         patch_embed_lr_mult: lr multiplier of the patch embedding.
         freeze_last_layer_steps: the prototype layers' lr is 0 for this many steps (their
-            AdamW moments still update), as in DINOv2.
+            AdamW moments still update), as in DINOv2 (none with warm_start).
         clip_grad: gradient-norm clipping of the backbone, the DINO head and the iBOT head,
             each on its own, as in DINOv2 (0: off).
         betas: AdamW betas.
+        warm_start: continue a trained model (--model.init_from) with the schedules where
+            its run ended, as Midnight's high-resolution post-training (Karasikov et al.,
+            2025): weight decay held at weight_decay_end, the teacher temperature at
+            loss.teacher_temp from step 0 (no warm-up), no prototype freeze; the lr warm-up
+            (warmup_steps) and the teacher momentum (momentum_teacher, set it high, e.g.
+            0.9995) stay as configured.
     """
 
     base_lr: float = 0.004
@@ -191,6 +249,7 @@ class OptimConfig:
     freeze_last_layer_steps: int = 1250
     clip_grad: float = 3.0
     betas: tuple[float, float] = (0.9, 0.999)
+    warm_start: bool = False
 
 
 @dataclass

@@ -1,12 +1,15 @@
 """Online patching for pretraining: tiles read from slides by coords, multi-crop views, batches.
 
 Tiles are read from the slides as training asks for them (no tile files on disk), in an
-order shuffled across all slides; only a few slides are open per worker at a time, so a
-list of many thousands of slides costs no memory. Near-white tiles are skipped when read
+order shuffled across all slides, ``tiles_per_visit`` tiles of a slide at a time
+(:mod:`pipeline.ssl.stream`); only a few slides are open per worker at a time, so a list
+of many thousands of slides costs no memory. Near-white tiles are skipped when read
 (replaced by another tile) and repeated tiles (the same slide listed twice, repeated
 coords) are dropped up front. The tile order is a pure function of the seed and of the
-number of samples already consumed, so a resumed run, on any number of devices,
-continues the stream where it stopped.
+number of samples already consumed, so a resumed run, on any number of devices or
+workers, continues the stream where it stopped. Workers ship the multi-crop views as
+uint8; their stain jitter, blur, solarization and normalisation run on the training
+device (:mod:`pipeline.ssl.augment`).
 """
 
 from __future__ import annotations
@@ -22,12 +25,16 @@ from torchvision.transforms import v2
 
 from pipeline.data.tiles import TileDataset
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.ssl.augment import DeviceAugment
 from pipeline.ssl.config import DataConfig, LossConfig
 from pipeline.ssl.masking import batch_masks
-from pipeline.stain.augment import HEDJitter, HSVJitter
+from pipeline.ssl.patching import OnlinePatches
+from pipeline.ssl.stream import Positions, TileStream
+from pipeline.stain.hsv_filter import HSVFilter
 from pipeline.wsi.coords import list_coords_files, read_coords
 
 WHITE = 220  # a pixel is near-white (glass) when all channels exceed this
+REDRAW = 1 << 40  # random positions: a replaced tile's draw index is this far on
 
 
 def background_share(tile: torch.Tensor) -> float:
@@ -45,39 +52,35 @@ class Dihedral:
 
 
 class MultiCrop:
-    """Two global and ``local_crops`` local views of a ``3 x H x W`` uint8 tile (DINO's
-    multi-crop, Caron et al., 2021, with pathology augmentations: dihedral rotations,
-    HED/HSV stain jitter, blur; solarization off by default)."""
+    """Two global and ``local_crops`` local views of a ``3 x H x W`` uint8 tile, as uint8:
+    DINO's multi-crop (Caron et al., 2021) random resized crops, each turned by one of the
+    8 dihedral transforms (tissue has no orientation). The colour augmentations follow on
+    the device (:class:`pipeline.ssl.augment.DeviceAugment`)."""
 
     def __init__(self, cfg: DataConfig):
         self.local_crops = cfg.local_crops
-        stain = []
-        if cfg.stain_augment:
-            stain = [
-                HEDJitter(cfg.hed_sigma, cfg.hed_bias),
-                HSVJitter(cfg.hsv_hue, cfg.hsv_saturation, cfg.hsv_value),
-            ]
-        blur = [v2.RandomApply([v2.GaussianBlur(9, sigma=(0.1, 2.0))], p=cfg.blur)]
-        tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg.mean, cfg.std)]
 
-        def views(size: int, scale: tuple[float, float], extra: list) -> v2.Compose:
+        def views(size: int, scale: tuple[float, float]) -> v2.Compose:
             crop = v2.RandomResizedCrop(size, scale=tuple(scale), antialias=True)
-            return v2.Compose([crop, Dihedral(), *stain, *blur, *extra, *tail])
+            return v2.Compose([crop, Dihedral()])
 
-        self.global1 = views(cfg.global_size, cfg.global_scale, [])
-        solar = [v2.RandomSolarize(128, p=cfg.solarize)] if cfg.solarize > 0 else []
-        self.global2 = views(cfg.global_size, cfg.global_scale, solar)
-        self.local = views(cfg.local_size, cfg.local_scale, [])
+        self.global_ = views(cfg.global_size, cfg.global_scale)
+        self.local = views(cfg.local_size, cfg.local_scale)
 
     def __call__(self, tile: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        globals_ = [self.global1(tile), self.global2(tile)]
+        globals_ = [self.global_(tile), self.global_(tile)]
         return globals_, [self.local(tile) for _ in range(self.local_crops)]
 
 
 class PretrainTiles(Dataset):
-    """Tiles of many slides with multi-crop views; near-white tiles are replaced when read.
+    """Tiles of many slides with multi-crop views: the coords files' grid tiles, or
+    positions drawn inside the tissue at several mpps (``positions: random``,
+    :class:`pipeline.ssl.patching.OnlinePatches`). Tiles that are mostly glass, or outside
+    the HSV tissue range with ``hsv_filter``, are replaced when read (by a fixed rule, so
+    the stream stays a function of the seed).
 
-    Items: ``(global views, local views)``. ``len`` counts the distinct tiles kept.
+    Items: ``(global views, local views, tiles replaced)``. ``len`` counts the distinct
+    grid tiles kept (random positions: the draws of one pass, which never end).
     """
 
     def __init__(self, cfg: DataConfig, transform: MultiCrop | None = None):
@@ -87,7 +90,7 @@ class PretrainTiles(Dataset):
                 "(the coords folder of `cpath preprocess`)"
             )
         files = list_coords_files(cfg.coords)
-        tables, seen = [], set()
+        tables, kept_files, seen = [], [], set()
         for path in files:
             table = read_coords(path)
             key = (str(Path(table.slide_path or path).resolve()), table.patch_size_level0)
@@ -95,6 +98,7 @@ class PretrainTiles(Dataset):
                 continue
             seen.add(key)
             tables.append(table)
+            kept_files.append(path)
         self.tiles = TileDataset(tables, stain_norm=cfg.stain_norm)
         rng = np.random.default_rng(cfg.seed)
         keep = []
@@ -105,6 +109,7 @@ class PretrainTiles(Dataset):
                 rows = np.sort(rng.choice(rows, cfg.max_tiles_per_slide, replace=False))
             keep.append(self.tiles.offsets[s] + rows)
         self.items = np.concatenate(keep) if keep else np.zeros(0, np.int64)
+        self.slide_sizes = [len(rows) for rows in keep if len(rows)]  # items, slide by slide
         if len(self.items) == 0:
             raise PipelineError(
                 f"{cfg.coords}: zero tiles found in {len(files)} coords files; "
@@ -120,27 +125,65 @@ class PretrainTiles(Dataset):
         self.slides = len(self.tiles.tables)
         self.transform = transform if transform is not None else MultiCrop(cfg)
         self.max_background = cfg.max_background
+        self.hsv = HSVFilter(min_share=cfg.hsv_min_share) if cfg.hsv_filter else None
+        self.patches = None
+        if cfg.positions == "random":
+            target = self.tiles.tables[0].target_mpp
+            if cfg.mpps is None and target is None:
+                raise ConfigError(
+                    f"{cfg.coords}: the coords files give no target mpp; pass --data.mpps"
+                )
+            self.patches = OnlinePatches(
+                kept_files,  # their run's tissue/ folder is found beside them
+                mpps=cfg.mpps or [target],
+                mpp_weights=cfg.mpp_weights,
+                tile_px=cfg.tile_px or min(sizes),
+                min_tissue=cfg.min_tissue,
+                seed=cfg.seed,
+                length=len(self.items),
+                slide_weights=cfg.slide_weights,
+                tiles_per_visit=cfg.tiles_per_visit,
+            )
+            if cfg.global_size > self.patches.tile_px:
+                raise ConfigError(
+                    f"global crops of {cfg.global_size} px are larger than the "
+                    f"{self.patches.tile_px}-px tiles; lower --data.global_size or raise "
+                    "--data.tile_px"
+                )
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def read(self, index: int, attempt: int = 0) -> torch.Tensor:
+        """The ``attempt``-th candidate for stream item ``index``: ``3 x H x W`` uint8."""
+        if self.patches is not None:  # a draw far beyond any run's positions
+            return torch.from_numpy(self.patches.read(index + attempt * REDRAW))
         n = len(self.items)
-        for attempt in range(16):  # replace near-white tiles by other tiles (fixed order)
-            tile = torch.from_numpy(self.tiles.read(int(self.items[(index + attempt * 7919) % n])))
-            if background_share(tile) <= self.max_background:
+        return torch.from_numpy(self.tiles.read(int(self.items[(index + attempt * 7919) % n])))
+
+    def keep(self, tile: torch.Tensor) -> bool:
+        """Whether a tile is tissue: not mostly glass, and in the HSV range if asked."""
+        if background_share(tile) > self.max_background:
+            return False
+        return self.hsv is None or self.hsv.keep(tile)
+
+    def __getitem__(self, index: int) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+        for attempt in range(16):  # replace glass or non-tissue tiles (fixed order)
+            tile = self.read(index, attempt)
+            if self.keep(tile):
                 break
         if self.tiles.stain_norm is not None:
             tile = self.tiles.stain_norm(tile)
-        return self.transform(tile)
+        return (*self.transform(tile), attempt)
 
 
 class StreamSampler(Sampler[int]):
-    """This rank's share of an endless, seeded stream of tile indices.
+    """This rank's share of an endless, seeded stream of tile indices (a
+    :class:`pipeline.ssl.stream.TileStream`, or for an int ``n`` one permutation of
+    ``range(n)`` per pass).
 
-    The stream is the concatenation of permutations of ``range(n)`` (one per pass,
-    seeded by ``seed + pass``). Global step ``k`` takes stream positions
-    ``[k * B * world, (k + 1) * B * world)``, rank ``r`` the ``r``-th block of ``B`` of them.
+    Global step ``k`` takes stream positions ``[k * B * world, (k + 1) * B * world)``, rank
+    ``r`` the ``r``-th block of ``B`` of them.
 
     One pass over the sampler is the whole run of ``steps`` steps (one Lightning epoch), so
     that Lightning's in-epoch batch counter, which it restores on resumption, is the global
@@ -152,7 +195,7 @@ class StreamSampler(Sampler[int]):
 
     def __init__(
         self,
-        n: int,
+        stream: TileStream | int,
         batch: int,
         steps: int,
         rank: int = 0,
@@ -163,23 +206,16 @@ class StreamSampler(Sampler[int]):
     ):
         if not 0 <= done <= steps:
             raise ValueError(f"{done} steps done of a run of {steps} steps")
-        self.n, self.batch, self.steps, self.done = n, batch, steps, done
-        self.rank, self.world, self.seed, self.start = rank, world, seed, start
-        self._pass, self._perm = -1, None
-
-    def position(self, p: int) -> int:
-        pass_, offset = divmod(p, self.n)
-        if pass_ != self._pass:
-            g = torch.Generator().manual_seed(self.seed + pass_)
-            self._pass, self._perm = pass_, torch.randperm(self.n, generator=g)
-        return int(self._perm[offset])
+        if isinstance(stream, int):
+            stream = TileStream([stream], per_visit=1, seed=seed)
+        self.stream, self.batch, self.steps, self.done = stream, batch, steps, done
+        self.rank, self.world, self.start = rank, world, start
 
     def __iter__(self) -> Iterator[int]:
         global_batch = self.batch * self.world
         for step in range(self.steps - self.done):
             base = self.start + step * global_batch + self.rank * self.batch
-            for j in range(self.batch):
-                yield self.position(base + j)
+            yield from self.stream(np.arange(base, base + self.batch)).tolist()
 
     def __len__(self) -> int:
         return self.steps * self.batch
@@ -201,6 +237,7 @@ class Collate:
             "global": torch.cat(globals_),  # 2B x 3 x G x G
             "local": torch.cat(locals_) if locals_ else torch.zeros(0),  # nB x 3 x L x L
             "masks": torch.from_numpy(masks),  # 2B x N
+            "rejected": torch.tensor(sum(it[2] if len(it) > 2 else 0 for it in items)),
         }
 
 
@@ -214,11 +251,16 @@ class PretrainDataModule(L.LightningDataModule):
         self.cfg, self.loss, self.max_steps = data, loss, max_steps
         grid = data.global_size // patch_size
         self.collate = Collate((grid, grid), loss)
+        self.augment = DeviceAugment(data)
         self.dataset: PretrainTiles | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is None:
             self.dataset = PretrainTiles(self.cfg)
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """uint8 crops from the workers, augmented and normalised on the device."""
+        return self.augment.batch(batch)
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
@@ -234,9 +276,12 @@ class PretrainDataModule(L.LightningDataModule):
         """The loader of a run of ``steps`` batches for ``rank`` of ``world``, the first ``done``
         of them already trained on: it yields the rest, from stream position ``start`` (see
         :class:`StreamSampler`)."""
-        sampler = StreamSampler(
-            len(self.dataset), self.cfg.batch_size, steps, rank, world, self.cfg.seed, start, done
-        )
+        if getattr(self.dataset, "patches", None) is not None:
+            stream = Positions()  # draws are functions of (seed, position) already
+        else:
+            k, seed = self.cfg.tiles_per_visit, self.cfg.seed
+            stream = TileStream(self.dataset.slide_sizes, k, seed)
+        sampler = StreamSampler(stream, self.cfg.batch_size, steps, rank, world, 0, start, done)
         generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + start)
         return DataLoader(
             self.dataset,

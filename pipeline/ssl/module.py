@@ -19,9 +19,9 @@ import torch.distributed as dist
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from pipeline.encoders import load_weights
 from pipeline.errors import PipelineError
 from pipeline.ssl.config import LossConfig, ModelConfig, OptimConfig
+from pipeline.ssl.init_from import InitReport, init_networks
 from pipeline.ssl.losses import (
     TeacherTargets,
     dino_loss,
@@ -131,9 +131,12 @@ class DINOv2Module(L.LightningModule):
         max_steps: int,
         rankme_every: int = 10,
         data: dict | None = None,
+        load_init: bool = True,
     ):
+        """``load_init=False``: do not read ``model.init_from`` (a resumed run, whose
+        checkpoint replaces the weights anyway)."""
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["load_init"])
         self.model_cfg, self.loss_cfg = ModelConfig(**model), LossConfig(**loss)
         self.optim_cfg, self.max_steps, self.rankme_every = (
             OptimConfig(**optim),
@@ -142,9 +145,12 @@ class DINOv2Module(L.LightningModule):
         )
         self.student = build_network(self.model_cfg, drop_path=True)
         self.teacher = build_network(self.model_cfg, drop_path=False)
-        if self.model_cfg.init_weights:
-            load_weights(self.student.backbone.vit, self.model_cfg.init_weights)
-        self.teacher.load_state_dict(self.student.state_dict())
+        source = self.model_cfg.init_source()
+        self.init_report: InitReport | None = None  # what --model.init_from loaded
+        if source is not None and load_init:
+            self.init_report = init_networks(self.student, self.teacher, source)
+        else:
+            self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
         freeze_unused(self.student, self.loss_cfg)
         depth = len(self.student.backbone.vit.blocks)
@@ -164,11 +170,19 @@ class DINOv2Module(L.LightningModule):
         self.samples_seen = 0
         self._last_time: float | None = None
         o, s = self.optim_cfg, self.loss_cfg
-        self.wd = Cosine(o.weight_decay, o.weight_decay_end, max_steps)
+        # warm start (Midnight's post-training): weight decay and teacher temperature at
+        # their final values from step 0, no prototype freeze; lr warm-up and momentum as set
+        warm = o.warm_start
+        self.wd = Cosine(
+            o.weight_decay_end if warm else o.weight_decay, o.weight_decay_end, max_steps
+        )
         self.momentum = Cosine(o.momentum_teacher, o.momentum_teacher_end, max_steps)
         self.teacher_temp = Linear(
-            s.teacher_temp_start, s.teacher_temp, s.teacher_temp_warmup_steps
+            s.teacher_temp if warm else s.teacher_temp_start,
+            s.teacher_temp,
+            0 if warm else s.teacher_temp_warmup_steps,
         )
+        self.freeze_last_layer_steps = 0 if warm else o.freeze_last_layer_steps
 
     # -- optimisation -------------------------------------------------------------
     @property
@@ -204,7 +218,7 @@ class DINOv2Module(L.LightningModule):
         """Set each group's lr and weight decay for ``step``; the prototype layers' lr is 0
         for the first ``freeze_last_layer_steps`` steps (DINOv2's ``last_layer_lr``)."""
         lr, wd = self.lr_schedule(global_batch)(step), self.wd(step)
-        frozen = step < self.optim_cfg.freeze_last_layer_steps
+        frozen = step < self.freeze_last_layer_steps
         for group in optimizer.param_groups:
             group_lr = 0.0 if (frozen and group["last_layer"]) else lr
             group["lr"] = group_lr * group["lr_mult"]
@@ -380,9 +394,12 @@ class DINOv2Module(L.LightningModule):
         max_steps: int,
         rankme_every: int = 10,
         data=None,
+        load_init: bool = True,
     ) -> DINOv2Module:
         data = _plain(data) if data is not None else None
-        return cls(_plain(model), _plain(loss), _plain(optim), max_steps, rankme_every, data)
+        return cls(
+            _plain(model), _plain(loss), _plain(optim), max_steps, rankme_every, data, load_init
+        )
 
 
 def _plain(cfg) -> dict:

@@ -72,6 +72,7 @@ def train(cfg: PretrainConfig) -> Path:
     _check(cfg)
     out = Path(cfg.out)
     L.seed_everything(cfg.data.seed, workers=True, verbose=False)
+    resume = checkpoint_path(cfg)
     module = DINOv2Module.from_configs(
         cfg.model,
         cfg.loss,
@@ -79,6 +80,7 @@ def train(cfg: PretrainConfig) -> Path:
         cfg.trainer.max_steps,
         cfg.monitor.rankme_every_n_steps,
         cfg.data,
+        load_init=resume is None,  # a resumed run's checkpoint holds its weights
     )
     patch = module.student.backbone.patch_size
     if cfg.data.global_size % patch:
@@ -134,7 +136,6 @@ def train(cfg: PretrainConfig) -> Path:
         default_root_dir=out,
         num_sanity_val_steps=0,
     )
-    resume = checkpoint_path(cfg)
     if trainer.is_global_zero:
         keep_earlier_metrics(out)
         save_config(cfg, out)

@@ -42,3 +42,12 @@ def tiny_module():
     torch.set_num_threads(1)
     yield make
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: tiny ops only contend on busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -71,3 +71,39 @@ def test_register_presets_differ_from_their_base_only_in_registers(base):
         assert reg_model["arch"] == plain_model["arch"].replace("_dinov2", "_reg4_dinov2")
         reg_model["arch"] = plain_model["arch"]
     assert reg_model == plain_model
+
+
+def test_midnight_preset_is_vitg14_with_the_midnight_data_and_kde():
+    """Midnight (Karasikov et al., 2025): vitg14's model and optimiser, online patching at
+    four mpps, the HSV filter, HED jitter on half the crops, KDE instead of KoLeo, 0.5/0.5."""
+    raw = {n: yaml.safe_load((PRESETS / f"{n}.yaml").read_text()) for n in ("midnight", "vitg14")}
+    assert raw["midnight"]["model"] == raw["vitg14"]["model"]
+    assert raw["midnight"]["optim"] == raw["vitg14"]["optim"]
+    cfg = load_config(PretrainConfig, PRESETS / "midnight.yaml")
+    d, loss = cfg.data, cfg.loss
+    assert (d.positions, d.mpps, d.min_tissue, d.tile_px) == ("random", [0.25, 0.5, 1, 2], 0.4, 256)
+    assert d.hsv_filter and d.hsv_min_share == 0.6
+    assert (d.hed_sigma, d.hed_bias, d.hed_probability) == (0.0, 0.05, 0.5)
+    assert (d.hsv_hue, d.hsv_saturation, d.hsv_value) == (0.0, 0.0, 0.0)
+    assert tuple(d.mean) == tuple(d.std) == (0.5, 0.5, 0.5)
+    assert loss.koleo_weight == 0 and loss.kde_weight > 0
+
+
+def test_midnight_data_section_feeds_batches_from_one_preprocess_run(tiny_prep):
+    """The preset's data pipeline at small crops on the tiny demo run (0.5-mpp tiles):
+    its four mpps drawn from one run's tissue, the finer ones where a slide serves them."""
+    from dataclasses import replace
+
+    from pipeline.ssl.config import LossConfig
+    from pipeline.ssl.data import PretrainDataModule, PretrainTiles
+
+    cfg = load_config(PretrainConfig, PRESETS / "midnight.yaml").data
+    cfg = replace(
+        cfg, coords=tiny_prep / "coords", batch_size=4, workers=0, global_size=56, local_size=28
+    )
+    data = PretrainDataModule(cfg, LossConfig(), patch_size=14, max_steps=1)
+    data.dataset = PretrainTiles(cfg)
+    batch = data.on_after_batch_transfer(next(iter(data.train_dataloader_for(1))), 0)
+    assert batch["global"].shape == (8, 3, 56, 56) and torch.isfinite(batch["global"]).all()
+    mpps = {data.dataset.patches.draw(i).mpp for i in range(60)}
+    assert {0.5, 1.0, 2.0} <= mpps  # 0.25 only where level 0 is that fine

@@ -59,6 +59,14 @@ def metrics(out):
     return [r for r in read_metrics(out) if "loss" in r]
 
 
+def logged(out, step: int) -> bool:
+    """Whether the metrics of ``step`` are on disk (a killed run keeps only those)."""
+    try:
+        return any(int(r["step"]) >= step for r in metrics(out))
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory, tiny_prep, tiny_cohort):
     """Two CPU processes (DDP, gloo): killed after a checkpoint, then resumed to the end;
@@ -101,6 +109,9 @@ def ddp_run(tmp_path_factory, tiny_prep, tiny_cohort):
         )
         deadline = time.time() + 240
         while not last.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        deadline = time.time() + 30  # the rows of the steps before the checkpoint are flushed
+        while proc.poll() is None and time.time() < deadline and not logged(out, 5):
             time.sleep(0.2)
         os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
         logs.append(proc.communicate()[0].decode())

@@ -8,13 +8,17 @@ from torch.utils.data import Dataset
 
 from pipeline.ssl.config import DataConfig, LossConfig
 from pipeline.ssl.data import PretrainDataModule, StreamSampler
+from pipeline.ssl.stream import TileStream
 
 SCALE = 64.0  # tile i is an image filled with i / SCALE
 N, BATCH, STEPS = 7, 2, 10
+SLIDES, PER_VISIT = [3, 4], 2  # the N tiles as two slides, read two at a time
 
 
 class IndexTiles(Dataset):
     """``N`` fake tiles whose views are filled with their index (no slides needed)."""
+
+    slide_sizes = SLIDES
 
     def __len__(self) -> int:
         return N
@@ -48,7 +52,13 @@ def fit(make_module, out, record: Record, ckpt_path=None, steps: int = STEPS) ->
     """Train as ``pipeline.ssl.train`` does: one process, a last.ckpt every 3 steps and at
     the end."""
     data = DataConfig(
-        batch_size=BATCH, workers=0, global_size=16, local_size=8, local_crops=1, seed=3
+        batch_size=BATCH,
+        workers=0,
+        global_size=16,
+        local_size=8,
+        local_crops=1,
+        seed=3,
+        tiles_per_visit=PER_VISIT,
     )
     datamodule = PretrainDataModule(data, LossConfig(), patch_size=8, max_steps=steps)
     datamodule.dataset = IndexTiles()
@@ -77,7 +87,7 @@ def fit(make_module, out, record: Record, ckpt_path=None, steps: int = STEPS) ->
 def test_resumed_run_sees_the_tiles_of_an_uninterrupted_run(tiny_module, tmp_path, stop_at):
     whole = Record()
     fit(tiny_module, tmp_path / "whole", whole)
-    stream = list(StreamSampler(N, BATCH, STEPS, seed=3))
+    stream = list(StreamSampler(TileStream(SLIDES, PER_VISIT, 3), BATCH, STEPS))
     assert whole.batches == {k: stream[k * BATCH : (k + 1) * BATCH] for k in range(STEPS)}
 
     with pytest.raises(Stopped):  # killed during a step: the checkpoint is a few steps back
@@ -96,6 +106,6 @@ def test_a_finished_run_extended_to_more_steps_reads_on(tiny_module, tmp_path):
     fit(tiny_module, tmp_path, Record())
     extended = Record()
     module = fit(tiny_module, tmp_path, extended, ckpt_path=tmp_path / "last.ckpt", steps=STEPS + 3)
-    stream = list(StreamSampler(N, BATCH, STEPS + 3, seed=3))
+    stream = list(StreamSampler(TileStream(SLIDES, PER_VISIT, 3), BATCH, STEPS + 3))
     assert extended.batches == {k: stream[k * BATCH : (k + 1) * BATCH] for k in range(10, 13)}
     assert module.samples_seen == (STEPS + 3) * BATCH
