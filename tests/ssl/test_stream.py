@@ -160,3 +160,29 @@ def test_hed_jitter_reaches_its_share_of_crops_only():
     plain = DeviceAugment(replace(cfg, stain_augment=False))(crops)
     changed = (out - plain).abs().amax(dim=(1, 2, 3)) > 1e-4
     assert 0.4 < changed.float().mean() < 0.6
+
+
+class Indexed(torch.utils.data.Dataset):
+    """Tiles whose uint8 views carry their own index (as index // 256, index % 256)."""
+
+    slide_sizes = [9, 14, 6]
+
+    def __len__(self) -> int:
+        return 29
+
+    def __getitem__(self, i: int):
+        view = torch.zeros(3, 16, 16, dtype=torch.uint8)
+        view[0, 0, 0] = i
+        return [view, view], [view[:, :8, :8]], 0
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_worker_processes_do_not_change_the_stream(workers):
+    cfg = DataConfig(
+        batch_size=3, workers=workers, global_size=16, local_size=8, local_crops=1, seed=4
+    )
+    data = PretrainDataModule(cfg, LossConfig(), patch_size=8, max_steps=8)
+    data.dataset = Indexed()
+    seen = [b["global"][:3, 0, 0, 0].tolist() for b in data.train_dataloader_for(8)]
+    expected = TileStream(Indexed.slide_sizes, cfg.tiles_per_visit, 4)(np.arange(24))
+    assert sum(seen, []) == expected.tolist()
