@@ -54,6 +54,12 @@ STAGES = {
             "TrainMILConfig",
         ),
         Stage(
+            "slide-embed",
+            "unsupervised slide embeddings (PANTHER) and a linear head on them",
+            "pipeline.slide.embed",
+            "SlideEmbedConfig",
+        ),
+        Stage(
             "heatmap",
             "MIL attention over a slide thumbnail, top tiles",
             "pipeline.mil.heatmap",

@@ -73,6 +73,35 @@ class TrainMILConfig:
             tumour, else 0). Each test slide with both kinds gets the AUC of its fold model's
             tile scores (attention, or instance scores) against them: the localization AUC
             in metrics.json, mean over slides with a bootstrap CI by patient.
+        strategy: plain (the model on whole training bags) or mhim: masked hard instance
+            mining (MHIM-MIL; Tang et al., ICCV 2023) for abmil and transmil. A momentum
+            teacher (a copy of the model, updated after each optimiser step as an
+            exponential moving average of it, never by gradients) scores the instances of
+            each training bag with its attention (in training mode, dropout on); the model
+            trains on the bag without the masked instances (random, least attended and most
+            attended, see the mhim_ settings), with the task's loss plus mhim_alpha times a
+            soft cross-entropy from the teacher's whole-bag embedding to its own. Validation,
+            prediction and the saved model are the model's (the student's) on whole bags.
+        teacher_init: with mhim, a finished plain run of the same model and model_args whose
+            fold models (RUN/fold_<k>/model.ckpt) initialise each fold's teacher; it must
+            have been trained on the same splits (pass --splits RUN/splits.csv). None: the
+            teacher starts as a copy of the freshly initialised model.
+        mhim_student_init: with teacher_init, what of the fold model also initialises the
+            model: none, embed (its instance embedding, the reference's ABMIL setting) or all.
+        mhim_mask_ratio: share of each bag's instances masked at random.
+        mhim_mask_ratio_l: share masked among the lowest teacher attention.
+        mhim_mask_ratio_h: share masked among the highest teacher attention: a random
+            mhim_mask_ratio_hr of the ceil(n * mhim_mask_ratio_h / mhim_mask_ratio_hr) most
+            attended instances.
+        mhim_mask_ratio_hr: the randomly masked share of the high-attention candidates.
+        mhim_h_decay: decay mhim_mask_ratio_h to 0 over the training steps (cosine).
+        mhim_alpha: weight of the teacher-student consistency loss.
+        mhim_temp_t: softmax temperature of the teacher's bag embedding.
+        mhim_temp_s: softmax temperature of the model's bag embedding.
+        mhim_momentum: momentum m of the teacher update (teacher <- m teacher + (1-m) model).
+        mhim_momentum_cosine: raise the momentum from mhim_momentum to mhim_momentum_final
+            over the training steps (cosine).
+        mhim_momentum_final: the final momentum of mhim_momentum_cosine.
     """
 
     features: Path | None = None
@@ -106,6 +135,20 @@ class TrainMILConfig:
     store: Literal["auto", "memory", "disk"] = "auto"
     memory_budget_gb: float | None = None
     tile_labels: Path | None = None
+    strategy: Literal["plain", "mhim"] = "plain"
+    teacher_init: Path | None = None
+    mhim_student_init: Literal["none", "embed", "all"] = "none"
+    mhim_mask_ratio: float = 0.5
+    mhim_mask_ratio_l: float = 0.0
+    mhim_mask_ratio_h: float = 0.01
+    mhim_mask_ratio_hr: float = 0.5
+    mhim_h_decay: bool = True
+    mhim_alpha: float = 0.1
+    mhim_temp_t: float = 0.1
+    mhim_temp_s: float = 1.0
+    mhim_momentum: float = 0.9999
+    mhim_momentum_cosine: bool = False
+    mhim_momentum_final: float = 1.0
 
 
 def run(cfg: TrainMILConfig) -> int:

@@ -3,6 +3,7 @@ per fold, patient-grouped cross-validation, out-of-fold predictions and metrics.
 
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
 import json
@@ -32,6 +33,13 @@ from pipeline.mil.metrics import (
     neg_partial_log_likelihood,
     survival_horizons,
     survival_metrics,
+)
+from pipeline.mil.mhim import (
+    MHIM_MODELS,
+    cosine_schedule,
+    ema_update,
+    keep_mask,
+    soft_cross_entropy,
 )
 from pipeline.mil.splits import (
     fold_members,
@@ -87,8 +95,31 @@ def survival_risk(logits: torch.Tensor, loss: str) -> torch.Tensor:
     return -surv.sum(1)
 
 
+MHIM_SETTINGS = {  # MILModule's ``mhim`` keys: the TrainMILConfig fields they come from
+    "mask_ratio": "mhim_mask_ratio",
+    "mask_ratio_l": "mhim_mask_ratio_l",
+    "mask_ratio_h": "mhim_mask_ratio_h",
+    "mask_ratio_hr": "mhim_mask_ratio_hr",
+    "h_decay": "mhim_h_decay",
+    "alpha": "mhim_alpha",
+    "temp_t": "mhim_temp_t",
+    "temp_s": "mhim_temp_s",
+    "momentum": "mhim_momentum",
+    "momentum_cosine": "mhim_momentum_cosine",
+    "momentum_final": "mhim_momentum_final",
+}
+
+
 class MILModule(L.LightningModule):
-    """A registered aggregator trained with AdamW + cosine, bag loss plus auxiliary loss."""
+    """A registered aggregator trained with AdamW + cosine, bag loss plus auxiliary loss.
+
+    With ``strategy`` mhim (masked hard instance mining, Tang et al., ICCV 2023; see
+    :mod:`pipeline.mil.mhim`) the module also holds ``teacher``, a copy of the model that
+    gets no gradients: each training step masks instances of the bags by the teacher's
+    attention, trains the model on the rest with the task's loss plus ``alpha`` times the
+    soft cross-entropy of the bag embeddings, and then moves the teacher towards the model
+    (EMA). Evaluation and prediction use the model on whole bags.
+    """
 
     def __init__(
         self,
@@ -105,10 +136,25 @@ class MILModule(L.LightningModule):
         class_weights: list[float] | None = None,
         standardize: bool = False,
         cox_ties: str = "efron",
+        strategy: str = "plain",
+        mhim: dict | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.model = make_mil(model, in_dim, n_out, **model_args)
+        self.teacher: torch.nn.Module | None = None
+        if strategy == "mhim":
+            if model not in MHIM_MODELS:
+                raise ConfigError(
+                    f"strategy mhim needs an attention model with a bag embedding "
+                    f"({', '.join(MHIM_MODELS)}), not '{model}'"
+                )
+            missing = sorted(set(MHIM_SETTINGS) - set(mhim or {}))
+            if missing:
+                raise ConfigError(f"strategy mhim: settings missing: {', '.join(missing)}")
+            self.teacher = copy.deepcopy(self.model).requires_grad_(False)
+        elif strategy != "plain":
+            raise ConfigError(f"unknown strategy '{strategy}'; known: plain, mhim")
         self.weights = torch.tensor(class_weights) if class_weights else None
         # the Cox loss compares bags: validation collects the per-bag risks, times and events
         # of the epoch (one bag per step) and scores them together at its end
@@ -133,12 +179,19 @@ class MILModule(L.LightningModule):
             cfg.survival_loss,
             standardize=cfg.standardize,
             cox_ties=cfg.cox_ties,
+            strategy=cfg.strategy,
+            mhim={k: getattr(cfg, f) for k, f in MHIM_SETTINGS.items()}
+            if cfg.strategy == "mhim"
+            else None,
         )
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, labels=None) -> dict:
+    def standardized(self, x: torch.Tensor) -> torch.Tensor:
         if self.hparams.get("standardize"):
             x = (x - self.feature_mean) / self.feature_std  # B x N x D
-        return self.model(x, mask, labels=labels)
+        return x
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, labels=None) -> dict:
+        return self.model(self.standardized(x), mask, labels=labels)
 
     def target_loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
         """The task's loss of ``B x C`` logits: cross-entropy, Cox or discrete-time NLL."""
@@ -162,9 +215,12 @@ class MILModule(L.LightningModule):
         return self.hparams.task == "survival" and self.hparams.survival_loss == "cox"
 
     def loss(self, batch: dict) -> torch.Tensor:
+        labels = batch["y"] if self.hparams.task == "classification" else None
+        return self.model_loss(self(batch["x"], batch["mask"], labels=labels), batch)
+
+    def model_loss(self, out: dict, batch: dict) -> torch.Tensor:
+        """The task's loss of the model's outputs, with its auxiliary loss if any."""
         hp = self.hparams
-        labels = batch["y"] if hp.task == "classification" else None
-        out = self(batch["x"], batch["mask"], labels=labels)
         loss = self.target_loss(out["logits"], batch)
         aux = out.get("aux_loss")
         if aux is None and "max_logits" in out and self.training:
@@ -176,9 +232,58 @@ class MILModule(L.LightningModule):
         return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.loss(batch)
+        loss = self.mhim_loss(batch) if self.teacher is not None else self.loss(batch)
         self.log("train_loss", loss, on_epoch=True, on_step=False, batch_size=len(batch["y"]))
         return loss
+
+    @property
+    def total_steps(self) -> int:
+        """Optimiser steps of the whole training (the schedules' length)."""
+        try:
+            return int(self.trainer.estimated_stepping_batches)
+        except RuntimeError:  # not attached to a trainer
+            return 0
+
+    def mhim_loss(self, batch: dict) -> torch.Tensor:
+        """One MHIM step: the teacher's attention on the whole bags (training mode, no
+        gradients), the model on the kept instances, the task's loss plus ``alpha`` times
+        the soft cross-entropy from the teacher's bag embedding to the model's."""
+        hp = self.hparams.mhim
+        x, mask = self.standardized(batch["x"]), batch["mask"]  # B x N x D, B x N
+        with torch.no_grad():
+            teacher = self.teacher(x, mask)
+        ratio_h = hp["mask_ratio_h"]
+        if hp["h_decay"]:
+            ratio_h = cosine_schedule(ratio_h, 0.0, self.global_step, self.total_steps)
+        keep = keep_mask(  # B x N
+            teacher["attention"].float(),
+            mask,
+            hp["mask_ratio"],
+            hp["mask_ratio_l"],
+            ratio_h,
+            hp["mask_ratio_hr"],
+        )
+        labels = batch["y"] if self.hparams.task == "classification" else None
+        out = self.model(x, keep, labels=labels)
+        consistency = soft_cross_entropy(
+            out["embedding"], teacher["embedding"], hp["temp_s"], hp["temp_t"]
+        )
+        kept = keep.sum() / mask.sum()
+        self.log("train_kept", kept, on_epoch=True, on_step=False, batch_size=len(batch["y"]))
+        return self.model_loss(out, batch) + hp["alpha"] * consistency
+
+    def teacher_momentum(self) -> float:
+        """The EMA momentum after the current optimiser step (cosine to the final one when
+        asked)."""
+        hp = self.hparams.mhim
+        if not hp["momentum_cosine"]:
+            return hp["momentum"]
+        step = max(self.global_step - 1, 0)  # the step just taken
+        return cosine_schedule(hp["momentum"], hp["momentum_final"], step, self.total_steps)
+
+    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+        if self.teacher is not None:  # after the optimiser step
+            ema_update(self.teacher, self.model, self.teacher_momentum())
 
     def on_validation_epoch_start(self) -> None:
         self.val_risks.clear()
@@ -198,7 +303,8 @@ class MILModule(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        # the model's parameters only (an MHIM teacher follows them by EMA)
+        opt = torch.optim.AdamW(self.model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
         return {
             "optimizer": opt,
             "lr_scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(opt, hp.epochs),
@@ -398,16 +504,29 @@ TRAINING_SETTINGS = (
 )
 
 
+# the training strategy's settings, in the fingerprint when it is not plain (teacher_init by
+# the content of its fold models)
+STRATEGY_SETTINGS = ("strategy", "mhim_student_init", *MHIM_SETTINGS.values())
+
+
 def training_fingerprint(cfg: TrainMILConfig, store: BaseBagStore, splits: list[dict]) -> dict:
     """What finished folds depend on: the training settings, the labels file's content, the
     feature files read and the splits (a change of any retrains the folds)."""
     settings = config_to_dict(cfg)
-    return {
+    record = {
         **{k: settings[k] for k in TRAINING_SETTINGS},
         "labels_sha256": sha256_file(cfg.labels),
         "features_read": store.fingerprint,
         "splits_sha256": hashlib.sha256(json.dumps(splits, sort_keys=True).encode()).hexdigest(),
     }
+    if cfg.strategy != "plain":  # (plain runs keep the fingerprint they had before)
+        record["strategy"] = {k: settings[k] for k in STRATEGY_SETTINGS}
+        if cfg.teacher_init:
+            record["strategy"]["teachers_sha256"] = [
+                sha256_file(teacher_checkpoint(cfg, k))
+                for k in range(sum(1 for key in splits[0] if key.startswith("fold_")))
+            ]
+    return record
 
 
 def split_settings(cfg: TrainMILConfig) -> dict:
@@ -459,6 +578,11 @@ def train_cv(cfg: TrainMILConfig) -> dict:
         raise ConfigError(
             "train-mil needs --features FEATS (from `cpath extract`) and --labels labels.csv"
         )
+    if cfg.strategy == "mhim" and cfg.model not in MHIM_MODELS:
+        raise ConfigError(
+            f"strategy mhim needs an attention model with a bag embedding "
+            f"({', '.join(MHIM_MODELS)}), not '{cfg.model}'"
+        )
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = read_labels(Path(cfg.labels), cfg.task)
@@ -496,6 +620,8 @@ def train_cv(cfg: TrainMILConfig) -> dict:
     made_with = previous.get("splits") if "training" in previous else None  # older runs: unknown
     splits = run_splits(cfg, out, rows, made_with)
     folds = sum(1 for k in splits[0] if k.startswith("fold_"))
+    if cfg.strategy == "mhim" and cfg.teacher_init:
+        check_teacher_run(cfg, splits, folds)
     budget = None if cfg.memory_budget_gb is None else int(cfg.memory_budget_gb * 1e9)
     store = open_bag_store(cfg.features, [r["slide_id"] for r in rows], cfg.store, budget)
     record = {"training": training_fingerprint(cfg, store, splits), "splits": split_settings(cfg)}
@@ -679,6 +805,60 @@ def mil_trainer(cfg: TrainMILConfig, **kwargs) -> L.Trainer:
     )
 
 
+def teacher_checkpoint(cfg: TrainMILConfig, k: int) -> Path:
+    """Fold ``k``'s model of the ``teacher_init`` run."""
+    return Path(cfg.teacher_init) / f"fold_{k}" / "model.ckpt"
+
+
+def check_teacher_run(cfg: TrainMILConfig, splits: list[dict], folds: int) -> None:
+    """The ``teacher_init`` run has a model per fold, of ``cfg.model``, and (where it wrote
+    its splits) was trained on the same splits: otherwise its teachers would have seen the
+    test slides."""
+    run = Path(cfg.teacher_init)
+    missing = [str(teacher_checkpoint(cfg, k)) for k in range(folds)]
+    missing = [m for m in missing if not Path(m).is_file()]
+    if missing:
+        raise PipelineError(
+            f"--teacher_init {run}: no fold model {', '.join(missing[:3])}; it must be a "
+            f"finished train-mil run of {cfg.model} with {folds} folds"
+        )
+    if (run / "splits.csv").is_file() and read_splits(run / "splits.csv") != splits:
+        raise PipelineError(
+            f"--teacher_init {run} was trained on other splits than this run's; pass "
+            f"--splits {run / 'splits.csv'} so that no teacher has seen a test slide"
+        )
+
+
+def init_teacher(module: MILModule, path: Path, student_init: str = "none") -> None:
+    """Load the model of a finished run's fold checkpoint (``path``) into ``module``'s MHIM
+    teacher, and into the model itself: nothing, its instance embedding (``embed``) or all
+    of it (``student_init``), as the reference initialises teacher and student."""
+    if module.teacher is None:
+        raise ConfigError("a teacher checkpoint needs strategy mhim")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    trained = ckpt.get("hyper_parameters", {}).get("model")
+    if trained != module.hparams.model:
+        raise ConfigError(
+            f"{path}: a {trained} model cannot initialise the teacher of {module.hparams.model}"
+        )
+    state = {k[6:]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    try:
+        module.teacher.load_state_dict(state)
+        if student_init == "all":
+            module.model.load_state_dict(state)
+        elif student_init == "embed":
+            embed = {k: v for k, v in state.items() if k.startswith("embed.")}
+            if not embed:
+                raise ConfigError(f"{path}: the model has no instance embedding (embed.*)")
+            module.model.load_state_dict(embed, strict=False)
+        elif student_init != "none":
+            raise ConfigError(f"mhim_student_init '{student_init}': use none, embed or all")
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"{path}: its model does not fit this one (other model_args?): {exc}"
+        ) from exc
+
+
 def _train_fold(
     cfg, k, fold_dir, roles, store, targets, n_out, classes, bar, horizons: list[float] = ()
 ) -> None:
@@ -691,6 +871,8 @@ def _train_fold(
     module = MILModule.for_config(cfg, store.dim, n_out)
     if cfg.standardize:
         module.feature_mean, module.feature_std = store.statistics(roles["train"])
+    if cfg.strategy == "mhim" and cfg.teacher_init:
+        init_teacher(module, teacher_checkpoint(cfg, k), cfg.mhim_student_init)
     # with a validation split: the best epoch by validation loss, and early stopping;
     # without: the last epoch
     monitor = "val_loss" if roles["val"] else None

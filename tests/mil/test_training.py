@@ -317,9 +317,10 @@ def test_every_setting_is_either_training_or_reporting():
     """A new option must be sorted: into the fingerprint of finished folds or out of it."""
     from dataclasses import fields
 
-    from pipeline.mil.training import TRAINING_SETTINGS
+    from pipeline.mil.training import STRATEGY_SETTINGS, TRAINING_SETTINGS
 
-    elsewhere = {"features", "labels", "splits", "folds", "val_share"}  # by content or splits
+    # by content or splits
+    elsewhere = {"features", "labels", "splits", "folds", "val_share", "teacher_init"}
     reporting = {
         "tile_labels",
         "out",
@@ -331,8 +332,8 @@ def test_every_setting_is_either_training_or_reporting():
         "store",
         "memory_budget_gb",
     }
-    assert {f.name for f in fields(TrainMILConfig)} == set(
-        TRAINING_SETTINGS
+    assert {f.name for f in fields(TrainMILConfig)} == set(TRAINING_SETTINGS) | set(
+        STRATEGY_SETTINGS
     ) | elsewhere | reporting
 
 

@@ -1,0 +1,1 @@
+"""Unsupervised slide embeddings from tile features (PANTHER) and linear heads on them."""

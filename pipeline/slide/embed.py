@@ -1,0 +1,363 @@
+"""``cpath slide-embed``: unsupervised slide embeddings (PANTHER) and a linear head on them.
+
+    cpath slide-embed --features runs/feats --train_slides train.txt --prototypes 16 --out runs/panther
+    cpath slide-embed --action head --embeddings runs/panther/embeddings.h5 --labels labels.csv --folds 5 --out runs/panther/head
+
+``--action embed`` (the default) writes under ``out``: ``prototypes.npy`` (C x d, k-means
+of tiles of the ``--train_slides``) and ``embeddings.h5`` (dataset ``embeddings`` N x D with
+D = C + 2Cd, ``slide_ids``; attrs ``method``, ``C``, ``d``, the encoder attributes of the
+first feature file, ``config`` as JSON and a fingerprint of the inputs). A rerun with the
+same feature files and settings skips. ``--action head`` cross-validates a bias-free linear
+classifier (:mod:`pipeline.slide.head`) with the patient-grouped folds of ``train-mil`` and
+writes ``metrics.json``, ``predictions.csv`` and ``splits.csv``.
+See :mod:`pipeline.slide.panther` (Song et al., CVPR 2024).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+log = logging.getLogger(__name__)
+
+ENCODER_ATTRS = (
+    "encoder",
+    "encoder_sha256",
+    "encoder_key",
+    "output_mode",
+    "weights",
+    "embed_dim",
+    "pooling",
+    "precision",
+    "target_mpp",
+    "patch_size",
+    "stain_norm",
+)
+#: settings that change the embeddings (the others only change how they are computed)
+EMBED_KEYS = (
+    "method",
+    "prototypes",
+    "samples_per_prototype",
+    "kmeans_init",
+    "kmeans_iter",
+    "em_iter",
+    "tau",
+    "eps",
+    "seed",
+)
+
+
+@dataclass
+class SlideEmbedConfig:
+    """Unsupervised slide embeddings from per-slide tile features, and a linear head on them.
+
+    Args:
+        action: ``embed`` (features -> prototypes.npy and embeddings.h5) or ``head``
+            (cross-validated linear classifier on an embeddings.h5 -> metrics.json).
+        method: slide embedding method; ``panther`` (Song et al., CVPR 2024): a Gaussian
+            mixture per slide, fitted by MAP-EM with morphological prototypes as prior.
+        features: folder of per-slide feature files (``cpath extract``'s output).
+        train_slides: text file of slide ids (one a line) whose tiles fit the prototypes;
+            default all slides, so the prototypes also see the test slides.
+        prototypes: number of prototypes C (mixture components).
+        samples_per_prototype: tiles sampled for k-means per prototype (C times this in
+            all, an equal share from each training slide).
+        kmeans_init: k-means restarts.
+        kmeans_iter: k-means iterations.
+        em_iter: EM iterations per slide.
+        tau: weight of the prototype prior in the M-step.
+        eps: prior (and initial) variance of every component.
+        seed: seed of the tile sampling, k-means and the folds.
+        device: auto (a GPU when torch sees one, else the CPU), cpu, cuda or cuda:N.
+        embeddings: embeddings.h5 for ``--action head``.
+        labels: CSV with slide_id, label and (recommended) case_id, for ``--action head``.
+        splits: a splits.csv (``train-mil``'s layout) to use instead of making folds.
+        folds: cross-validation folds, grouped by case_id, for ``--action head``.
+        reg: inverse L2 strength of the linear head (scikit-learn's ``C``).
+        standardize: z-score the embeddings with the training slides' statistics before
+            the linear head (not in the reference).
+        out: output folder.
+    """
+
+    action: Literal["embed", "head"] = "embed"
+    method: Literal["panther"] = "panther"
+    features: Path | None = None
+    train_slides: Path | None = None
+    prototypes: int = 16
+    samples_per_prototype: int = 10000
+    kmeans_init: int = 5
+    kmeans_iter: int = 50
+    em_iter: int = 1
+    tau: float = 1.0
+    eps: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    embeddings: Path | None = None
+    labels: Path | None = None
+    splits: Path | None = None
+    folds: int = 5
+    reg: float = 1.0
+    standardize: bool = True
+    out: Path = Path("runs/slide_embed")
+
+
+def feature_files(folder: Path | None) -> list[Path]:
+    from pipeline.errors import PipelineError
+
+    if folder is None:
+        raise PipelineError("--features is required: the folder of cpath extract's .h5 files")
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise PipelineError(f"{folder}: no such folder; point --features at cpath extract's output")
+    files = sorted(p for p in folder.glob("*.h5") if not p.name.startswith("."))
+    if not files:
+        raise PipelineError(
+            f"{folder}: no .h5 feature files; run `cpath extract` first or point --features "
+            "at the folder it wrote"
+        )
+    return files
+
+
+def read_slide_list(path: Path, known: list[str]) -> list[str]:
+    from pipeline.errors import PipelineError
+
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise PipelineError(f"{path}: cannot read the training slide list ({exc})") from exc
+    ids = [s.strip() for s in lines if s.strip() and not s.strip().startswith("#")]
+    unknown = sorted(set(ids) - set(known))
+    if unknown:
+        raise PipelineError(
+            f"{path}: {len(unknown)} slide ids have no feature file ({', '.join(unknown[:3])}); "
+            "list slide ids as the feature files are named, without .h5"
+        )
+    if not ids:
+        raise PipelineError(f"{path}: no slide ids; write one training slide id a line")
+    return ids
+
+
+def fingerprint(files: list[Path], train_ids: list[str], cfg: SlideEmbedConfig) -> str:
+    stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    settings = {k: getattr(cfg, k) for k in EMBED_KEYS}
+    blob = json.dumps([stamp, sorted(train_ids), settings], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def stored_fingerprint(path: Path) -> str | None:
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            value = f.attrs.get("fingerprint")
+    except OSError:
+        return None
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def embed(cfg: SlideEmbedConfig) -> Path:
+    """Prototypes and PANTHER embeddings of every slide of ``cfg.features``."""
+    import h5py
+    import numpy as np
+    import torch
+
+    from pipeline.config import config_to_dict
+    from pipeline.errors import PipelineError
+    from pipeline.features import read_features
+    from pipeline.io import atomic_path
+    from pipeline.slide.panther import (
+        embedding_length,
+        fit_prototypes,
+        panther_embed,
+        sample_tiles,
+    )
+
+    files = feature_files(cfg.features)
+    ids = [p.stem for p in files]
+    if cfg.train_slides is None:
+        train_ids = ids
+        log.warning(
+            "no --train_slides: the prototypes are fitted on all %d slides, test slides "
+            "included; give the training slides of your split for an unbiased evaluation",
+            len(ids),
+        )
+    else:
+        train_ids = read_slide_list(cfg.train_slides, ids)
+    out = Path(cfg.out)
+    target = out / "embeddings.h5"
+    stamp = fingerprint(files, train_ids, cfg)
+    if target.exists() and stored_fingerprint(target) == stamp:
+        log.info("%s is up to date with its inputs; skipping", target)
+        return target
+
+    by_id = dict(zip(ids, files, strict=True))
+    quota = math.ceil(cfg.prototypes * cfg.samples_per_prototype / len(train_ids))
+    sampled, dim = [], None
+    for i, sid in enumerate(train_ids):
+        feats, _, _ = read_features(by_id[sid])  # N x d
+        dim = dim or feats.shape[1]
+        sampled.append(sample_tiles([feats], quota, seed=cfg.seed + i))
+    tiles = np.concatenate(sampled)  # M x d
+    if len(tiles) < cfg.prototypes:
+        raise PipelineError(
+            f"{cfg.features}: the training slides have {len(tiles)} tiles, fewer than "
+            f"--prototypes {cfg.prototypes}; lower --prototypes or add slides"
+        )
+    protos = fit_prototypes(
+        tiles, cfg.prototypes, seed=cfg.seed, n_init=cfg.kmeans_init, max_iter=cfg.kmeans_iter
+    )  # C x d
+    with atomic_path(out / "prototypes.npy") as tmp, open(tmp, "wb") as f:
+        np.save(f, protos)
+
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    )
+    dtype = torch.float32 if device.type == "cuda" else torch.float64
+    rows, first_attrs = [], None
+    for path in files:
+        feats, _, attrs = read_features(path)
+        if first_attrs is None:
+            first_attrs = attrs
+        if feats.ndim != 2 or feats.shape[1] != dim or len(feats) == 0:
+            raise PipelineError(
+                f"{path}: features of shape {feats.shape}, expected N x {dim} with N > 0; "
+                "use one encoder's features and drop empty slides"
+            )
+        rows.append(
+            panther_embed(
+                [feats], protos, cfg.em_iter, cfg.tau, cfg.eps, device=device, dtype=dtype
+            )[0]
+        )
+    emb = np.stack(rows)  # N x (C + 2Cd)
+    assert emb.shape[1] == embedding_length(cfg.prototypes, dim)
+    if not np.isfinite(emb).all():
+        raise PipelineError(
+            f"{cfg.features}: non-finite embeddings; check the features for NaN or huge values"
+        )
+    with atomic_path(target) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("embeddings", data=emb)
+        f.create_dataset("slide_ids", data=np.array(ids, dtype=h5py.string_dtype()))
+        f.attrs["method"] = cfg.method
+        f.attrs["C"] = cfg.prototypes
+        f.attrs["d"] = dim
+        f.attrs["layout"] = "pi (C), mu (C x d), Sigma (C x d, variances)"
+        for key in ENCODER_ATTRS:
+            if key in (first_attrs or {}):
+                value = first_attrs[key]
+                f.attrs[key] = json.dumps(value) if isinstance(value, dict | list) else value
+        f.attrs["config"] = json.dumps(config_to_dict(cfg), default=str)
+        f.attrs["train_slides"] = json.dumps(train_ids)
+        f.attrs["fingerprint"] = stamp
+    log.info("%d slide embeddings of length %d -> %s", len(ids), emb.shape[1], target)
+    return target
+
+
+def read_embeddings(path: Path):
+    """``(embeddings N x D, slide_ids, attrs)`` of an embeddings.h5."""
+    import h5py
+    import numpy as np
+
+    from pipeline.errors import PipelineError
+
+    try:
+        with h5py.File(path, "r") as f:
+            x = np.asarray(f["embeddings"][:])
+            ids = [s.decode() if isinstance(s, bytes) else str(s) for s in f["slide_ids"][:]]
+            attrs = dict(f.attrs)
+    except (OSError, KeyError) as exc:
+        raise PipelineError(
+            f"{path}: cannot read the slide embeddings ({exc}); run cpath slide-embed first"
+        ) from exc
+    return x, ids, attrs
+
+
+def read_labels(path: Path) -> list[dict]:
+    from pipeline.errors import PipelineError
+
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as exc:
+        raise PipelineError(f"{path}: cannot read the labels ({exc})") from exc
+    missing = {"slide_id", "label"} - set(rows[0] if rows else {})
+    if missing:
+        raise PipelineError(f"{path}: missing columns {sorted(missing)}; need slide_id,label")
+    if "case_id" not in rows[0]:
+        log.warning(
+            "%s has no case_id column: each slide counts as its own patient; add case_id", path
+        )
+    for r in rows:
+        r["case_id"] = r.get("case_id") or r["slide_id"]
+    return rows
+
+
+def head(cfg: SlideEmbedConfig) -> Path:
+    """Cross-validated bias-free linear classifier on ``cfg.embeddings``."""
+    from pipeline.config import save_config
+    from pipeline.errors import PipelineError
+    from pipeline.io import atomic_write_text, write_manifest
+    from pipeline.mil.splits import read_splits, splits_mismatch, write_splits
+    from pipeline.slide.head import cross_validate
+
+    if cfg.embeddings is None or cfg.labels is None:
+        raise PipelineError("--action head needs --embeddings FILE and --labels CSV")
+    x, ids, _ = read_embeddings(cfg.embeddings)
+    rows = read_labels(cfg.labels)
+    index = {s: i for i, s in enumerate(ids)}
+    missing = [r["slide_id"] for r in rows if r["slide_id"] not in index]
+    if missing:
+        log.warning(
+            "%d labelled slides have no embedding and are left out (%s)",
+            len(missing),
+            ", ".join(missing[:3]),
+        )
+    rows = [r for r in rows if r["slide_id"] in index]
+    if not rows:
+        raise PipelineError(f"{cfg.labels}: none of its slide ids is in {cfg.embeddings}")
+    splits = None
+    if cfg.splits is not None:
+        splits = read_splits(cfg.splits)
+        why = splits_mismatch(splits, rows, exact=False)
+        if why:
+            raise PipelineError(f"{cfg.splits}: these splits do not fit the labels: {why}")
+    result = cross_validate(
+        x[[index[r["slide_id"]] for r in rows]],
+        [r["label"] for r in rows],
+        [r["case_id"] for r in rows],
+        folds=cfg.folds,
+        seed=cfg.seed,
+        reg=cfg.reg,
+        standardize=cfg.standardize,
+        splits=splits,
+        slide_ids=[r["slide_id"] for r in rows],
+    )
+    out = Path(cfg.out)
+    write_splits(out / "splits.csv", result["splits"])
+    preds = result["predictions"]
+    write_manifest(out / "predictions.csv", preds, list(preds[0]))
+    metrics = {k: result[k] for k in ("classes", "folds", "mean", "std")}
+    metrics["embeddings"] = str(cfg.embeddings)
+    path = atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    save_config(cfg, out)
+    log.info(
+        "linear head: balanced accuracy %.3f, AUC %.3f (mean of %d folds) -> %s",
+        result["mean"]["balanced_accuracy"],
+        result["mean"]["auc"],
+        len(result["folds"]),
+        path,
+    )
+    return path
+
+
+def run(cfg: SlideEmbedConfig) -> int:
+    if cfg.action == "head":
+        head(cfg)
+    else:
+        embed(cfg)
+    return 0
