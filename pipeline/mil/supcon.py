@@ -14,6 +14,9 @@ weight from the contrastive loss to cross-entropy.
 - :func:`curriculum_weight`: the contrastive share of the loss at an epoch. The paper gives
   no public schedule: here a cosine from 1 to 0 over ``epochs`` (the loss is
   ``w * supcon + (1 - w) * cross-entropy``), exposed as an option.
+- :class:`ProjectionHead`: the 2-layer MLP of Khosla et al. (hidden layer of the
+  embedding's size, 128-d output) from the bag embedding to the space of the contrastive
+  loss; trained with the model, not used for prediction.
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+# aggregators whose outputs hold one ``B x H`` bag embedding (their classifier's input)
+SUPCON_MODELS = ("abmil", "clam_sb", "transmil")
 
 
 def supcon_loss(
@@ -101,3 +108,18 @@ def curriculum_weight(epoch: int, epochs: int) -> float:
         return 0.0
     t = min(max(epoch, 0), epochs - 1) / (epochs - 1)
     return 0.5 * (1 + math.cos(math.pi * t))
+
+
+class ProjectionHead(nn.Module):
+    """Projection of ``B x H`` bag embeddings to ``B x out_dim`` for :func:`supcon_loss`:
+    Linear(H, H) -> ReLU -> Linear(H, out_dim), as Khosla et al. (2020) project the encoder's
+    output (their 128-d projection)."""
+
+    def __init__(self, in_dim: int, out_dim: int = 128):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim)
+        )
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        return self.net(embedding)  # B x out_dim

@@ -73,7 +73,15 @@ class TrainMILConfig:
             tumour, else 0). Each test slide with both kinds gets the AUC of its fold model's
             tile scores (attention, or instance scores) against them: the localization AUC
             in metrics.json, mean over slides with a bootstrap CI by patient.
-        strategy: plain (the model on whole training bags) or mhim: masked hard instance
+        strategy: plain (the model on whole training bags), supcon or mhim. supcon: SC-MIL
+            (Juyal et al., WACV 2024) for classification with abmil, clam_sb or transmil: a
+            projection head (Linear, ReLU, Linear to 128-d; Khosla et al., NeurIPS 2020) on
+            the bag embedding, trained with the model and not used for prediction; the loss
+            is w * supervised contrastive loss of the projections + (1 - w) * the task's
+            loss (cross-entropy), w a cosine from 1 to 0 over supcon_curriculum_epochs;
+            training batches of supcon_batch_size bags hold at least two bags of every class
+            (balanced does not apply). Validation, early stopping and prediction use the
+            cross-entropy and the model alone. mhim: masked hard instance
             mining (MHIM-MIL; Tang et al., ICCV 2023) for abmil and transmil. A momentum
             teacher (a copy of the model, updated after each optimiser step as an
             exponential moving average of it, never by gradients) scores the instances of
@@ -102,6 +110,13 @@ class TrainMILConfig:
         mhim_momentum_cosine: raise the momentum from mhim_momentum to mhim_momentum_final
             over the training steps (cosine).
         mhim_momentum_final: the final momentum of mhim_momentum_cosine.
+        supcon_temperature: temperature of the supervised contrastive loss (Khosla et al.'s
+            0.07; the loss is not rescaled: base temperature = temperature).
+        supcon_curriculum_epochs: epochs over which the contrastive share goes from 1 to 0
+            (cross-entropy alone after them; None: half the epochs). The paper's schedule
+            and temperature are not public: these defaults are this tool's choices.
+        supcon_batch_size: bags per supcon training step (zero-padded, masked; at least two
+            per class), in place of batch_size.
     """
 
     features: Path | None = None
@@ -135,7 +150,7 @@ class TrainMILConfig:
     store: Literal["auto", "memory", "disk"] = "auto"
     memory_budget_gb: float | None = None
     tile_labels: Path | None = None
-    strategy: Literal["plain", "mhim"] = "plain"
+    strategy: Literal["plain", "supcon", "mhim"] = "plain"
     teacher_init: Path | None = None
     mhim_student_init: Literal["none", "embed", "all"] = "none"
     mhim_mask_ratio: float = 0.5
@@ -149,6 +164,9 @@ class TrainMILConfig:
     mhim_momentum: float = 0.9999
     mhim_momentum_cosine: bool = False
     mhim_momentum_final: float = 1.0
+    supcon_temperature: float = 0.07
+    supcon_curriculum_epochs: int | None = None
+    supcon_batch_size: int = 16
 
 
 def run(cfg: TrainMILConfig) -> int:

@@ -48,6 +48,13 @@ from pipeline.mil.splits import (
     splits_mismatch,
     write_splits,
 )
+from pipeline.mil.supcon import (
+    SUPCON_MODELS,
+    ClassAwareBatches,
+    ProjectionHead,
+    curriculum_weight,
+    supcon_loss,
+)
 from pipeline.mil.train import TrainMILConfig
 
 log = logging.getLogger(__name__)
@@ -109,6 +116,46 @@ MHIM_SETTINGS = {  # MILModule's ``mhim`` keys: the TrainMILConfig fields they c
     "momentum_final": "mhim_momentum_final",
 }
 
+SUPCON_SETTINGS = {  # MILModule's ``supcon`` keys: the TrainMILConfig fields they come from
+    "temperature": "supcon_temperature",
+    "curriculum_epochs": "supcon_curriculum_epochs",
+    "batch_size": "supcon_batch_size",
+}
+
+
+def supcon_settings(cfg: TrainMILConfig) -> dict:
+    """MILModule's ``supcon`` settings of ``cfg``, the curriculum defaulting to half the
+    epochs."""
+    settings = {k: getattr(cfg, f) for k, f in SUPCON_SETTINGS.items()}
+    if settings["curriculum_epochs"] is None:
+        settings["curriculum_epochs"] = cfg.epochs // 2
+    return settings
+
+
+def check_supcon(cfg: TrainMILConfig, n_classes: int | None = None) -> None:
+    """A clear error when SC-MIL cannot run with ``cfg`` (``n_classes``: of the labels)."""
+    if cfg.task != "classification":
+        raise ConfigError(
+            f"strategy supcon is for classification (its contrastive loss pulls together "
+            f"bags of a class), not task {cfg.task}"
+        )
+    if cfg.model not in SUPCON_MODELS:
+        raise ConfigError(
+            f"strategy supcon needs a model with one bag embedding ({', '.join(SUPCON_MODELS)}), "
+            f"not '{cfg.model}'"
+        )
+    if cfg.supcon_temperature <= 0:
+        raise ConfigError(f"supcon_temperature must be > 0, got {cfg.supcon_temperature}")
+    if cfg.supcon_curriculum_epochs is not None and cfg.supcon_curriculum_epochs < 0:
+        raise ConfigError(
+            f"supcon_curriculum_epochs must be >= 0, got {cfg.supcon_curriculum_epochs}"
+        )
+    if n_classes is not None and cfg.supcon_batch_size < 2 * n_classes:
+        raise ConfigError(
+            f"supcon_batch_size {cfg.supcon_batch_size} cannot hold two bags of each of "
+            f"{n_classes} classes: use at least {2 * n_classes}"
+        )
+
 
 class MILModule(L.LightningModule):
     """A registered aggregator trained with AdamW + cosine, bag loss plus auxiliary loss.
@@ -119,6 +166,13 @@ class MILModule(L.LightningModule):
     attention, trains the model on the rest with the task's loss plus ``alpha`` times the
     soft cross-entropy of the bag embeddings, and then moves the teacher towards the model
     (EMA). Evaluation and prediction use the model on whole bags.
+
+    With ``strategy`` supcon (SC-MIL, Juyal et al., WACV 2024; see :mod:`pipeline.mil.supcon`)
+    the module also holds ``projection``, a head from the model's bag embedding to the space
+    of the supervised contrastive loss (Khosla et al., 2020); the training loss at epoch
+    ``e`` is ``w(e) * supcon + (1 - w(e)) * cross-entropy`` (``w`` by
+    :func:`curriculum_weight` over ``curriculum_epochs``). Validation and prediction use the
+    model alone, with the cross-entropy.
     """
 
     def __init__(
@@ -138,12 +192,24 @@ class MILModule(L.LightningModule):
         cox_ties: str = "efron",
         strategy: str = "plain",
         mhim: dict | None = None,
+        supcon: dict | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.model = make_mil(model, in_dim, n_out, **model_args)
         self.teacher: torch.nn.Module | None = None
-        if strategy == "mhim":
+        self.projection: torch.nn.Module | None = None
+        if strategy == "supcon":
+            if task != "classification" or model not in SUPCON_MODELS:
+                raise ConfigError(
+                    f"strategy supcon needs classification and a model with one bag embedding "
+                    f"({', '.join(SUPCON_MODELS)}), not {task} with '{model}'"
+                )
+            missing = sorted(set(SUPCON_SETTINGS) - set(supcon or {}))
+            if missing:
+                raise ConfigError(f"strategy supcon: settings missing: {', '.join(missing)}")
+            self.projection = ProjectionHead(self.model.classifier.in_features)
+        elif strategy == "mhim":
             if model not in MHIM_MODELS:
                 raise ConfigError(
                     f"strategy mhim needs an attention model with a bag embedding "
@@ -154,7 +220,7 @@ class MILModule(L.LightningModule):
                 raise ConfigError(f"strategy mhim: settings missing: {', '.join(missing)}")
             self.teacher = copy.deepcopy(self.model).requires_grad_(False)
         elif strategy != "plain":
-            raise ConfigError(f"unknown strategy '{strategy}'; known: plain, mhim")
+            raise ConfigError(f"unknown strategy '{strategy}'; known: plain, supcon, mhim")
         self.weights = torch.tensor(class_weights) if class_weights else None
         # the Cox loss compares bags: validation collects the per-bag risks, times and events
         # of the epoch (one bag per step) and scores them together at its end
@@ -183,6 +249,7 @@ class MILModule(L.LightningModule):
             mhim={k: getattr(cfg, f) for k, f in MHIM_SETTINGS.items()}
             if cfg.strategy == "mhim"
             else None,
+            supcon=supcon_settings(cfg) if cfg.strategy == "supcon" else None,
         )
 
     def standardized(self, x: torch.Tensor) -> torch.Tensor:
@@ -232,7 +299,12 @@ class MILModule(L.LightningModule):
         return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.mhim_loss(batch) if self.teacher is not None else self.loss(batch)
+        if self.teacher is not None:
+            loss = self.mhim_loss(batch)
+        elif self.projection is not None:
+            loss = self.scmil_loss(batch)
+        else:
+            loss = self.loss(batch)
         self.log("train_loss", loss, on_epoch=True, on_step=False, batch_size=len(batch["y"]))
         return loss
 
@@ -272,6 +344,26 @@ class MILModule(L.LightningModule):
         self.log("train_kept", kept, on_epoch=True, on_step=False, batch_size=len(batch["y"]))
         return self.model_loss(out, batch) + hp["alpha"] * consistency
 
+    def supcon_weight(self) -> float:
+        """The contrastive share of the loss in the current epoch."""
+        return curriculum_weight(self.current_epoch, self.hparams.supcon["curriculum_epochs"])
+
+    def scmil_loss(self, batch: dict) -> torch.Tensor:
+        """One SC-MIL step: ``w * supcon(projection(bag embedding), labels) + (1 - w) *`` the
+        task's loss (cross-entropy, with the model's auxiliary loss if any), ``w`` of
+        :meth:`supcon_weight`; both terms are logged (train_supcon, train_ce)."""
+        hp = self.hparams.supcon
+        out = self(batch["x"], batch["mask"], labels=batch["y"])
+        z = self.projection(out["embedding"].float())  # B x 128
+        contrastive = supcon_loss(z, batch["y"], hp["temperature"], hp["temperature"])
+        ce = self.model_loss(out, batch)
+        w = self.supcon_weight()
+        size = len(batch["y"])
+        self.log("train_supcon", contrastive, on_epoch=True, on_step=False, batch_size=size)
+        self.log("train_ce", ce, on_epoch=True, on_step=False, batch_size=size)
+        self.log("train_supcon_weight", w, on_epoch=True, on_step=False, batch_size=size)
+        return w * contrastive + (1 - w) * ce
+
     def teacher_momentum(self) -> float:
         """The EMA momentum after the current optimiser step (cosine to the final one when
         asked)."""
@@ -303,8 +395,12 @@ class MILModule(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        # the model's parameters only (an MHIM teacher follows them by EMA)
-        opt = torch.optim.AdamW(self.model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        # the model's parameters and an SC-MIL projection head (an MHIM teacher follows the
+        # model by EMA)
+        params = list(self.model.parameters())
+        if self.projection is not None:
+            params += list(self.projection.parameters())
+        opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
         return {
             "optimizer": opt,
             "lr_scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(opt, hp.epochs),
@@ -391,12 +487,19 @@ class Targets:
 
 
 def bag_loader(ids, store, targets, cfg, train: bool, generator) -> DataLoader:
-    """Batches of bags: subsampled and class-balanced for training, whole for evaluation."""
+    """Batches of bags: subsampled and class-balanced for training (with strategy supcon,
+    :class:`ClassAwareBatches` of ``supcon_batch_size`` bags), whole for evaluation."""
 
     def collate_fn(batch_ids):
         x, mask = collate(store, batch_ids, cfg.max_instances if train else None, generator)
         return {"x": x, "mask": mask, "ids": batch_ids, **targets.batch(batch_ids)}
 
+    if train and cfg.strategy == "supcon":  # at least two bags of every class per batch
+        labels = [targets.classes.index(targets.by_id[s]["label"]) for s in ids]
+        batches = ClassAwareBatches(
+            labels, cfg.supcon_batch_size, per_class=2, seed=generator.initial_seed()
+        )
+        return DataLoader(ids, batch_sampler=batches, collate_fn=collate_fn)
     sampler = None
     if train and cfg.balanced and cfg.task == "classification":
         labels = [targets.by_id[s]["label"] for s in ids]
@@ -506,7 +609,17 @@ TRAINING_SETTINGS = (
 
 # the training strategy's settings, in the fingerprint when it is not plain (teacher_init by
 # the content of its fold models)
-STRATEGY_SETTINGS = ("strategy", "mhim_student_init", *MHIM_SETTINGS.values())
+STRATEGY_SETTINGS = (
+    "strategy",
+    "mhim_student_init",
+    *MHIM_SETTINGS.values(),
+    *SUPCON_SETTINGS.values(),
+)
+# those of each strategy (mhim's as they were before supcon was added)
+OWN_SETTINGS = {
+    "mhim": ("strategy", "mhim_student_init", *MHIM_SETTINGS.values()),
+    "supcon": ("strategy", *SUPCON_SETTINGS.values()),
+}
 
 
 def training_fingerprint(cfg: TrainMILConfig, store: BaseBagStore, splits: list[dict]) -> dict:
@@ -520,7 +633,7 @@ def training_fingerprint(cfg: TrainMILConfig, store: BaseBagStore, splits: list[
         "splits_sha256": hashlib.sha256(json.dumps(splits, sort_keys=True).encode()).hexdigest(),
     }
     if cfg.strategy != "plain":  # (plain runs keep the fingerprint they had before)
-        record["strategy"] = {k: settings[k] for k in STRATEGY_SETTINGS}
+        record["strategy"] = {k: settings[k] for k in OWN_SETTINGS[cfg.strategy]}
         if cfg.teacher_init:
             record["strategy"]["teachers_sha256"] = [
                 sha256_file(teacher_checkpoint(cfg, k))
@@ -583,6 +696,8 @@ def train_cv(cfg: TrainMILConfig) -> dict:
             f"strategy mhim needs an attention model with a bag embedding "
             f"({', '.join(MHIM_MODELS)}), not '{cfg.model}'"
         )
+    if cfg.strategy == "supcon":
+        check_supcon(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = read_labels(Path(cfg.labels), cfg.task)
@@ -612,6 +727,8 @@ def train_cv(cfg: TrainMILConfig) -> dict:
             f"{cfg.labels}: only one class ({', '.join(classes) or 'none'}) among "
             "the slides with features; classification needs two or more"
         )
+    if cfg.strategy == "supcon":
+        check_supcon(cfg, len(classes))
     previous_file = out / ".config.json"
     try:
         previous = json.loads(previous_file.read_text()) if previous_file.is_file() else {}
