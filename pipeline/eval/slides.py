@@ -13,6 +13,13 @@ fixed split instead: every seed trains one model on the ``train`` slides (``val`
 for early stopping) and predicts the ``test`` slides, which are then the task's items.
 With ``tile_labels`` (a CSV ``slide_id,index,positive``), every run also scores its fold
 models' attention against the tile labels of its test slides (the localization AUC).
+
+With ``transfer`` (``{encoder: pretrained model.ckpt}``, see
+:mod:`pipeline.mil.transfer`), each of those encoders also gets a transferred arm,
+``<encoder> (transferred)``: the same splits, seeds and settings, every fold's model
+started from the pretrained aggregator's body, scored and compared beside training from
+scratch. With ``mil: {shots: k}`` (or ``train_fraction``) both arms train on the same
+few-shot subsets.
 """
 
 from __future__ import annotations
@@ -142,8 +149,17 @@ def run_slide_task(task: dict, encoders: list[str], out: Path, progress: bool = 
         "n_val": roles.count("val") if fixed is not None else None,  # cv: val_share
         "folds": folds,
     }
+    transfer = dict(task.get("transfer") or {})
+    unknown = sorted(set(transfer) - set(encoders))
+    if unknown:
+        raise PipelineError(
+            f"transfer names encoders the suite does not evaluate: {', '.join(unknown)}"
+        )
+    # (name in the results, encoder, run folder, pretrained model or None)
+    arms = [(e, e, e, None) for e in encoders]
+    arms += [(f"{e} (transferred)", e, f"{e}+transfer", transfer[e]) for e in transfer]
     results = {}
-    for e in encoders:
+    for name, e, folder, init_from in arms:
         runs, located = [], []
         for s in seeds:
             cfg = TrainMILConfig(
@@ -156,10 +172,11 @@ def run_slide_task(task: dict, encoders: list[str], out: Path, progress: bool = 
                     "folds": folds,
                     "seed": s,
                     "splits": out / f"splits_seed{s}.csv",
-                    "out": out / e / f"seed_{s}",
+                    "out": out / folder / f"seed_{s}",
                     "tile_labels": tile_labels,
                     "bootstrap": 0,  # the suite computes its own intervals
                     "progress": progress,
+                    "init_from": init_from,
                 }
             )
             metrics = train_cv(cfg)
@@ -167,7 +184,7 @@ def run_slide_task(task: dict, encoders: list[str], out: Path, progress: bool = 
                 runs.append(list(csv.DictReader(f)))
             if tile_labels is not None:
                 located.append(dict(metrics.get("localization", {}).get("per_slide", {})))
-        results[e] = {
+        results[name] = {
             **seed_average(runs, kind),
             **split,
             "localization": located if tile_labels is not None else None,

@@ -48,6 +48,8 @@ class ABMIL(nn.Module):
         gated: gated attention (else plain tanh attention).
     """
 
+    head = ("classifier",)  # the modules of the task's classes (see base.head_keys)
+
     def __init__(
         self,
         in_dim: int,

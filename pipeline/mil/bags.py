@@ -55,6 +55,7 @@ class BagIndex:
     dim: int
     stamps: list[tuple[int, int]]  # per file: size, modification time (ns)
     fingerprint: str
+    encoder: dict | None = None  # what made the features (:func:`encoder_identity`), if known
 
     @property
     def float32_bytes(self) -> int:
@@ -86,9 +87,33 @@ def _features(f: h5py.File, path: Path) -> h5py.Dataset:
     return ds
 
 
+# the feature-file attributes that tell which model made the features, and how
+ENCODER_ATTRS = ("encoder", "encoder_sha256", "encoder_key", "output_mode", "pooling")
+
+
+def encoder_identity(attrs) -> dict | None:
+    """What made a feature file's features (its ``ENCODER_ATTRS``; None for a file that
+    records no encoder). Two files hold comparable features when their identities are equal
+    up to ``encoder`` (the name or path it was loaded by)."""
+    if "encoder_sha256" not in attrs:
+        return None
+    return {k: str(attrs[k]) for k in ENCODER_ATTRS if k in attrs and str(attrs[k]) != "None"}
+
+
+def _comparable(identity: dict) -> str:
+    # without the name or path it was loaded by: the same weights may be loaded by either
+    return json.dumps({k: v for k, v in identity.items() if k != "encoder"}, sort_keys=True)
+
+
+def same_encoder(a: dict | None, b: dict | None) -> bool:
+    """``a`` and ``b`` (:func:`encoder_identity`) name the same weights and output."""
+    return a is not None and b is not None and _comparable(a) == _comparable(b)
+
+
 def scan_bags(features_dir: str | os.PathLike, slide_ids: list[str]) -> BagIndex:
-    """The shapes of ``<features_dir>/<slide_id>.h5`` (metadata only): an error naming the
-    slides without a file, or files of different feature sizes."""
+    """The shapes of ``<features_dir>/<slide_id>.h5`` (metadata only) and the encoder that
+    made them: an error naming the slides without a file, files of different feature sizes,
+    or files of different encoders."""
     folder = Path(features_dir)
     paths = [folder / f"{slide_id}.h5" for slide_id in slide_ids]
     missing = [s for s, path in zip(slide_ids, paths, strict=True) if not path.is_file()]
@@ -97,13 +122,16 @@ def scan_bags(features_dir: str | os.PathLike, slide_ids: list[str]) -> BagIndex
             f"{folder}: no features for {len(missing)} slides "
             f"({', '.join(missing[:5])}); run `cpath extract` for them"
         )
-    lengths, dims, stamps = [], [], []
-    for path in paths:
+    lengths, dims, stamps, encoders = [], [], [], {}
+    for slide_id, path in zip(slide_ids, paths, strict=True):
         stamps.append(_stamp(path))
         with _open(path) as f:
             n, d = _features(f, path).shape
+            identity = encoder_identity(f.attrs)
         lengths.append(int(n))
         dims.append(int(d))
+        if identity is not None:
+            encoders.setdefault(_comparable(identity), (slide_id, identity))
     if len(set(dims)) > 1:
         by_dim = {
             d: [s for s, e in zip(slide_ids, dims, strict=True) if e == d][:3] for d in set(dims)
@@ -112,11 +140,25 @@ def scan_bags(features_dir: str | os.PathLike, slide_ids: list[str]) -> BagIndex
             f"{folder}: feature files of different sizes {by_dim}; extract all "
             "slides with one encoder and pooling"
         )
+    if len(encoders) > 1:
+        seen = "; ".join(f"{s}: {e}" for s, e in list(encoders.values())[:3])
+        raise PipelineError(
+            f"{folder}: feature files of different encoders ({seen}); extract all slides "
+            "with one encoder and pooling, into one folder per encoder"
+        )
     # which files were read, as written (size, modification time): a re-extraction changes it
     named = [(s, *stamp) for s, stamp in zip(slide_ids, stamps, strict=True)]
     fingerprint = hashlib.sha256(json.dumps(named).encode()).hexdigest()
+    encoder = next(iter(encoders.values()))[1] if encoders else None
     return BagIndex(
-        folder, list(slide_ids), paths, lengths, dims[0] if dims else 0, stamps, fingerprint
+        folder,
+        list(slide_ids),
+        paths,
+        lengths,
+        dims[0] if dims else 0,
+        stamps,
+        fingerprint,
+        encoder,
     )
 
 
@@ -157,6 +199,7 @@ class BaseBagStore:
         self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), self.lengths.cumsum(0)])
         self.dim = scanned.dim
         self.fingerprint = scanned.fingerprint
+        self.encoder = scanned.encoder
         self._stamps = list(scanned.stamps)
         self._n = list(scanned.lengths)
 

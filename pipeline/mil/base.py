@@ -7,7 +7,9 @@ and, where the model has them, ``attention`` (``B x N`` or ``B x N x C``) or
 auxiliary objective (CLAM's instance clustering) also return ``aux_loss`` when called with
 ``labels`` in training mode; a model with a max-instance stream (DSMIL) returns its
 ``max_logits`` (``B x C``), which training fits with the task's loss where there are no
-class labels (survival). Every hyperparameter is a constructor argument.
+class labels (survival). Every hyperparameter is a constructor argument. Each class names
+its ``head``: the submodules whose size or meaning follows the task's classes (the rest,
+the body, carries over to another task; see :func:`head_keys`).
 """
 
 from __future__ import annotations
@@ -47,6 +49,20 @@ def make_mil(name: str, in_dim: int, n_classes: int, **kwargs) -> nn.Module:
         return MIL_MODELS[name](in_dim=in_dim, n_classes=n_classes, **kwargs)
     except TypeError as exc:
         raise ConfigError(f"MIL model '{name}': {exc}") from exc
+
+
+def head_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """``"<submodule>."`` of each of the submodules ``model``'s class names as its head."""
+    head = tuple(getattr(type(model), "head", ()))
+    if not head:
+        raise ConfigError(f"MIL model {type(model).__name__} names no head submodules")
+    return tuple(f"{p}." for p in head)
+
+
+def head_keys(model: nn.Module) -> list[str]:
+    """The state-dict keys of ``model``'s head (its class's ``head`` submodules): what a new
+    task replaces when a pretrained aggregator is transferred."""
+    return [k for k in model.state_dict() if k.startswith(head_prefixes(model))]
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, dim: int = 1) -> torch.Tensor:

@@ -85,6 +85,8 @@ class CLAMSingleBranch(_CLAM):
         subtyping: also use out-of-class instance targets (mutually exclusive classes).
     """
 
+    head = ("classifier", "instance_classifiers")
+
     def __init__(self, in_dim: int, n_classes: int, **kwargs):
         super().__init__(in_dim, n_classes, **kwargs)
         self.classifier = nn.Linear(self.embed[0].out_features, n_classes)
@@ -106,6 +108,8 @@ class CLAMMultiBranch(_CLAM):
 
     def branches_for(self, n_classes: int) -> int:
         return n_classes
+
+    head = ("classifiers", "instance_classifiers", "attention.w")
 
     def __init__(self, in_dim: int, n_classes: int, **kwargs):
         super().__init__(in_dim, n_classes, **kwargs)

@@ -33,6 +33,8 @@ class DSMIL(nn.Module):
         dropout: dropout on the value embedding.
     """
 
+    head = ("instance_classifier", "bag_classifier")
+
     def __init__(self, in_dim: int, n_classes: int, q_dim: int = 128, dropout: float = 0.0):
         super().__init__()
         self.instance_classifier = nn.Linear(in_dim, n_classes)

@@ -9,6 +9,8 @@ from pipeline.mil.base import masked_max, masked_mean, mlp_in, register_mil
 
 
 class _Pooling(nn.Module):
+    head = ("classifier",)
+
     def __init__(self, in_dim: int, n_classes: int, hidden: int = 256, dropout: float = 0.25):
         super().__init__()
         self.embed = mlp_in(in_dim, hidden, dropout)

@@ -117,6 +117,21 @@ class TrainMILConfig:
             and temperature are not public: these defaults are this tool's choices.
         supcon_batch_size: bags per supcon training step (zero-padded, masked; at least two
             per class), in place of batch_size.
+        init_from: a pretrained aggregator to start from (transfer; Shao et al., "Do Multiple
+            Instance Learning Models Transfer?", ICML 2025): a model.ckpt of a finished
+            train-mil run (RUN/fold_<k>/model.ckpt, or RUN when it has one fold) of the same
+            model and model_args, trained on features of the same encoder (weights' SHA-256
+            and output, as the feature files record them; refused otherwise). Its body
+            initialises every fold's model; its head (the layers of its task's classes) is
+            dropped and a new one trained for this task. Its feature standardization is
+            kept (standardize does not apply): the body sees the features as it was trained.
+        init_body_lr_scale: with init_from, the body's learning rate as a share of lr (the
+            new head trains at lr).
+        shots: train each fold on this many slides per class drawn from its training slides
+            (few-shot; seeded by seed and fold; validation and test slides unchanged). None:
+            all of them.
+        train_fraction: train each fold on this share of its training slides, drawn per class
+            (at least one of each; seeded like shots). 1: all of them.
     """
 
     features: Path | None = None
@@ -167,6 +182,10 @@ class TrainMILConfig:
     supcon_temperature: float = 0.07
     supcon_curriculum_epochs: int | None = None
     supcon_batch_size: int = 16
+    init_from: Path | None = None
+    init_body_lr_scale: float = 0.1
+    shots: int | None = None
+    train_fraction: float = 1.0
 
 
 def run(cfg: TrainMILConfig) -> int:

@@ -25,7 +25,7 @@ from pipeline.config import config_to_dict, save_config
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.io import atomic_path, atomic_write_text, sha256_file
 from pipeline.mil.bags import BaseBagStore, collate, open_bag_store
-from pipeline.mil.base import make_mil
+from pipeline.mil.base import head_keys, make_mil
 from pipeline.mil.metrics import (
     baseline_survival_function,
     bootstrap_cis,
@@ -56,6 +56,13 @@ from pipeline.mil.supcon import (
     supcon_loss,
 )
 from pipeline.mil.train import TrainMILConfig
+from pipeline.mil.transfer import (
+    check_transfer_settings,
+    read_source,
+    source_checkpoint,
+    training_subset,
+    transfer_body,
+)
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +200,8 @@ class MILModule(L.LightningModule):
         strategy: str = "plain",
         mhim: dict | None = None,
         supcon: dict | None = None,
+        encoder: dict | None = None,
+        body_lr_scale: float = 1.0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -230,8 +239,17 @@ class MILModule(L.LightningModule):
         self.register_buffer("feature_std", torch.ones(in_dim))
 
     @classmethod
-    def for_config(cls, cfg: TrainMILConfig, in_dim: int, n_out: int) -> MILModule:
-        """The module ``cfg`` trains: its model, task, optimiser, loss and standardization."""
+    def for_config(
+        cls,
+        cfg: TrainMILConfig,
+        in_dim: int,
+        n_out: int,
+        encoder: dict | None = None,
+        standardize: bool | None = None,
+    ) -> MILModule:
+        """The module ``cfg`` trains: its model, task, optimiser, loss and standardization
+        (``standardize``: in place of ``cfg.standardize``); ``encoder``: what made the
+        features (recorded with the model, checked when it is transferred)."""
         return cls(
             cfg.model,
             in_dim,
@@ -243,13 +261,15 @@ class MILModule(L.LightningModule):
             cfg.epochs,
             cfg.bag_weight,
             cfg.survival_loss,
-            standardize=cfg.standardize,
+            standardize=cfg.standardize if standardize is None else standardize,
             cox_ties=cfg.cox_ties,
             strategy=cfg.strategy,
             mhim={k: getattr(cfg, f) for k, f in MHIM_SETTINGS.items()}
             if cfg.strategy == "mhim"
             else None,
             supcon=supcon_settings(cfg) if cfg.strategy == "supcon" else None,
+            encoder=encoder,
+            body_lr_scale=cfg.init_body_lr_scale if cfg.init_from else 1.0,
         )
 
     def standardized(self, x: torch.Tensor) -> torch.Tensor:
@@ -396,11 +416,18 @@ class MILModule(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         # the model's parameters and an SC-MIL projection head (an MHIM teacher follows the
-        # model by EMA)
-        params = list(self.model.parameters())
-        if self.projection is not None:
-            params += list(self.projection.parameters())
-        opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        # model by EMA); a transferred body at its own learning rate
+        head = list(self.projection.parameters()) if self.projection is not None else []
+        body = []
+        scale = hp.get("body_lr_scale", 1.0)
+        if scale != 1.0:
+            in_head = set(head_keys(self.model))
+            for name, p in self.model.named_parameters():
+                (head if name in in_head else body).append(p)
+            groups = [{"params": body, "lr": hp.lr * scale}, {"params": head, "lr": hp.lr}]
+        else:
+            groups = [{"params": list(self.model.parameters()) + head, "lr": hp.lr}]
+        opt = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
         return {
             "optimizer": opt,
             "lr_scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(opt, hp.epochs),
@@ -470,6 +497,11 @@ class Targets:
         return Targets(
             list(self.by_id.values()), self.task, self.classes, self.time_bins, train_ids
         )
+
+    def stratum(self, slide_id: str) -> str:
+        """What a slide's sampling is stratified by: its class, or its event status."""
+        r = self.by_id[slide_id]
+        return str(r["label"]) if self.task == "classification" else f"event={r['event']}"
 
     def batch(self, ids: list[str]) -> dict:
         rows = [self.by_id[s] for s in ids]
@@ -622,6 +654,11 @@ OWN_SETTINGS = {
 }
 
 
+# transfer and few-shot settings, in the fingerprint when any is set (init_from by the content
+# of its checkpoint)
+TRANSFER_SETTINGS = ("init_body_lr_scale", "shots", "train_fraction")
+
+
 def training_fingerprint(cfg: TrainMILConfig, store: BaseBagStore, splits: list[dict]) -> dict:
     """What finished folds depend on: the training settings, the labels file's content, the
     feature files read and the splits (a change of any retrains the folds)."""
@@ -639,6 +676,10 @@ def training_fingerprint(cfg: TrainMILConfig, store: BaseBagStore, splits: list[
                 sha256_file(teacher_checkpoint(cfg, k))
                 for k in range(sum(1 for key in splits[0] if key.startswith("fold_")))
             ]
+    if cfg.init_from or cfg.shots is not None or cfg.train_fraction < 1.0:
+        record["transfer"] = {k: settings[k] for k in TRANSFER_SETTINGS}
+        if cfg.init_from:
+            record["transfer"]["init_from_sha256"] = sha256_file(source_checkpoint(cfg.init_from))
     return record
 
 
@@ -698,6 +739,7 @@ def train_cv(cfg: TrainMILConfig) -> dict:
         )
     if cfg.strategy == "supcon":
         check_supcon(cfg)
+    check_transfer_settings(cfg.shots, cfg.train_fraction, cfg.task, cfg.strategy, cfg.init_from)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = read_labels(Path(cfg.labels), cfg.task)
@@ -741,6 +783,11 @@ def train_cv(cfg: TrainMILConfig) -> dict:
         check_teacher_run(cfg, splits, folds)
     budget = None if cfg.memory_budget_gb is None else int(cfg.memory_budget_gb * 1e9)
     store = open_bag_store(cfg.features, [r["slide_id"] for r in rows], cfg.store, budget)
+    source = (
+        read_source(cfg.init_from, cfg.model, cfg.model_args, store.dim, store.encoder)
+        if cfg.init_from
+        else None
+    )  # refused before any fold is touched
     record = {"training": training_fingerprint(cfg, store, splits), "splits": split_settings(cfg)}
     if previous.get("training") != record["training"]:  # other inputs or settings: start over
         for fold_dir in out.glob("fold_*"):
@@ -775,9 +822,18 @@ def train_cv(cfg: TrainMILConfig) -> dict:
             role: [s for s in fold_members(splits, k, role) if s in known]
             for role in ("train", "val", "test")
         }
+        roles["train"] = training_subset(
+            roles["train"],
+            [targets.stratum(s) for s in roles["train"]],
+            cfg.shots,
+            cfg.train_fraction,
+            cfg.seed + k,
+        )
         bar.set_postfix(fold=f"{k + 1}/{folds}")
         if not done.is_file():
-            _train_fold(cfg, k, fold_dir, roles, store, targets, n_out, classes, bar, horizons)
+            _train_fold(
+                cfg, k, fold_dir, roles, store, targets, n_out, classes, bar, horizons, source
+            )
         bar.update(cfg.epochs * (k + 1) - bar.n)  # early stopping skips the rest of a fold
         with open(done, newline="") as f:
             predictions += list(csv.DictReader(f))
@@ -977,7 +1033,17 @@ def init_teacher(module: MILModule, path: Path, student_init: str = "none") -> N
 
 
 def _train_fold(
-    cfg, k, fold_dir, roles, store, targets, n_out, classes, bar, horizons: list[float] = ()
+    cfg,
+    k,
+    fold_dir,
+    roles,
+    store,
+    targets,
+    n_out,
+    classes,
+    bar,
+    horizons: list[float] = (),
+    source=None,
 ) -> None:
     if fold_dir.exists():
         shutil.rmtree(fold_dir)
@@ -985,9 +1051,13 @@ def _train_fold(
     L.seed_everything(cfg.seed + k, verbose=False)
     generator = torch.Generator().manual_seed(cfg.seed + k)
     targets = targets.for_training(roles["train"])  # bins from the fold's training patients
-    module = MILModule.for_config(cfg, store.dim, n_out)
-    if cfg.standardize:
-        module.feature_mean, module.feature_std = store.statistics(roles["train"])
+    if source is not None:  # a pretrained body, with the standardization it was trained with
+        module = MILModule.for_config(cfg, store.dim, n_out, store.encoder, source.standardize)
+        report = transfer_body(module, source)
+    else:
+        module = MILModule.for_config(cfg, store.dim, n_out, store.encoder)
+        if cfg.standardize:
+            module.feature_mean, module.feature_std = store.statistics(roles["train"])
     if cfg.strategy == "mhim" and cfg.teacher_init:
         init_teacher(module, teacher_checkpoint(cfg, k), cfg.mhim_student_init)
     # with a validation split: the best epoch by validation loss, and early stopping;
@@ -1009,6 +1079,11 @@ def _train_fold(
         if val is None:  # no validation split: the last epoch is the model, by design
             warnings.filterwarnings("ignore", message="You defined a `validation_step` but have no")
         trainer.fit(module, train, val)
+    # (written after Lightning's logger and checkpoint, which expect an empty folder)
+    if source is not None:
+        atomic_write_text(fold_dir / "transfer.json", json.dumps(report, indent=1))
+    if cfg.shots is not None or cfg.train_fraction < 1.0:  # the slides this fold trained on
+        atomic_write_text(fold_dir / "train_slides.txt", "".join(f"{s}\n" for s in roles["train"]))
     # the best epoch, predicted on the device and with the precision it was trained with
     device = trainer.strategy.root_device
     best = MILModule.load_from_checkpoint(

@@ -156,6 +156,8 @@ class TransMIL(nn.Module):
     instance's copies summed.
     """
 
+    head = ("classifier",)
+
     def __init__(
         self,
         in_dim: int,

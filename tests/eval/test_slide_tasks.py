@@ -204,3 +204,50 @@ def test_localization_is_a_ranked_column_of_seed_averaged_slide_aucs(
     assert code == 0 and model.stat().st_mtime_ns == before
     assert "abmil_localization" not in results["tasks"]["loc"]["columns"]
     assert "no test slide has both positive and negative tiles" in caplog.text
+
+
+def test_transfer_arm_is_scored_beside_training_from_scratch(planted, tmp_path):
+    """``transfer: {encoder: model.ckpt}`` adds ``<encoder> (transferred)``: the same splits
+    and settings, each fold started from the pretrained aggregator, compared with the rest."""
+    from pipeline.mil.train import TrainMILConfig
+    from pipeline.mil.training import train_cv
+
+    features = tmp_path / "features" / "planted"
+    shutil.copytree(planted / "feats", features)
+    for path in features.glob("*.h5"):  # what `cpath extract` records of its encoder
+        with h5py.File(path, "r+") as f:
+            f.attrs.update({"encoder": "x", "encoder_sha256": "e" * 64, "pooling": "cls"})
+    source = TrainMILConfig(
+        features=features, labels=planted / "labels.csv", out=tmp_path / "source", folds=2,
+        bootstrap=0, progress=False, device="cpu", **MIL,
+    )  # fmt: skip
+    train_cv(source)
+    task = {
+        "name": "transfer",
+        "kind": "slide",
+        "features": str(tmp_path / "features" / "{encoder}"),
+        "labels": str(planted / "labels.csv"),
+        "folds": 2,
+        "mil": {**MIL, "shots": 4},
+        "transfer": {"planted": str(tmp_path / "source" / "fold_0" / "model.ckpt")},
+    }
+    cfg = EvaluateConfig(encoder_specs={"planted": "x"}, tasks=[task], out=tmp_path / "eval",
+                         bootstrap=20, progress=False)  # fmt: skip
+    assert run(cfg) == 0
+    result = json.loads((tmp_path / "eval" / "results.json").read_text())["tasks"]["transfer"]
+    assert set(result["scores"]["abmil"]) == {"planted", "planted (transferred)"}
+    (pair,) = result["comparisons"]["abmil"]
+    assert {pair["a"], pair["b"]} == {"planted", "planted (transferred)"}
+    run_dir = tmp_path / "eval" / "tasks" / "transfer" / "planted+transfer" / "seed_0"
+    report = json.loads((run_dir / "fold_1" / "transfer.json").read_text())
+    assert report["source"] == task["transfer"]["planted"]
+    scratch = tmp_path / "eval" / "tasks" / "transfer" / "planted" / "seed_0"
+    for k in range(2):  # both arms trained on the same few-shot slides
+        assert (run_dir / f"fold_{k}" / "train_slides.txt").read_text() == (
+            scratch / f"fold_{k}" / "train_slides.txt"
+        ).read_text()
+    task["transfer"] = {"other": task["transfer"]["planted"]}
+    cfg.out = tmp_path / "eval2"
+    run(cfg)
+    failed = json.loads((tmp_path / "eval2" / "results.json").read_text())["tasks"]["transfer"]
+    assert failed["status"] == "failed" and "other" in failed["error"]

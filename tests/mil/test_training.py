@@ -317,10 +317,10 @@ def test_every_setting_is_either_training_or_reporting():
     """A new option must be sorted: into the fingerprint of finished folds or out of it."""
     from dataclasses import fields
 
-    from pipeline.mil.training import STRATEGY_SETTINGS, TRAINING_SETTINGS
+    from pipeline.mil.training import STRATEGY_SETTINGS, TRAINING_SETTINGS, TRANSFER_SETTINGS
 
     # by content or splits
-    elsewhere = {"features", "labels", "splits", "folds", "val_share", "teacher_init"}
+    elsewhere = {"features", "labels", "splits", "folds", "val_share", "teacher_init", "init_from"}
     reporting = {
         "tile_labels",
         "out",
@@ -334,7 +334,7 @@ def test_every_setting_is_either_training_or_reporting():
     }
     assert {f.name for f in fields(TrainMILConfig)} == set(TRAINING_SETTINGS) | set(
         STRATEGY_SETTINGS
-    ) | elsewhere | reporting
+    ) | set(TRANSFER_SETTINGS) | elsewhere | reporting
 
 
 def _roles(out, k: int) -> dict[str, list[str]]:
