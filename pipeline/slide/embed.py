@@ -7,9 +7,16 @@
 of tiles of the ``--train_slides``) and ``embeddings.h5`` (dataset ``embeddings`` N x D with
 D = C + 2Cd, ``slide_ids``; attrs ``method``, ``C``, ``d``, the encoder attributes of the
 first feature file, ``config`` as JSON and a fingerprint of the inputs). A rerun with the
-same feature files and settings skips. ``--action head`` cross-validates a bias-free linear
-classifier (:mod:`pipeline.slide.head`) with the patient-grouped folds of ``train-mil`` and
-writes ``metrics.json``, ``predictions.csv`` and ``splits.csv``.
+same feature files and settings skips. ``--action head`` cross-validates a linear head
+(:mod:`pipeline.slide.head`) with the patient-grouped folds of ``train-mil`` and writes
+``metrics.json``, ``predictions.csv`` and ``splits.csv``: with ``--task classification`` (the
+default) a bias-free logistic regression on ``slide_id, case_id, label`` (balanced accuracy,
+AUC); with ``--task survival`` a linear Cox model (L2-penalised, Efron's ties, fitted by
+L-BFGS on torchsurv's partial likelihood) on ``slide_id, case_id, time, event``, folds
+stratified by event, scored by Harrell's C-index (predictions: ``slide_id, case_id, fold,
+time, event, risk``, risk the log relative hazard).
+
+    cpath slide-embed --action head --task survival --embeddings runs/panther/embeddings.h5 --labels survival.csv --out runs/panther/cox
 See :mod:`pipeline.slide.panther` (Song et al., CVPR 2024).
 """
 
@@ -59,7 +66,10 @@ class SlideEmbedConfig:
 
     Args:
         action: ``embed`` (features -> prototypes.npy and embeddings.h5) or ``head``
-            (cross-validated linear classifier on an embeddings.h5 -> metrics.json).
+            (cross-validated linear head on an embeddings.h5 -> metrics.json).
+        task: the head's task: ``classification`` (bias-free logistic regression on
+            ``label``; balanced accuracy, AUC) or ``survival`` (linear Cox model on
+            ``time``, ``event``, Efron's ties; Harrell's C-index).
         method: slide embedding method; ``panther`` (Song et al., CVPR 2024): a Gaussian
             mixture per slide, fitted by MAP-EM with morphological prototypes as prior.
         features: folder of per-slide feature files (``cpath extract``'s output).
@@ -76,16 +86,23 @@ class SlideEmbedConfig:
         seed: seed of the tile sampling, k-means and the folds.
         device: auto (a GPU when torch sees one, else the CPU), cpu, cuda or cuda:N.
         embeddings: embeddings.h5 for ``--action head``.
-        labels: CSV with slide_id, label and (recommended) case_id, for ``--action head``.
+        labels: CSV for ``--action head``: slide_id, label (classification) or slide_id,
+            time, event (survival; event 1 = observed, 0 = censored), and (recommended)
+            case_id.
         splits: a splits.csv (``train-mil``'s layout) to use instead of making folds.
-        folds: cross-validation folds, grouped by case_id, for ``--action head``.
-        reg: inverse L2 strength of the linear head (scikit-learn's ``C``).
+        folds: cross-validation folds, grouped by case_id (stratified by label, or by event
+            for survival), for ``--action head``.
+        reg: inverse L2 strength of the linear head (scikit-learn's ``C``): the objective is
+            ``reg`` times the summed loss plus ``0.5 ||w||^2``. For survival the loss is the
+            Cox negative partial log-likelihood, i.e. lifelines' ``penalizer = 1 / (reg n)``
+            for ``n`` training slides.
         standardize: z-score the embeddings with the training slides' statistics before
             the linear head (not in the reference).
         out: output folder.
     """
 
     action: Literal["embed", "head"] = "embed"
+    task: Literal["classification", "survival"] = "classification"
     method: Literal["panther"] = "panther"
     features: Path | None = None
     train_slides: Path | None = None
@@ -298,17 +315,31 @@ def read_labels(path: Path) -> list[dict]:
 
 
 def head(cfg: SlideEmbedConfig) -> Path:
-    """Cross-validated bias-free linear classifier on ``cfg.embeddings``."""
+    """Cross-validated linear head on ``cfg.embeddings``: a bias-free classifier or, with
+    ``task: survival``, a linear Cox model."""
     from pipeline.config import save_config
-    from pipeline.errors import PipelineError
+    from pipeline.errors import ConfigError, PipelineError
     from pipeline.io import atomic_write_text, write_manifest
     from pipeline.mil.splits import read_splits, splits_mismatch, write_splits
-    from pipeline.slide.head import cross_validate
+    from pipeline.slide.head import cross_validate, cross_validate_survival
 
     if cfg.embeddings is None or cfg.labels is None:
-        raise PipelineError("--action head needs --embeddings FILE and --labels CSV")
+        raise ConfigError("--action head needs --embeddings FILE and --labels CSV")
+    if cfg.task not in ("classification", "survival"):
+        raise ConfigError(f"--task must be classification or survival, not {cfg.task!r}")
     x, ids, _ = read_embeddings(cfg.embeddings)
-    rows = read_labels(cfg.labels)
+    if cfg.task == "survival":
+        from pipeline.mil.training import read_labels as read_task_labels
+
+        try:
+            rows = read_task_labels(Path(cfg.labels), "survival")
+        except (ValueError, TypeError) as exc:
+            raise PipelineError(
+                f"{cfg.labels}: time and event must be numbers ({exc}); event 1 = observed, "
+                "0 = censored"
+            ) from exc
+    else:
+        rows = read_labels(cfg.labels)
     index = {s: i for i, s in enumerate(ids)}
     missing = [r["slide_id"] for r in rows if r["slide_id"] not in index]
     if missing:
@@ -326,32 +357,48 @@ def head(cfg: SlideEmbedConfig) -> Path:
         why = splits_mismatch(splits, rows, exact=False)
         if why:
             raise PipelineError(f"{cfg.splits}: these splits do not fit the labels: {why}")
-    result = cross_validate(
-        x[[index[r["slide_id"]] for r in rows]],
-        [r["label"] for r in rows],
-        [r["case_id"] for r in rows],
-        folds=cfg.folds,
-        seed=cfg.seed,
-        reg=cfg.reg,
-        standardize=cfg.standardize,
-        splits=splits,
-        slide_ids=[r["slide_id"] for r in rows],
-    )
+    common = {
+        "case_ids": [r["case_id"] for r in rows],
+        "folds": cfg.folds,
+        "seed": cfg.seed,
+        "reg": cfg.reg,
+        "standardize": cfg.standardize,
+        "splits": splits,
+        "slide_ids": [r["slide_id"] for r in rows],
+    }
+    x = x[[index[r["slide_id"]] for r in rows]]
+    if cfg.task == "survival":
+        result = cross_validate_survival(
+            x, [r["time"] for r in rows], [r["event"] for r in rows], **common
+        )
+    else:
+        result = cross_validate(x, [r["label"] for r in rows], **common)
     out = Path(cfg.out)
     write_splits(out / "splits.csv", result["splits"])
     preds = result["predictions"]
     write_manifest(out / "predictions.csv", preds, list(preds[0]))
-    metrics = {k: result[k] for k in ("classes", "folds", "mean", "std")}
+    keys = (
+        ("folds", "mean", "std") if cfg.task == "survival" else ("classes", "folds", "mean", "std")
+    )
+    metrics = {"task": cfg.task, **{k: result[k] for k in keys}}
     metrics["embeddings"] = str(cfg.embeddings)
     path = atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     save_config(cfg, out)
-    log.info(
-        "linear head: balanced accuracy %.3f, AUC %.3f (mean of %d folds) -> %s",
-        result["mean"]["balanced_accuracy"],
-        result["mean"]["auc"],
-        len(result["folds"]),
-        path,
-    )
+    if cfg.task == "survival":
+        log.info(
+            "linear Cox head: C-index %.3f (mean of %d folds) -> %s",
+            result["mean"]["c_index"],
+            len(result["folds"]),
+            path,
+        )
+    else:
+        log.info(
+            "linear head: balanced accuracy %.3f, AUC %.3f (mean of %d folds) -> %s",
+            result["mean"]["balanced_accuracy"],
+            result["mean"]["auc"],
+            len(result["folds"]),
+            path,
+        )
     return path
 
 
