@@ -32,6 +32,7 @@ SCRIPTS = {  # name -> arguments
     "extract_speed": ["--tiles", "256"],
     "mil_speed": [],
     "mil_scale": [],
+    "mil_transfer": [],
 }
 
 

@@ -68,6 +68,10 @@ class DemoConfig:
         make_data: only build the cohort, run no stage.
         pretrain_steps: steps of the tiny pretraining preset.
         folds: cross-validation folds of the slide tasks (grouped by patient).
+        slide_seeds: most training seeds per slide task of the evaluation suite (its
+            configs/benchmarks/demo.yaml has 3).
+        bootstrap: bootstrap resamples of the confidence intervals (train-mil) and of the
+            evaluation suite's intervals and paired tests.
         stop_after: run the stages up to this one (preprocess ... report).
         progress: show progress bars.
     """
@@ -83,6 +87,8 @@ class DemoConfig:
     make_data: bool = False
     pretrain_steps: int = 300
     folds: int = 5
+    slide_seeds: int = 3
+    bootstrap: int = 1000
     stop_after: str = "report"
     progress: bool = True
 
@@ -242,6 +248,7 @@ class Demo:
                 out=self.mil / run_name,
                 progress=self.cfg.progress,
                 folds=self.cfg.folds,
+                bootstrap=self.cfg.bootstrap,
                 **extra,
             )
             metrics = train_cv(cfg)
@@ -269,9 +276,11 @@ class Demo:
         suite = suite.replace("runs/demo", str(self.runs)).replace("data/demo", str(self.cfg.data))
         values = yaml.safe_load(suite)
         values["progress"] = self.cfg.progress
+        values["bootstrap"] = self.cfg.bootstrap
         for task in values["tasks"]:
             if task.get("kind") == "slide":
                 task["folds"] = self.cfg.folds
+                task["seeds"] = list(task.get("seeds", [0]))[: max(1, self.cfg.slide_seeds)]
         resolved = self.runs / "eval-suite.yaml"
         resolved.write_text(yaml.safe_dump(values, sort_keys=False))
         results = run_suite(load_config(EvaluateConfig, resolved))

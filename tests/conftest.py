@@ -137,6 +137,8 @@ def tiny_demo(tmp_path_factory, tiny_cohorts, tiny_run):
         seed=3,
         size_scale=0.35,
         folds=3,
+        slide_seeds=2,  # (the demo's 3 seeds and 1000 resamples take twice as long)
+        bootstrap=200,
         progress=False,
     )
     run(cfg)

@@ -8,7 +8,8 @@ embeddings into one bag vector per class, classified by a 1-D convolution over t
 trained alongside, as the paper sums the two losses: with class labels the model returns
 their cross-entropy as ``aux_loss``; for survival, training applies the survival loss to
 them (the paper has classification only). The critical-instance choice is an argmax, so
-the instance classifier learns only through this second loss.
+the instance classifier learns only through this second loss. ``embedding`` holds the
+per-class bag vectors (``B x C x D``), which MHIM-MIL's consistency loss compares.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class DSMIL(nn.Module):
             "attention": attention,
             "instance_scores": scores,
             "max_logits": max_logits,
+            "embedding": bags,
         }
         if labels is not None and self.training:
             out["aux_loss"] = F.cross_entropy(max_logits, labels)

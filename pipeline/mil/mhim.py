@@ -23,10 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# aggregators returning a per-instance ``attention`` (``B x N``) and a bag ``embedding``:
-# ABMIL's attention weights and pooled bag; TransMIL's class-token attention of its last
-# layer (the reference uses its first layer's) and its normalised class token
-MHIM_MODELS = ("abmil", "transmil")
+# aggregators with a per-instance score for the teacher (:func:`instance_scores`) and a bag
+# ``embedding``: ABMIL's attention weights and pooled bag; TransMIL's class-token attention
+# of its last layer (the reference uses its first layer's) and its normalised class token;
+# DSMIL's instance-classifier scores, the highest over classes (the reference's MHIM-v2
+# default, ``cls_attn`` with ``attn_index='max'``), and its per-class bag vectors
+MHIM_MODELS = ("abmil", "transmil", "dsmil")
 
 # the reference rounds ``n * ratio`` up; the tolerance keeps float noise (10 * 0.7 =
 # 7.000000000000001) from masking one instance more
@@ -108,6 +110,15 @@ def masked_indices(
     high = _select(attention, True, mask_ratio_h, mask_ratio_hr, generator)
     union = torch.cat([random, low, high]).unique()  # sorted
     return MaskedIndices(random, low, high, union)
+
+
+def instance_scores(out: dict) -> torch.Tensor:
+    """``B x N``: how much a teacher's output (of one of ``MHIM_MODELS``) relies on each
+    instance: its ``attention``, or for a model with ``B x N x C`` instance scores (DSMIL)
+    their highest class score."""
+    if "max_logits" in out:  # DSMIL: the instance stream's scores
+        return out["instance_scores"].float().amax(dim=-1)
+    return out["attention"].float()
 
 
 def keep_mask(

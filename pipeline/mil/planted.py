@@ -12,6 +12,8 @@ direction.
   are pairs of 8 latent directions, and a target whose classes are single latents, of the
   same 8 (related) or of 8 orthogonal ones (unrelated).
 - :func:`write_cohort`: the files of one cohort from its class directions.
+- :func:`train_config`: the settings that train ABMIL on such a cohort (its one fold, no
+  validation split, a small model).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.features import FeatureWriter
+from pipeline.mil.train import TrainMILConfig
 
 # what the planted feature files say made them (one made-up encoder for every cohort)
 PLANTED_ENCODER = {"encoder": "planted", "encoder_sha256": "0" * 64, "pooling": "cls"}
@@ -85,3 +88,30 @@ def write_cohort(
             writer.writeheader()
             writer.writerows(table)
     return root
+
+
+def train_config(root: str | Path, out: str | Path, seed: int, **overrides) -> TrainMILConfig:
+    """Train-mil settings for a cohort of :func:`write_cohort` at ``root``: its splits (one
+    fold, no validation), ABMIL of hidden size 32, 20 epochs of batches of 8 at lr 1e-2, on
+    the CPU, without bootstrap; ``overrides`` replace any of them."""
+    root = Path(root)
+    settings = {
+        "features": root / "feats",
+        "labels": root / "labels.csv",
+        "splits": root / "splits.csv",
+        "out": Path(out),
+        "folds": 1,
+        "val_share": 0.0,
+        "epochs": 20,
+        "lr": 1e-2,
+        "batch_size": 8,
+        "model_args": {"hidden": 32, "attn_dim": 16, "dropout": 0.0},
+        "max_instances": None,
+        "standardize": False,
+        "bootstrap": 0,
+        "progress": False,
+        "device": "cpu",
+        "seed": seed,
+        **overrides,
+    }
+    return TrainMILConfig(**settings)

@@ -47,6 +47,9 @@ class TrainMILConfig:
         max_instances: random instances kept per training bag (None: all).
         standardize: scale each feature by the mean and std of the fold's training tiles.
         balanced: sample training bags with class-balanced weights.
+        class_weighted: weight the cross-entropy of each class by the inverse of its share
+            of the fold's training slides (n / (K n_c), scikit-learn's "balanced" class
+            weights), usually with balanced false.
         bag_weight: weight of the bag loss against CLAM/DSMIL auxiliary losses.
         survival_loss: nll (discrete time) or cox.
         cox_ties: how the cox loss handles tied event times: efron (Efron, 1977) or breslow
@@ -82,10 +85,11 @@ class TrainMILConfig:
             training batches of supcon_batch_size bags hold at least two bags of every class
             (balanced does not apply). Validation, early stopping and prediction use the
             cross-entropy and the model alone. mhim: masked hard instance
-            mining (MHIM-MIL; Tang et al., ICCV 2023) for abmil and transmil. A momentum
-            teacher (a copy of the model, updated after each optimiser step as an
+            mining (MHIM-MIL; Tang et al., ICCV 2023) for abmil, transmil and dsmil. A
+            momentum teacher (a copy of the model, updated after each optimiser step as an
             exponential moving average of it, never by gradients) scores the instances of
-            each training bag with its attention (in training mode, dropout on); the model
+            each training bag with its attention (DSMIL: its instance classifier's highest
+            class score, as the authors' MHIM-v2 code; in training mode, dropout on); the model
             trains on the bag without the masked instances (random, least attended and most
             attended, see the mhim_ settings), with the task's loss plus mhim_alpha times a
             soft cross-entropy from the teacher's whole-bag embedding to its own. Validation,
@@ -151,6 +155,7 @@ class TrainMILConfig:
     max_instances: int | None = 4096
     standardize: bool = True
     balanced: bool = True
+    class_weighted: bool = False
     bag_weight: float = 0.7
     survival_loss: Literal["nll", "cox"] = "nll"
     cox_ties: Literal["efron", "breslow"] = "efron"

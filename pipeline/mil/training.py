@@ -38,6 +38,7 @@ from pipeline.mil.mhim import (
     MHIM_MODELS,
     cosine_schedule,
     ema_update,
+    instance_scores,
     keep_mask,
     soft_cross_entropy,
 )
@@ -246,6 +247,7 @@ class MILModule(L.LightningModule):
         n_out: int,
         encoder: dict | None = None,
         standardize: bool | None = None,
+        class_weights: list[float] | None = None,
     ) -> MILModule:
         """The module ``cfg`` trains: its model, task, optimiser, loss and standardization
         (``standardize``: in place of ``cfg.standardize``); ``encoder``: what made the
@@ -261,6 +263,7 @@ class MILModule(L.LightningModule):
             cfg.epochs,
             cfg.bag_weight,
             cfg.survival_loss,
+            class_weights=class_weights,
             standardize=cfg.standardize if standardize is None else standardize,
             cox_ties=cfg.cox_ties,
             strategy=cfg.strategy,
@@ -348,7 +351,7 @@ class MILModule(L.LightningModule):
         if hp["h_decay"]:
             ratio_h = cosine_schedule(ratio_h, 0.0, self.global_step, self.total_steps)
         keep = keep_mask(  # B x N
-            teacher["attention"].float(),
+            instance_scores(teacher),
             mask,
             hp["mask_ratio"],
             hp["mask_ratio_l"],
@@ -654,6 +657,8 @@ OWN_SETTINGS = {
 }
 
 
+# settings added to training later, in the fingerprint when set
+OPTIONAL_SETTINGS = ("class_weighted",)
 # transfer and few-shot settings, in the fingerprint when any is set (init_from by the content
 # of its checkpoint)
 TRANSFER_SETTINGS = ("init_body_lr_scale", "shots", "train_fraction")
@@ -676,6 +681,9 @@ def training_fingerprint(cfg: TrainMILConfig, store: BaseBagStore, splits: list[
                 sha256_file(teacher_checkpoint(cfg, k))
                 for k in range(sum(1 for key in splits[0] if key.startswith("fold_")))
             ]
+    for key in OPTIONAL_SETTINGS:  # (runs without them keep the fingerprint they had before)
+        if settings[key]:
+            record[key] = settings[key]
     if cfg.init_from or cfg.shots is not None or cfg.train_fraction < 1.0:
         record["transfer"] = {k: settings[k] for k in TRANSFER_SETTINGS}
         if cfg.init_from:
@@ -1032,6 +1040,21 @@ def init_teacher(module: MILModule, path: Path, student_init: str = "none") -> N
         ) from exc
 
 
+def class_weights(cfg: TrainMILConfig, targets, train_ids: list[str], classes: list[str]):
+    """With ``class_weighted``, the cross-entropy's weight of each class: ``n / (K n_c)`` of
+    the training slides (scikit-learn's ``balanced``); else None."""
+    if not cfg.class_weighted or cfg.task != "classification":
+        return None
+    from sklearn.utils.class_weight import compute_class_weight
+
+    y = np.array([targets.by_id[s]["label"] for s in train_ids])
+    present = np.array([c for c in classes if c in set(y)])
+    weights = dict(
+        zip(present, compute_class_weight("balanced", classes=present, y=y), strict=True)
+    )
+    return [float(weights.get(c, 0.0)) for c in classes]
+
+
 def _train_fold(
     cfg,
     k,
@@ -1051,11 +1074,14 @@ def _train_fold(
     L.seed_everything(cfg.seed + k, verbose=False)
     generator = torch.Generator().manual_seed(cfg.seed + k)
     targets = targets.for_training(roles["train"])  # bins from the fold's training patients
+    weights = class_weights(cfg, targets, roles["train"], classes)
     if source is not None:  # a pretrained body, with the standardization it was trained with
-        module = MILModule.for_config(cfg, store.dim, n_out, store.encoder, source.standardize)
+        module = MILModule.for_config(
+            cfg, store.dim, n_out, store.encoder, source.standardize, weights
+        )
         report = transfer_body(module, source)
     else:
-        module = MILModule.for_config(cfg, store.dim, n_out, store.encoder)
+        module = MILModule.for_config(cfg, store.dim, n_out, store.encoder, class_weights=weights)
         if cfg.standardize:
             module.feature_mean, module.feature_std = store.statistics(roles["train"])
     if cfg.strategy == "mhim" and cfg.teacher_init:

@@ -70,10 +70,10 @@ def test_held_out_tasks_train_on_development_and_score_held_out_data(results, ti
 
 def test_slide_tasks_share_splits_across_encoders_and_seeds(results, tiny_demo):
     slides = results["tasks"]["tumour-slides"]["scores"]["abmil"]
-    assert len(slides["pretrained"]["per_seed"]) == 3
+    assert len(slides["pretrained"]["per_seed"]) == 2  # the fixture's slide_seeds
     assert results["tasks"]["survival"]["columns"]["abmil"]["metric"] == "c_index"
     task = tiny_demo.runs / "eval" / "tasks" / "tumour-slides"
-    for seed in (0, 1, 2):
+    for seed in (0, 1):
         assert (task / f"splits_seed{seed}.csv").is_file()
         for e in ("pretrained", "random"):
             cfg = yaml.safe_load((task / e / f"seed_{seed}" / "config.yaml").read_text())

@@ -218,9 +218,15 @@ def test_transfer_arm_is_scored_beside_training_from_scratch(planted, tmp_path):
         with h5py.File(path, "r+") as f:
             f.attrs.update({"encoder": "x", "encoder_sha256": "e" * 64, "pooling": "cls"})
     source = TrainMILConfig(
-        features=features, labels=planted / "labels.csv", out=tmp_path / "source", folds=2,
-        bootstrap=0, progress=False, device="cpu", **MIL,
-    )  # fmt: skip
+        features=features,
+        labels=planted / "labels.csv",
+        out=tmp_path / "source",
+        folds=2,
+        bootstrap=0,
+        progress=False,
+        device="cpu",
+        **MIL,
+    )
     train_cv(source)
     task = {
         "name": "transfer",
@@ -231,8 +237,13 @@ def test_transfer_arm_is_scored_beside_training_from_scratch(planted, tmp_path):
         "mil": {**MIL, "shots": 4},
         "transfer": {"planted": str(tmp_path / "source" / "fold_0" / "model.ckpt")},
     }
-    cfg = EvaluateConfig(encoder_specs={"planted": "x"}, tasks=[task], out=tmp_path / "eval",
-                         bootstrap=20, progress=False)  # fmt: skip
+    cfg = EvaluateConfig(
+        encoder_specs={"planted": "x"},
+        tasks=[task],
+        out=tmp_path / "eval",
+        bootstrap=20,
+        progress=False,
+    )
     assert run(cfg) == 0
     result = json.loads((tmp_path / "eval" / "results.json").read_text())["tasks"]["transfer"]
     assert set(result["scores"]["abmil"]) == {"planted", "planted (transferred)"}

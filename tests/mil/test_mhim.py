@@ -14,6 +14,7 @@ from pipeline.features import FeatureWriter
 from pipeline.mil.mhim import (
     cosine_schedule,
     ema_update,
+    instance_scores,
     keep_mask,
     mask_count,
     masked_indices,
@@ -156,15 +157,25 @@ def test_ema_update_by_hand():
 def mhim_module(model: str = "abmil", **overrides) -> MILModule:
     settings = {k: getattr(TrainMILConfig(), f) for k, f in MHIM_SETTINGS.items()}
     settings.update({"h_decay": False, "mask_ratio_h": 0.2, **overrides})
-    model_args = {"hidden": 16, "attn_dim": 8} if model == "abmil" else {"hidden": 16}
+    model_args = {"abmil": {"hidden": 16, "attn_dim": 8}, "dsmil": {"q_dim": 8}}
     return MILModule(
-        model, 8, 2, model_args, "classification", 1e-3, 0.0, 2, 0.7, "nll",
-        strategy="mhim", mhim=settings,
-    )  # fmt: skip
+        model,
+        8,
+        2,
+        model_args.get(model, {"hidden": 16}),
+        "classification",
+        1e-3,
+        0.0,
+        2,
+        0.7,
+        "nll",
+        strategy="mhim",
+        mhim=settings,
+    )
 
 
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log")
-@pytest.mark.parametrize("model", ["abmil", "transmil"])
+@pytest.mark.parametrize("model", ["abmil", "transmil", "dsmil"])
 def test_teacher_gets_no_gradient_and_follows_by_ema(model):
     torch.manual_seed(0)
     module = mhim_module(model, momentum=0.9)
@@ -212,6 +223,59 @@ def test_student_sees_only_the_kept_instances(monkeypatch):
     batch["y"] = torch.tensor([1])
     module.mhim_loss(batch)
     assert seen["mask"][0].tolist() == [i != 1 for i in range(10)]
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log")
+def test_dsmil_teacher_scores_instances_by_their_highest_class_score(monkeypatch):
+    """DSMIL's teacher ranks instances by its instance classifier (the highest of the class
+    scores, not the attention to the critical instance); the student's consistency loss
+    compares the per-class bag vectors."""
+    torch.manual_seed(0)
+    module = mhim_module("dsmil", mask_ratio=0.0, mask_ratio_h=0.1, mask_ratio_hr=1.0)
+    module.train()
+    scores = torch.zeros(1, 10, 2)
+    scores[0, 6, 1] = 5.0  # instance 6: the highest score of class 1
+    scores[0, 3, 0] = 4.0  # instance 3: the highest of class 0, lower than instance 6's
+    attention = torch.zeros(1, 10, 2)
+    attention[0, 2] = 1.0  # the attention favours another instance, which must not matter
+    out = {"instance_scores": scores, "attention": attention, "max_logits": scores.amax(1)}
+    assert instance_scores(out).tolist() == scores.amax(-1).tolist()
+    seen = {}
+    student = module.model.forward
+
+    def spy(x, mask, labels=None):
+        seen["mask"] = mask.clone()
+        seen["out"] = student(x, mask, labels=labels)
+        return seen["out"]
+
+    monkeypatch.setattr(module.model, "forward", spy)
+    teacher = module.teacher.forward
+    monkeypatch.setattr(
+        module.teacher,
+        "forward",
+        lambda x, mask, labels=None: {**teacher(x, mask), "instance_scores": scores},
+    )
+    batch = {"x": torch.randn(1, 10, 8), "mask": torch.ones(1, 10, dtype=torch.bool)}
+    batch["y"] = torch.tensor([1])
+    loss = module.mhim_loss(batch)
+    assert seen["mask"][0].tolist() == [i != 6 for i in range(10)]
+    assert seen["out"]["embedding"].shape == (1, 2, 8)  # B x C x D
+    # the loss: the task's (with DSMIL's max-instance loss) plus alpha x the soft
+    # cross-entropy averaged over the classes' bag vectors
+    with torch.no_grad():
+        teacher_out = module.teacher(batch["x"], batch["mask"])
+    hp = module.hparams.mhim
+    per_class = [
+        soft_cross_entropy(
+            seen["out"]["embedding"][:, c],
+            teacher_out["embedding"][:, c],
+            hp["temp_s"],
+            hp["temp_t"],
+        )
+        for c in range(2)
+    ]
+    expected = module.model_loss(seen["out"], batch) + hp["alpha"] * sum(per_class) / 2
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_mhim_rejects_models_without_attention_and_foreign_teachers(tmp_path):

@@ -32,9 +32,19 @@ def supcon_module(model: str = "abmil", curriculum_epochs: int = 5, **overrides)
     settings.update({"curriculum_epochs": curriculum_epochs, **overrides})
     model_args = {"hidden": 16, "attn_dim": 8} if model == "abmil" else {"hidden": 16}
     return MILModule(
-        model, 8, 3, model_args, "classification", 1e-3, 0.0, 10, 0.7, "nll",
-        strategy="supcon", supcon=settings,
-    )  # fmt: skip
+        model,
+        8,
+        3,
+        model_args,
+        "classification",
+        1e-3,
+        0.0,
+        10,
+        0.7,
+        "nll",
+        strategy="supcon",
+        supcon=settings,
+    )
 
 
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log")
@@ -159,8 +169,9 @@ def planted_cfg(root, out, seed: int, **kw) -> TrainMILConfig:
 
 ARMS = {
     "plain": {"balanced": False},  # cross-entropy on the imbalanced bags
-    "balanced": {"balanced": True},  # class-balanced sampling (the class-weighted arm)
-    "supcon": {"balanced": False, "strategy": "supcon"},
+    "weighted": {"balanced": False, "class_weighted": True},  # class-weighted cross-entropy
+    # SC-MIL, its cross-entropy term class-weighted as well
+    "supcon": {"balanced": False, "class_weighted": True, "strategy": "supcon"},
 }
 
 
@@ -183,15 +194,15 @@ def planted(tmp_path_factory):
 
 
 def test_supcon_beats_plain_cross_entropy_on_an_imbalanced_task(planted):
-    """Balanced accuracy on the balanced test set, mean of 3 seeds. What holds: SC-MIL at
-    least 0.05 over plain cross-entropy (0.683 -> 0.789 here; 0.522 -> 0.628 at lr 2e-3),
-    and within 0.05 of class-balanced sampling (0.761 here). SC-MIL >= class-balanced
-    sampling holds for these seeds at this learning rate but not for others (seeds 3-5:
-    0.778 vs 0.772, one seed below; lr 2e-3: 0.628 vs 0.767), so it is not asserted."""
+    """Balanced accuracy on the balanced test set, mean of 3 seeds: SC-MIL (with a
+    class-weighted cross-entropy term) 0.805, class-weighted cross-entropy 0.761, plain
+    cross-entropy 0.683 here; seeds 3-5: 0.833, 0.794, 0.644. Without the class weights in
+    its cross-entropy term SC-MIL scores 0.789 and 0.778 there: above plain cross-entropy,
+    but not always above class-weighted cross-entropy."""
     mean = {arm: float(np.mean(v)) for arm, v in planted["scores"].items()}
     figures = json.dumps(planted["scores"])
     assert mean["supcon"] >= mean["plain"] + 0.05, figures
-    assert mean["supcon"] >= mean["balanced"] - 0.05, figures
+    assert mean["supcon"] >= mean["weighted"], figures
 
 
 def test_supcon_run_predicts_with_the_model_and_saves_the_head(planted):

@@ -317,7 +317,12 @@ def test_every_setting_is_either_training_or_reporting():
     """A new option must be sorted: into the fingerprint of finished folds or out of it."""
     from dataclasses import fields
 
-    from pipeline.mil.training import STRATEGY_SETTINGS, TRAINING_SETTINGS, TRANSFER_SETTINGS
+    from pipeline.mil.training import (
+        OPTIONAL_SETTINGS,
+        STRATEGY_SETTINGS,
+        TRAINING_SETTINGS,
+        TRANSFER_SETTINGS,
+    )
 
     # by content or splits
     elsewhere = {"features", "labels", "splits", "folds", "val_share", "teacher_init", "init_from"}
@@ -334,7 +339,7 @@ def test_every_setting_is_either_training_or_reporting():
     }
     assert {f.name for f in fields(TrainMILConfig)} == set(TRAINING_SETTINGS) | set(
         STRATEGY_SETTINGS
-    ) | set(TRANSFER_SETTINGS) | elsewhere | reporting
+    ) | set(TRANSFER_SETTINGS) | set(OPTIONAL_SETTINGS) | elsewhere | reporting
 
 
 def _roles(out, k: int) -> dict[str, list[str]]:
@@ -485,3 +490,30 @@ def test_localization_auc_of_the_fold_models_against_tile_labels(planted, tmp_pa
     bad.write_text("slide_id,index,positive\ns01,999,1\ns01,0,0\n")
     with pytest.raises(PipelineError, match="slide s01 has .* tiles, but a label names tile 999"):
         train_cv(cfg(planted, out, tile_labels=bad))
+
+
+def test_class_weighted_cross_entropy_weighs_classes_by_their_inverse_share():
+    """n / (K n_c) of the fold's training slides (scikit-learn's "balanced"), a class absent
+    from them weighted 0; the loss is torch's weighted cross-entropy."""
+    import torch.nn.functional as F
+
+    from pipeline.mil.training import MILModule, Targets, class_weights
+
+    rows = [{"slide_id": f"s{i}", "case_id": f"c{i}", "label": "ab"[i >= 6]} for i in range(8)]
+    rows.append({"slide_id": "s8", "case_id": "c8", "label": "c"})
+    targets = Targets(rows, "classification", ["a", "b", "c"], 4)
+    train = [f"s{i}" for i in range(8)]  # 6 of a, 2 of b, none of c
+    cfg = TrainMILConfig(class_weighted=True)
+    assert class_weights(cfg, targets, train, ["a", "b", "c"]) == pytest.approx(
+        [8 / (2 * 6), 8 / (2 * 2), 0.0]
+    )
+    assert class_weights(TrainMILConfig(), targets, train, ["a", "b", "c"]) is None
+    module = MILModule(
+        "mean", 4, 3, {}, "classification", 1e-3, 0.0, 2, 0.7, "nll", class_weights=[0.5, 2.0, 0.0]
+    )
+    logits, y = torch.randn(5, 3), torch.tensor([0, 1, 1, 0, 1])
+    expected = F.cross_entropy(logits, y, weight=torch.tensor([0.5, 2.0, 0.0]))
+    assert module.target_loss(logits, {"y": y}).item() == pytest.approx(expected.item())
+    assert module.target_loss(logits, {"y": y}).item() != pytest.approx(
+        F.cross_entropy(logits, y).item()
+    )

@@ -93,12 +93,28 @@ def test_checkpoint_records_the_features_encoder(source_run):
 
 
 def test_transfer_loads_the_body_and_a_new_head(source_run, tmp_path):
-    source = read_source(source_run / "run" / "fold_1" / "model.ckpt", "abmil",
-                         {"hidden": 16, "attn_dim": 8}, 8, ENCODER)  # fmt: skip
+    source = read_source(
+        source_run / "run" / "fold_1" / "model.ckpt",
+        "abmil",
+        {"hidden": 16, "attn_dim": 8},
+        8,
+        ENCODER,
+    )
     pretrained = MILModule.load_from_checkpoint(source.path, map_location="cpu")
     torch.manual_seed(1)
-    module = MILModule("abmil", 8, 5, {"hidden": 16, "attn_dim": 8}, "classification",
-                       1e-3, 0.0, 2, 0.7, "nll", standardize=True)  # fmt: skip
+    module = MILModule(
+        "abmil",
+        8,
+        5,
+        {"hidden": 16, "attn_dim": 8},
+        "classification",
+        1e-3,
+        0.0,
+        2,
+        0.7,
+        "nll",
+        standardize=True,
+    )
     report = transfer_body(module, source)
     assert report["new_head"] == ["classifier.bias", "classifier.weight"]
     assert report["dropped_head"] == ["classifier.bias", "classifier.weight"]
@@ -160,8 +176,13 @@ def test_mixed_encoders_in_one_folder_are_refused(tmp_path):
 
 def test_transferred_run_trains_body_slower_than_head(source_run, tmp_path):
     write_cohort(tmp_path, {f"t{i}": "ab"[i % 2] for i in range(8)}, seed=1)
-    cfg = small_cfg(tmp_path, tmp_path / "run", lr=1e-3, init_body_lr_scale=0.1,
-                    init_from=source_run / "run/fold_0/model.ckpt")  # fmt: skip
+    cfg = small_cfg(
+        tmp_path,
+        tmp_path / "run",
+        lr=1e-3,
+        init_body_lr_scale=0.1,
+        init_from=source_run / "run/fold_0/model.ckpt",
+    )
     train_cv(cfg)
     report = json.loads((tmp_path / "run" / "fold_0" / "transfer.json").read_text())
     assert report["new_head"] == ["classifier.bias", "classifier.weight"]
@@ -247,32 +268,9 @@ def test_few_shot_run_trains_each_fold_on_its_shots(tmp_path):
 SHOTS = (4, 8, 16)
 
 
-def planted_cfg(root, out, seed: int, **kw) -> TrainMILConfig:
-    settings = {
-        "features": root / "feats",
-        "labels": root / "labels.csv",
-        "splits": root / "splits.csv",
-        "out": out,
-        "folds": 1,
-        "val_share": 0.0,
-        "epochs": 30,
-        "lr": 1e-2,
-        "batch_size": 8,
-        "model_args": {"hidden": 32, "attn_dim": 16, "dropout": 0.0},
-        "max_instances": None,
-        "standardize": False,
-        "bootstrap": 0,
-        "progress": False,
-        "device": "cpu",
-        "seed": seed,
-        **kw,
-    }
-    return TrainMILConfig(**settings)
-
-
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
-    from pipeline.mil.planted import transfer_directions
+    from pipeline.mil.planted import train_config, transfer_directions
     from pipeline.mil.planted import write_cohort as write_planted
 
     root = tmp_path_factory.mktemp("transfer")
@@ -280,7 +278,7 @@ def planted(tmp_path_factory):
     sources = {}
     for name, directions in (("related", related), ("unrelated", unrelated)):
         write_planted(root / name, directions, 12, 2, shift=4.0, seed=1)
-        train_cv(planted_cfg(root / name, root / name / "run", 0, lr=2e-3))
+        train_cv(train_config(root / name, root / name / "run", 0, lr=5e-3, epochs=15))
         sources[name] = root / name / "run"  # one fold: the run names its model
     scores: dict = {}
     for seed in range(3):
@@ -289,17 +287,18 @@ def planted(tmp_path_factory):
         )
         for shots in SHOTS:
             for arm, init in (("scratch", None), *sources.items()):
-                cfg = planted_cfg(cohort, cohort / f"{arm}{shots}", seed, shots=shots,
-                                  init_from=init)  # fmt: skip
+                cfg = train_config(
+                    cohort, cohort / f"{arm}{shots}", seed, shots=shots, init_from=init
+                )
                 auc = train_cv(cfg)["pooled"]["auc"]["value"]
                 scores.setdefault(f"{arm} {shots}", []).append(auc)
     return {"scores": scores, "root": root}
 
 
 def test_a_related_source_helps_at_every_shot_count_and_an_unrelated_one_does_not(planted):
-    """Macro AUC on the target's test bags, mean of 3 seeds (here: scratch 0.62, 0.63,
-    0.79; related source 0.82, 0.84, 0.90; unrelated 0.53, 0.46, 0.50 at 4, 8, 16 shots;
-    two other draws of the latent directions: gaps of 0.13 to 0.29). The unrelated source's
+    """Macro AUC on the target's test bags, mean of 3 seeds (here: scratch 0.61, 0.64,
+    0.80; related source 0.80, 0.86, 0.91; unrelated 0.53, 0.51, 0.53 at 4, 8, 16 shots;
+    another draw of the latent directions: gaps of 0.13, 0.17, 0.11). The unrelated source's
     lack of gain shows that the related one's comes from what it learnt, not from a start
     of another kind."""
     mean = {k: float(np.mean(v)) for k, v in planted["scores"].items()}
