@@ -1095,6 +1095,8 @@ def _train_fold(
         monitor=monitor,
         save_top_k=1,
         enable_version_counter=False,
+        # without validation only the last epoch is kept: written once, not every epoch
+        every_n_epochs=1 if monitor else cfg.epochs,
     )
     callbacks = [ckpt, _EpochBar(bar)]
     callbacks += [EarlyStopping(monitor, patience=cfg.patience)] if monitor else []

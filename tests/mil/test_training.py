@@ -517,3 +517,24 @@ def test_class_weighted_cross_entropy_weighs_classes_by_their_inverse_share():
     assert module.target_loss(logits, {"y": y}).item() != pytest.approx(
         F.cross_entropy(logits, y).item()
     )
+
+
+def test_without_validation_the_model_is_the_last_epochs(planted, tmp_path):
+    cfg = TrainMILConfig(
+        features=planted / "feats",
+        labels=planted / "labels.csv",
+        out=tmp_path / "run",
+        folds=2,
+        val_share=0.0,
+        epochs=3,
+        batch_size=4,
+        model_args={"hidden": 8, "attn_dim": 4},
+        bootstrap=0,
+        progress=False,
+        device="cpu",
+    )
+    train_cv(cfg)
+    ckpt = torch.load(tmp_path / "run" / "fold_0" / "model.ckpt", weights_only=False)
+    with open(tmp_path / "run" / "splits.csv", newline="") as f:
+        n_train = sum(r["fold_0"] == "train" for r in csv.DictReader(f))
+    assert ckpt["epoch"] == 2 and ckpt["global_step"] == 3 * -(-n_train // 4)
