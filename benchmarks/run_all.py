@@ -33,6 +33,7 @@ SCRIPTS = {  # name -> arguments
     "mil_speed": [],
     "mil_scale": [],
     "mil_transfer": [],
+    "mil_methods": [],
 }
 
 

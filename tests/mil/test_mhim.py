@@ -1,7 +1,6 @@
 """Masked hard instance mining (MHIM-MIL, Tang et al., ICCV 2023): masked index sets, the
 schedules, the consistency loss, the teacher's EMA update and a planted shortcut task."""
 
-import csv
 import json
 import math
 
@@ -10,7 +9,6 @@ import pytest
 import torch
 
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.features import FeatureWriter
 from pipeline.mil.mhim import (
     cosine_schedule,
     ema_update,
@@ -20,6 +18,7 @@ from pipeline.mil.mhim import (
     masked_indices,
     soft_cross_entropy,
 )
+from pipeline.mil.planted import shortcut_config, write_shortcut_cohort
 from pipeline.mil.train import TrainMILConfig
 from pipeline.mil.training import (
     MHIM_SETTINGS,
@@ -302,59 +301,16 @@ def test_teacher_run_needs_every_fold_model_and_the_same_splits(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------
-# planted task: positives carry weak "hard" evidence (a few slightly shifted instances) in
-# every bag, and 70% of the training positives also an "easy" shortcut instance, far along
-# another direction, that no test bag has. Plain ABMIL leans on the shortcut; MHIM masks the
-# instances its teacher attends to most, so the student must learn the hard evidence.
-
-D, N_TRAIN, N_TEST, BAG = 8, 60, 40, 16
-HARD = 2.0  # shift of the three hard-evidence instances of a positive bag
-
-
-def planted_task(root, seed: int):
-    rng = np.random.default_rng(seed)
-    hard, easy = np.eye(D)[0], np.eye(D)[1]
-    rows, split = [], []
-    for i in range(N_TRAIN + N_TEST):
-        train, positive = i < N_TRAIN, i % 2 == 1
-        feats = rng.normal(size=(BAG, D)).astype(np.float32)
-        if positive:
-            feats[:3] += HARD * hard
-            if train and rng.random() < 0.7:
-                feats[3] += 8.0 * easy
-        slide = f"s{i:03d}"
-        writer = FeatureWriter(root / "feats" / f"{slide}.h5", BAG, D, np.zeros((BAG, 2)), {})
-        writer.write(feats, 0)
-        writer.close()
-        rows.append({"slide_id": slide, "case_id": f"c{i:03d}", "label": int(positive)})
-        split.append({**rows[-1], "fold_0": "train" if train else "test"})
-    for name, table in (("labels.csv", rows), ("splits.csv", split)):
-        with open(root / name, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(table[0]))
-            writer.writeheader()
-            writer.writerows(table)
+# planted task (pipeline.mil.planted.write_shortcut_cohort, 60 training and 40 test bags of
+# 16 instances in 8-d): positives carry weak "hard" evidence (three instances shifted by 2)
+# in every bag, and 70% of the training positives also an "easy" shortcut instance, far
+# along another direction, that no test bag has. Plain ABMIL leans on the shortcut; MHIM
+# masks the instances its teacher attends to most, so the student must learn the hard
+# evidence.
 
 
 def planted_run(root, out, seed: int, **kw) -> float:
-    cfg = TrainMILConfig(
-        features=root / "feats",
-        labels=root / "labels.csv",
-        splits=root / "splits.csv",
-        out=out,
-        folds=1,
-        val_share=0.0,
-        epochs=12,
-        lr=2e-3,
-        model_args={"hidden": 32, "attn_dim": 16, "dropout": 0.1},
-        max_instances=None,
-        standardize=False,
-        bootstrap=0,
-        progress=False,
-        device="cpu",
-        seed=seed,
-        **kw,
-    )
-    return train_cv(cfg)["pooled"]["auc"]["value"]
+    return train_cv(shortcut_config(root, out, seed, **kw))["pooled"]["auc"]["value"]
 
 
 @pytest.fixture(scope="module")
@@ -362,7 +318,7 @@ def planted_aucs(tmp_path_factory):
     aucs = {"plain": [], "mhim": [], "roots": []}
     for seed in range(3):
         root = tmp_path_factory.mktemp(f"planted{seed}")
-        planted_task(root, seed)
+        write_shortcut_cohort(root, seed)
         aucs["plain"].append(planted_run(root, root / "plain", seed))
         aucs["mhim"].append(
             planted_run(root, root / "mhim", seed, strategy="mhim", teacher_init=root / "plain")

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import ConfigError
-from pipeline.features import FeatureWriter
 from pipeline.mil.bags import open_bag_store
+from pipeline.mil.planted import IMBALANCED_ARMS, imbalanced_config, write_imbalanced_cohort
 from pipeline.mil.supcon import supcon_loss
 from pipeline.mil.train import TrainMILConfig
 from pipeline.mil.training import (
@@ -113,81 +113,27 @@ def test_curriculum_defaults_to_half_the_epochs():
 
 
 # ---------------------------------------------------------------------------------------
-# planted task: three classes at 10:3:1 among the training bags (100, 30, 10), a balanced
-# test set (20 each); a bag of class c has weak evidence: three of its 16 instances
-# shifted by SHIFT along direction c.
+# planted task (pipeline.mil.planted.write_imbalanced_cohort): three classes at 10:3:1 among
+# the training bags (100, 30, 10), a balanced test set (20 each); a bag of class c has weak
+# evidence: three of its 16 instances shifted by 2 along direction c. Every arm has the same
+# optimisation (imbalanced_config): 40 epochs of 8 steps of 16 bags.
 
-D, BAG, TRAIN, TEST = 8, 16, (100, 30, 10), 20
-SHIFT = 2.0
-
-
-def planted_task(root, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    items = [(c, True) for c, n in enumerate(TRAIN) for _ in range(n)]
-    items += [(c, False) for c in range(3) for _ in range(TEST)]
-    rows, split = [], []
-    (root / "feats").mkdir(parents=True)
-    for i, (c, train) in enumerate(items):
-        feats = rng.normal(size=(BAG, D)).astype(np.float32)
-        feats[:3, c] += SHIFT
-        slide = f"s{i:03d}"
-        writer = FeatureWriter(root / "feats" / f"{slide}.h5", BAG, D, np.zeros((BAG, 2)), {})
-        writer.write(feats, 0)
-        writer.close()
-        rows.append({"slide_id": slide, "case_id": f"c{i:03d}", "label": f"k{c}"})
-        split.append({**rows[-1], "fold_0": "train" if train else "test"})
-    for name, table in (("labels.csv", rows), ("splits.csv", split)):
-        with open(root / name, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(table[0]))
-            writer.writeheader()
-            writer.writerows(table)
-
-
-def planted_cfg(root, out, seed: int, **kw) -> TrainMILConfig:
-    """The same optimisation for every arm: 40 epochs of 8 steps of 16 bags."""
-    settings = {
-        "features": root / "feats",
-        "labels": root / "labels.csv",
-        "splits": root / "splits.csv",
-        "out": out,
-        "folds": 1,
-        "val_share": 0.0,
-        "epochs": 40,
-        "lr": 5e-3,
-        "batch_size": 16,
-        "model_args": {"hidden": 32, "attn_dim": 16, "dropout": 0.1},
-        "max_instances": None,
-        "standardize": False,
-        "bootstrap": 0,
-        "progress": False,
-        "device": "cpu",
-        "seed": seed,
-        **kw,
-    }
-    return TrainMILConfig(**settings)
-
-
-ARMS = {
-    "plain": {"balanced": False},  # cross-entropy on the imbalanced bags
-    "weighted": {"balanced": False, "class_weighted": True},  # class-weighted cross-entropy
-    # SC-MIL, its cross-entropy term class-weighted as well
-    "supcon": {"balanced": False, "class_weighted": True, "strategy": "supcon"},
-}
+D, BAG, TEST = 8, 16, 20
 
 
 def planted_run(root, arm: str, seed: int, **kw) -> float:
-    cfg = planted_cfg(root, root / arm, seed, **ARMS[arm], **kw)
+    cfg = imbalanced_config(root, root / arm, seed, **IMBALANCED_ARMS[arm], **kw)
     return train_cv(cfg)["pooled"]["balanced_accuracy"]["value"]
 
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
-    scores: dict = {arm: [] for arm in ARMS}
+    scores: dict = {arm: [] for arm in IMBALANCED_ARMS}
     roots = []
     for seed in range(3):
         root = tmp_path_factory.mktemp(f"imbalanced{seed}")
-        planted_task(root, seed)
-        for arm in ARMS:
+        write_imbalanced_cohort(root, seed, n_test=TEST, bag=BAG, dim=D)
+        for arm in IMBALANCED_ARMS:
             scores[arm].append(planted_run(root, arm, seed))
         roots.append(root)
     return {"scores": scores, "roots": roots}
@@ -229,7 +175,7 @@ def test_supcon_run_predicts_with_the_model_and_saves_the_head(planted):
 
 def test_supcon_training_batches_hold_two_bags_of_every_class(planted):
     root = planted["roots"][0]
-    cfg = planted_cfg(root, root / "supcon", 0, strategy="supcon")
+    cfg = imbalanced_config(root, root / "supcon", 0, strategy="supcon")
     with open(root / "splits.csv", newline="") as f:
         split = list(csv.DictReader(f))
     train = [r["slide_id"] for r in split if r["fold_0"] == "train"]

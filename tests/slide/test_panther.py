@@ -14,6 +14,7 @@ import torch
 
 from pipeline.cli import main
 from pipeline.features import FeatureWriter
+from pipeline.mil.planted import mixture_bags
 from pipeline.slide.head import cross_validate
 from pipeline.slide.panther import (
     embedding_from_params,
@@ -114,31 +115,12 @@ def test_embedding_layout():
     np.testing.assert_allclose(batched, single, atol=1e-6)  # padding changes nothing
 
 
-CENTRES = np.array([[0.0, 0, 0, 0], [8, 0, 0, 0], [0, 8, 0, 0]])
-
-
-def planted_bags(seed, kind, n_per_class=100, n_tiles=120):
-    """Bags of a 3-component mixture in 4-d; the classes differ only in the variance of
-    component 1 (``variance``) or only in the proportions (``proportions``)."""
-    rng = np.random.default_rng(seed)
-    bags, labels = [], []
-    for label in (0, 1):
-        for _ in range(n_per_class):
-            if kind == "variance":
-                counts = np.full(3, n_tiles // 3)
-                std = np.array([1.0, 2.0 if label else 1.0, 1.0])
-            else:
-                props = [0.6, 0.2, 0.2] if label == 0 else [0.2, 0.6, 0.2]
-                counts = rng.multinomial(n_tiles, props)
-                std = np.ones(3)
-            tiles = [rng.normal(CENTRES[k], std[k], size=(counts[k], 4)) for k in range(3)]
-            bags.append(rng.permutation(np.concatenate(tiles)))
-            labels.append(str(label))
-    return bags, labels
-
-
 def planted_scores(seed, kind):
-    bags, labels = planted_bags(seed, kind)
+    """Balanced accuracy of PANTHER + a linear head and of mean pooling + a linear head, 5-fold
+    cross-validated on the bags of :func:`~pipeline.mil.planted.mixture_bags` (100 bags of 120
+    tiles per class; the classes differ only in a component's variance or only in the
+    mixture's proportions); 3 prototypes fitted on 3,000 tiles."""
+    bags, labels = mixture_bags(seed, kind)
     protos = fit_prototypes(sample_tiles(bags, 3000, seed), 3, seed=seed, backend="sklearn")
     panther = cross_validate(panther_embed(bags, protos), labels, folds=5, seed=seed)
     pooled = cross_validate(mean_pool(bags), labels, folds=5, seed=seed)
