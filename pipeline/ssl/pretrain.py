@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.ssl.config import (
     DataConfig,
     LossConfig,
@@ -57,7 +58,38 @@ class PretrainConfig:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
 
-def run(cfg: PretrainConfig) -> Path:
-    from pipeline.ssl.train import export_action, train
+def checkpoint_path(cfg: PretrainConfig) -> Path | None:
+    """The checkpoint named by ``--ckpt_path`` ("last": the run's own, if any)."""
+    if cfg.ckpt_path in (None, ""):
+        return None
+    if cfg.ckpt_path == "last":
+        last = Path(cfg.out) / "checkpoints" / "last.ckpt"
+        return last if last.is_file() else None
+    path = Path(cfg.ckpt_path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: checkpoint not found (use --ckpt_path last to resume a run)")
+    return path
 
-    return export_action(cfg) if cfg.action == "export" else train(cfg)
+
+def export_action(cfg: PretrainConfig) -> Path:
+    """``cpath pretrain export CKPT``: the teacher backbone to ``out/encoder`` (checked before
+    anything heavy is imported, so that a wrong path fails at once)."""
+    ckpt = checkpoint_path(cfg)
+    if ckpt is None:
+        raise ConfigError(
+            "`cpath pretrain export` needs a checkpoint: cpath pretrain export CKPT "
+            "(or --ckpt_path last --out RUN)"
+        )
+    from pipeline.ssl.export import export_encoder
+
+    encoder = export_encoder(ckpt, Path(cfg.out) / "encoder")
+    print(f"encoder exported to {encoder}")
+    return encoder
+
+
+def run(cfg: PretrainConfig) -> Path:
+    if cfg.action == "export":
+        return export_action(cfg)
+    from pipeline.ssl.train import train
+
+    return train(cfg)

@@ -12,27 +12,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from pipeline.config import save_config
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError
 from pipeline.ssl.data import PretrainDataModule, PretrainTiles
 from pipeline.ssl.export import export_encoder
 from pipeline.ssl.module import DINOv2Module, fsdp_units
 from pipeline.ssl.monitors import AtomicCheckpointIO, KNNProbe
-from pipeline.ssl.pretrain import PretrainConfig
+from pipeline.ssl.pretrain import PretrainConfig, checkpoint_path
 
 log = logging.getLogger(__name__)
-
-
-def checkpoint_path(cfg: PretrainConfig) -> Path | None:
-    """The checkpoint named by ``--ckpt_path`` ("last": the run's own, if any)."""
-    if cfg.ckpt_path in (None, ""):
-        return None
-    if cfg.ckpt_path == "last":
-        last = Path(cfg.out) / "checkpoints" / "last.ckpt"
-        return last if last.is_file() else None
-    path = Path(cfg.ckpt_path)
-    if not path.is_file():
-        raise PipelineError(f"{path}: checkpoint not found (use --ckpt_path last to resume a run)")
-    return path
 
 
 def _check(cfg: PretrainConfig) -> None:
@@ -201,16 +188,3 @@ def _tile_facts(dataset: PretrainTiles) -> dict:
         "slides": len(tables),
         "tiles": len(dataset),
     }
-
-
-def export_action(cfg: PretrainConfig) -> Path:
-    """``cpath pretrain export CKPT``: the teacher backbone to ``out/encoder``."""
-    ckpt = checkpoint_path(cfg)
-    if ckpt is None:
-        raise ConfigError(
-            "`cpath pretrain export` needs a checkpoint: cpath pretrain export CKPT "
-            "(or --ckpt_path last --out RUN)"
-        )
-    encoder = export_encoder(ckpt, Path(cfg.out) / "encoder")
-    print(f"encoder exported to {encoder}")
-    return encoder
