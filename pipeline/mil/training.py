@@ -165,6 +165,13 @@ def check_supcon(cfg: TrainMILConfig, n_classes: int | None = None) -> None:
         )
 
 
+def _require_settings(strategy: str, expected: dict, given: dict | None) -> None:
+    """A clear error when the settings of ``strategy`` lack any of ``expected``'s keys."""
+    missing = sorted(set(expected) - set(given or {}))
+    if missing:
+        raise ConfigError(f"strategy {strategy}: settings missing: {', '.join(missing)}")
+
+
 class MILModule(L.LightningModule):
     """A registered aggregator trained with AdamW + cosine, bag loss plus auxiliary loss.
 
@@ -215,9 +222,7 @@ class MILModule(L.LightningModule):
                     f"strategy supcon needs classification and a model with one bag embedding "
                     f"({', '.join(SUPCON_MODELS)}), not {task} with '{model}'"
                 )
-            missing = sorted(set(SUPCON_SETTINGS) - set(supcon or {}))
-            if missing:
-                raise ConfigError(f"strategy supcon: settings missing: {', '.join(missing)}")
+            _require_settings("supcon", SUPCON_SETTINGS, supcon)
             self.projection = ProjectionHead(self.model.classifier.in_features)
         elif strategy == "mhim":
             if model not in MHIM_MODELS:
@@ -225,9 +230,7 @@ class MILModule(L.LightningModule):
                     f"strategy mhim needs an attention model with a bag embedding "
                     f"({', '.join(MHIM_MODELS)}), not '{model}'"
                 )
-            missing = sorted(set(MHIM_SETTINGS) - set(mhim or {}))
-            if missing:
-                raise ConfigError(f"strategy mhim: settings missing: {', '.join(missing)}")
+            _require_settings("mhim", MHIM_SETTINGS, mhim)
             self.teacher = copy.deepcopy(self.model).requires_grad_(False)
         elif strategy != "plain":
             raise ConfigError(f"unknown strategy '{strategy}'; known: plain, supcon, mhim")

@@ -39,6 +39,22 @@ log = logging.getLogger(__name__)
 METRICS = ("balanced_accuracy", "auc")
 
 
+def fold_indices(splits: list[dict], slide_ids: list[str]):
+    """Per fold of ``splits``: ``(k, train, test)``, the row indices (into ``slide_ids``) of
+    its training slides (``train`` and ``val``: no early stopping here) and test slides."""
+    index = {s: i for i, s in enumerate(slide_ids)}
+    n_folds = sum(1 for key in splits[0] if key.startswith("fold_"))
+    for k in range(n_folds):
+        test = [index[s] for s in fold_members(splits, k, "test") if s in index]
+        train = [
+            index[s]
+            for role in ("train", "val")
+            for s in fold_members(splits, k, role)
+            if s in index
+        ]
+        yield k, train, test
+
+
 def fit_linear(
     x: np.ndarray,  # N x D
     y: np.ndarray,  # N class indices
@@ -86,23 +102,14 @@ def cross_validate(
     if len(classes) < 2:
         raise PipelineError(f"the labels have one class ({classes}); a classifier needs two")
     y = np.array([classes.index(v) for v in labels])
-    index = {s: i for i, s in enumerate(slide_ids)}
     if splits is None:
         rows = [
             {"slide_id": s, "case_id": c, "label": v}
             for s, c, v in zip(slide_ids, case_ids, labels, strict=True)
         ]
         splits = make_splits(rows, folds=folds, val_share=0.0, seed=seed)
-    n_folds = sum(1 for k in splits[0] if k.startswith("fold_"))
     results, predictions = [], []
-    for k in range(n_folds):
-        test = [index[s] for s in fold_members(splits, k, "test") if s in index]
-        train = [
-            index[s]
-            for role in ("train", "val")
-            for s in fold_members(splits, k, role)
-            if s in index
-        ]
+    for k, train, test in fold_indices(splits, slide_ids):
         if len(set(y[train])) < 2:
             raise PipelineError(f"fold {k}: the training slides have one class; use fewer folds")
         predict = fit_linear(x[train], y[train], reg=reg, standardize=standardize, seed=seed)
@@ -242,23 +249,14 @@ def cross_validate_survival(
     case_ids = case_ids or slide_ids
     if not event.any():
         raise PipelineError("no slide has an event (event = 1); a Cox model needs events")
-    index = {s: i for i, s in enumerate(slide_ids)}
     if splits is None:
         rows = [
             {"slide_id": s, "case_id": c, "label": str(e), "event": str(e)}
             for s, c, e in zip(slide_ids, case_ids, event, strict=True)
         ]
         splits = make_splits(rows, folds=folds, val_share=0.0, seed=seed, stratify="event")
-    n_folds = sum(1 for k in splits[0] if k.startswith("fold_"))
     results, predictions = [], []
-    for k in range(n_folds):
-        test = [index[s] for s in fold_members(splits, k, "test") if s in index]
-        train = [
-            index[s]
-            for role in ("train", "val")
-            for s in fold_members(splits, k, role)
-            if s in index
-        ]
+    for k, train, test in fold_indices(splits, slide_ids):
         if not event[train].any():
             raise PipelineError(
                 f"fold {k}: no event among its {len(train)} training slides; a Cox model "
