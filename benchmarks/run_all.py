@@ -34,6 +34,8 @@ SCRIPTS = {  # name -> arguments
     "mil_scale": [],
     "mil_transfer": [],
     "mil_methods": [],
+    "curation": [],
+    "exapath": [],
 }
 
 

@@ -55,7 +55,11 @@ class ExtractConfig:
             fit float16 (|x| > 65504) fails with a message. auto: float16, or float32 for a
             slide whose features do not fit. Non-finite features (NaN, inf) always fail.
         pooling: cls (the model's pooled output), mean (of patch tokens) or cls+mean.
-        stain_norm: stain normalizer JSON (`cpath stain fit`) applied on the device first.
+        stain_norm: stain normalizer applied on the device first: a JSON file (`cpath stain
+            --action fit`) or a preset (exapath). Unset: the normalizer the encoder was
+            pretrained with, if its folder records one (`cpath pretrain --data.stain_norm`),
+            else none; none: raw tiles (a warning when the encoder was pretrained on
+            normalised ones).
         shard: "i/n" to process every n-th slide from i (default: from torchrun or SLURM).
         device: auto (the local GPU of this rank, else CPU), cpu, cuda, cuda:1, ...
         seed: seed of random-init encoders (timm:<arch> without weights).

@@ -97,10 +97,62 @@ class SlideBatches(Dataset):
         return {**self.__dict__, "_slide": None}
 
 
+def choose_stain_norm(value, encoder: Encoder) -> tuple[dict | None, str, str]:
+    """The stain normalizer of an extraction: ``(its {"method", "params"} or None, the name
+    feature files record, its digest)``.
+
+    ``value`` is ``--stain_norm``: None applies the normalizer the encoder was pretrained
+    with, if its folder records one (``cpath pretrain --data.stain_norm``, e.g. the EXAPath
+    preset), so features see tiles as pretraining did; ``none`` extracts raw tiles; a file
+    or preset name applies that one. Departing from the encoder's own is logged as a warning.
+    """
+    from pipeline.stain.presets import body_sha256, normalizer_body, preset_name
+
+    recorded = (encoder.config.get("export") or {}).get("stain_norm")
+    if value is None:
+        if recorded is None:
+            return None, "", ""
+        body = {"method": recorded["method"], "params": recorded["params"]}
+        log.info(
+            "extract: applying the stain normalizer %s was pretrained with (%s); "
+            "--stain_norm none extracts raw tiles",
+            encoder.name,
+            recorded.get("source") or recorded["method"],
+        )
+        return body, f"encoder:{recorded.get('source') or recorded['method']}", body_sha256(body)
+    text = str(value)
+    if text.lower() == "none":
+        if recorded is not None:
+            log.warning(
+                "extract: %s was pretrained on tiles normalised with %s; --stain_norm none "
+                "extracts raw tiles, which it did not see in pretraining",
+                encoder.name,
+                recorded.get("source") or recorded["method"],
+            )
+        return None, "", ""
+    body = normalizer_body(value)
+    if recorded is not None and body_sha256(body) != recorded.get("sha256"):
+        log.warning(
+            "extract: %s was pretrained on tiles normalised with %s; --stain_norm %s is "
+            "another normalizer (leave --stain_norm unset to apply the encoder's own)",
+            encoder.name,
+            recorded.get("source") or recorded["method"],
+            text,
+        )
+    # a file keeps its file digest (feature files of earlier runs stay complete)
+    digest = body_sha256(body) if preset_name(value) else sha256_file(value)
+    return body, text, digest
+
+
 def plan(
-    cfg: ExtractConfig, encoder: Encoder, weights_sha: str, out: Path
+    cfg: ExtractConfig,
+    encoder: Encoder,
+    weights_sha: str,
+    out: Path,
+    stain: tuple[str, str] | None = None,
 ) -> tuple[list[Job], list[dict]]:
-    """Jobs of this shard, and manifest rows of the slides already done or failed here."""
+    """Jobs of this shard, and manifest rows of the slides already done or failed here.
+    ``stain``: the stain normalizer's name and digest (:func:`choose_stain_norm`)."""
     files = list_coords_files(cfg.coords)
     index, count = parse_shard(cfg.shard)
     files = sorted(files, key=lambda p: p.stem)[index::count]
@@ -117,8 +169,8 @@ def plan(
             center_crop=encoder.center_crop,
         )
     zoo = {"encoder_key": encoder.key, "output_mode": encoder.output_mode} if encoder.key else {}
-    stain_sha = (
-        sha256_file(cfg.stain_norm) if cfg.stain_norm and Path(cfg.stain_norm).is_file() else ""
+    stain_name, stain_sha = (
+        stain if stain is not None else choose_stain_norm(cfg.stain_norm, encoder)[1:]
     )
     moved = {e.slide_id: e.path for e in list_slides(cfg.slides)} if cfg.slides else {}
     for path in files:
@@ -173,7 +225,7 @@ def plan(
             "patch_size_level0": table.patch_size_level0,
             "coords_sha256": sha256_file(path),
             "coords_file": str(path.resolve()),
-            "stain_norm": str(cfg.stain_norm or ""),
+            "stain_norm": stain_name,
             "stain_norm_sha256": stain_sha,
         }
         if not cfg.overwrite and is_complete(target, attrs):
@@ -219,10 +271,12 @@ def extract(cfg: ExtractConfig) -> list[dict]:
             f"in the name ({encoder.key}:MODE) and leave --pooling at cls"
         )
     weights_sha = encoder.weights_sha256 or state_sha256(encoder.model)
-    stain = load_normalizer(cfg.stain_norm, device=device) if cfg.stain_norm else None
+    stain_body, stain_name, stain_sha = choose_stain_norm(cfg.stain_norm, encoder)
+    stain = load_normalizer(stain_body, device=device) if stain_body else None
     out = Path(cfg.out)
     index, count = parse_shard(cfg.shard)
-    jobs, rows = plan(cfg, encoder, weights_sha, out)  # bad coords or slides: nothing written
+    # bad coords or slides: nothing written
+    jobs, rows = plan(cfg, encoder, weights_sha, out, (stain_name, stain_sha))
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out, f"config{shard_suffix(index, count)}.yaml")
     dim = encoder.output_dim(cfg.pooling)

@@ -159,7 +159,7 @@ def read_features(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict
         with h5py.File(path, "r") as f:
             feats = np.asarray(f["features"][:])
             coords = np.asarray(f["coords"][:], np.int64) if "coords" in f else np.zeros((0, 2))
-            attrs = {k: _plain(v) for k, v in f.attrs.items()}
+            attrs = {k: plain_attr(v) for k, v in f.attrs.items()}
     except (OSError, KeyError) as exc:
         raise PipelineError(f"{path}: cannot read the feature file ({exc}); rerun extract") from exc
     return feats, coords, attrs
@@ -169,7 +169,7 @@ def is_complete(path: str | os.PathLike, expect: dict) -> bool:
     """Whether ``path`` is a whole feature file made with the settings in ``expect``."""
     try:
         with h5py.File(path, "r") as f:
-            attrs = {k: _plain(v) for k, v in f.attrs.items()}
+            attrs = {k: plain_attr(v) for k, v in f.attrs.items()}
             rows = f["features"].shape[0]
     except (OSError, KeyError):
         return False
@@ -178,7 +178,8 @@ def is_complete(path: str | os.PathLike, expect: dict) -> bool:
     return all(attrs.get(k) == expect.get(k) for k in MATCH_KEYS if k in expect)
 
 
-def _plain(value):
+def plain_attr(value):
+    """An h5 attribute as Python: str for bytes, a scalar for numpy ones, JSON text parsed."""
     if isinstance(value, bytes):
         value = value.decode()
     if isinstance(value, np.generic):

@@ -48,6 +48,12 @@ STAGES = {
             "ExtractConfig",
         ),
         Stage(
+            "curate",
+            "cluster-balanced sampling weights of pretraining tiles (hierarchical k-means)",
+            "pipeline.curation.curate",
+            "CurateConfig",
+        ),
+        Stage(
             "train-mil",
             "slide-level MIL training and cross-validation",
             "pipeline.mil.train",
@@ -55,9 +61,15 @@ STAGES = {
         ),
         Stage(
             "slide-embed",
-            "unsupervised slide embeddings (PANTHER) and a linear head on them",
+            "unsupervised slide embeddings (PANTHER, COBRA) and a linear head on them",
             "pipeline.slide.embed",
             "SlideEmbedConfig",
+        ),
+        Stage(
+            "train-slide-encoder",
+            "self-supervised COBRA slide encoder from several models' tile features",
+            "pipeline.slide.cobra_train",
+            "TrainSlideEncoderConfig",
         ),
         Stage(
             "heatmap",

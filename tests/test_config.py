@@ -18,6 +18,7 @@ CONFIG_FOLDERS = {
     "extract": "extract",
     "train-mil": "mil",
     "evaluate": "benchmarks",
+    "curate": "curate",
 }
 
 

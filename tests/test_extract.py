@@ -389,3 +389,40 @@ def test_feature_writer_refuses_non_finite_rows_and_widens_mid_slide(tmp_path):
     assert feats.dtype == np.float32
     np.testing.assert_array_equal(feats[:4], (rows[:4] + 0.1).astype(np.float16).astype(np.float32))
     np.testing.assert_array_equal(feats[4:], big)
+
+
+def test_encoder_pretrained_on_normalised_tiles_gets_its_normalizer_by_default(
+    tiny_prep, tmp_path, caplog
+):
+    from pipeline.ssl.export import stain_norm_record
+
+    exapath = save_tiny_encoder(
+        tmp_path / "exapath", extra={"stain_norm": stain_norm_record("exapath")}
+    )
+    coords = sorted((tiny_prep / "coords").glob("*.h5"))[0]
+    with caplog.at_level("INFO", logger="pipeline.extraction"):
+        extract(config(coords, tmp_path / "default", exapath))
+    assert "applying the stain normalizer" in caplog.text and "WARNING" not in caplog.text
+    extract(config(coords, tmp_path / "named", exapath, stain_norm="exapath"))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pipeline.extraction"):
+        extract(config(coords, tmp_path / "raw", exapath, stain_norm="none"))
+    assert "pretrained on tiles normalised with exapath" in caplog.text
+    default, _, attrs = read_features(tmp_path / "default" / coords.name)
+    named, _, named_attrs = read_features(tmp_path / "named" / coords.name)
+    raw, _, raw_attrs = read_features(tmp_path / "raw" / coords.name)
+    np.testing.assert_array_equal(default, named)  # the encoder's own normalizer is EXAPath's
+    assert not np.allclose(default, raw, atol=1e-3)
+    assert attrs["stain_norm"] == "encoder:exapath" and raw_attrs["stain_norm"] == ""
+    assert attrs["stain_norm_sha256"] == named_attrs["stain_norm_sha256"] != ""
+    # another normalizer than the encoder's: applied, with a warning
+    from pipeline.stain import make_normalizer
+
+    other = tmp_path / "other.json"
+    make_normalizer("reinhard").fit(torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)).save(
+        other
+    )
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pipeline.extraction"):
+        extract(config(coords, tmp_path / "other", exapath, stain_norm=other))
+    assert "is another normalizer" in caplog.text

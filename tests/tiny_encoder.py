@@ -25,13 +25,15 @@ def save_tiny_encoder(
     folder: Path,
     seed: int = 0,
     edit: Callable[[dict], dict] | None = None,
+    extra: dict | None = None,
     **overrides,
 ) -> Path:
     """Export a random-init tiny ViT (``TINY``, with ``overrides``) to ``folder``; ``edit``
-    may change its state dict first. Returns the folder."""
+    may change its state dict first, ``extra`` adds keys to its config.json. Returns the
+    folder."""
     kwargs = {**TINY, **overrides}
     torch.manual_seed(seed)
     state = timm.create_model(ARCH, **kwargs).state_dict()
     if edit is not None:
         state = edit(state)
-    return save_encoder(state, ARCH, kwargs, folder, input_size=kwargs["img_size"])
+    return save_encoder(state, ARCH, kwargs, folder, input_size=kwargs["img_size"], extra=extra)

@@ -133,6 +133,7 @@ def _task_tables(name: str, r: dict) -> list[tuple[str, list[str], list[list[str
         for e, rob in r["robustness"].items():
             leak, shift = rob.get("leakage") or {}, rob.get("stain_shift") or {}
             ri = rob.get("robustness_index") or {}
+            knn = rob.get("slide_knn") or {}
             rows.append(
                 [
                     e,
@@ -144,6 +145,10 @@ def _task_tables(name: str, r: dict) -> list[tuple[str, list[str], list[list[str
                     f"{_fmt(ri.get('value'))} (k={ri.get('k')}, across {ri.get('confounder')}s)"
                     if "value" in ri
                     else f"n/a ({ri.get('skipped', 'not run')})",
+                    f"{_fmt(knn.get('accuracy'))} (chance {_fmt(knn.get('chance'))}, "
+                    f"{knn.get('slides')} slides)"
+                    if "accuracy" in knn
+                    else f"n/a ({knn.get('skipped', 'not run')})",
                     _fmt(shift.get("clean")),
                     _fmt(shift.get("shifted")),
                     _fmt(shift.get("drop")),
@@ -156,6 +161,7 @@ def _task_tables(name: str, r: dict) -> list[tuple[str, list[str], list[list[str
                     "encoder",
                     "site predicted on held-out slides (balanced accuracy)",
                     "PathoROB robustness index",
+                    "slide-ID kNN (WSI collapse)",
                     "linear clean",
                     "linear stain-shifted",
                     "drop",

@@ -7,6 +7,9 @@ Two measures, both on the features of a tile task:
   patient). Shuffled folds over tiles would put tiles of one slide on both sides, and a
   probe could then recognise the slide (its fingerprint) and recall its site; grouped
   folds measure whether the features carry the site itself.
+- :func:`slide_knn_entry`: WSI-specific feature collapse (EXAPath, Yun et al., 2024): how
+  often a tile's nearest neighbours come from its own slide (leave-one-out slide-ID kNN
+  accuracy), beside its chance level.
 - :func:`robustness_index`: the robustness index of PathoROB (Kömen et al., "Towards
   Robust Foundation Models for Digital Pathology", 2025; the benchmark code
   ``pathorob/robustness_index``): among each tile's ``k`` nearest neighbours (cosine),
@@ -176,3 +179,25 @@ def robustness_index(
     ss, so, os_, oo = (int(v) for v in counts.cpu())
     value = so / (so + os_) if so + os_ else float("nan")
     return {"value": float(value), "k": k, "so": so, "os": os_, "ss": ss, "oo": oo}
+
+
+def slide_knn_entry(x: np.ndarray, slides: np.ndarray, k: int = 10) -> dict:
+    """``{"accuracy", "chance", "k", "slides"}``: the leave-one-out slide-ID kNN accuracy of
+    ``N x D`` features (:func:`pipeline.ssl.probe.slide_knn_accuracy`) and its chance level
+    (the largest slide's share of tiles); ``{"skipped": why}`` with fewer than 2 slides."""
+    from pipeline.ssl.probe import slide_knn_accuracy
+
+    slides = np.asarray(slides).astype(str)
+    _, counts = np.unique(slides, return_counts=True)
+    if len(counts) < 2:
+        return {"skipped": "needs tiles of two slides or more"}
+    if len(x) > SILHOUETTE_SAMPLE:  # an N x N similarity: a fixed-seed sample of tiles
+        rows = np.sort(np.random.default_rng(0).choice(len(x), SILHOUETTE_SAMPLE, replace=False))
+        x, slides = x[rows], slides[rows]
+        _, counts = np.unique(slides, return_counts=True)
+    return {
+        "accuracy": slide_knn_accuracy(x, slides, k),
+        "chance": float(counts.max() / counts.sum()),
+        "k": int(min(k, len(slides) - 1)),
+        "slides": int(len(counts)),
+    }

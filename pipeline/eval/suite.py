@@ -17,7 +17,7 @@ from pipeline.config import save_config
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.eval.evaluate import EvaluateConfig, selected_encoders
 from pipeline.eval.protocols import Folds, cross_validate, few_shot
-from pipeline.eval.robustness import leakage_probe, robustness_index
+from pipeline.eval.robustness import leakage_probe, robustness_index, slide_knn_entry
 from pipeline.eval.slides import run_slide_task, slide_metric
 from pipeline.eval.stats import bootstrap_ci, paired_bootstrap
 from pipeline.eval.tiles import STAIN_SHIFT, TileSet, cached_features, embed_tiles, read_tile_set
@@ -315,6 +315,7 @@ def _score_tiles(
             entry = {
                 "leakage": {"target": "site", "grouped_by": by, **(leak or {"skipped": why})},
                 "robustness_index": {"confounder": target_name, **(ri or {"skipped": ri_why})},
+                "slide_knn": slide_knn_entry(x, tiles.groups),
             }
             if "shifted" in feats[e]:
                 items, probs, _ = cross_validate(

@@ -1,4 +1,4 @@
-"""``cpath slide-embed``: unsupervised slide embeddings (PANTHER) and a linear head on them.
+"""``cpath slide-embed``: unsupervised slide embeddings (PANTHER, COBRA) and a linear head on them.
 
     cpath slide-embed --features runs/feats --train_slides train.txt --prototypes 16 --out runs/panther
     cpath slide-embed --action head --embeddings runs/panther/embeddings.h5 --labels labels.csv --folds 5 --out runs/panther/head
@@ -18,6 +18,17 @@ time, event, risk``, risk the log relative hazard).
 
     cpath slide-embed --action head --task survival --embeddings runs/panther/embeddings.h5 --labels survival.csv --out runs/panther/cox
 See :mod:`pipeline.slide.panther` (Song et al., CVPR 2024).
+
+``--method cobra`` (Lenz et al., CVPR 2025) embeds every slide of ``--features`` (any
+model's) as the attention-weighted mean of its tile features, the attention computed by a
+``cpath train-slide-encoder`` encoder (``--slide_encoder``) from a model it was trained on
+(``--attention_features``, default ``--features`` itself), tiles matched by level-0 coords;
+``embeddings.h5`` then holds N x D with D the width of ``--features`` (attrs ``method``,
+``d``, ``attention_model``), read by ``--action head`` as PANTHER's:
+
+    cpath slide-embed --method cobra --slide_encoder runs/cobra --features runs/feats/new \
+        --attention_features runs/feats/uni --out runs/cobra_new
+See :mod:`pipeline.slide.cobra`.
 """
 
 from __future__ import annotations
@@ -57,6 +68,7 @@ EMBED_KEYS = (
     "tau",
     "eps",
     "seed",
+    "attention_model",
 )
 
 
@@ -71,8 +83,17 @@ class SlideEmbedConfig:
             ``label``; balanced accuracy, AUC) or ``survival`` (linear Cox model on
             ``time``, ``event``, Efron's ties; Harrell's C-index).
         method: slide embedding method; ``panther`` (Song et al., CVPR 2024): a Gaussian
-            mixture per slide, fitted by MAP-EM with morphological prototypes as prior.
+            mixture per slide, fitted by MAP-EM with morphological prototypes as prior;
+            ``cobra`` (Lenz et al., CVPR 2025): the tile features weighted by the attention
+            of a trained COBRA encoder (``--slide_encoder``).
         features: folder of per-slide feature files (``cpath extract``'s output).
+        slide_encoder: ``cobra``: output folder of ``cpath train-slide-encoder``.
+        attention_features: ``cobra``: feature folder of a model the encoder was trained on,
+            whose attention weighs the tiles of ``features`` (matched by slide id and tile
+            coordinates); default ``features`` itself.
+        attention_model: ``cobra``: the encoder's input name for ``attention_features``;
+            default the input whose recorded encoder matches the files' (or, where either
+            lacks an encoder name, the one input of their width).
         train_slides: text file of slide ids (one a line) whose tiles fit the prototypes;
             default all slides, so the prototypes also see the test slides.
         prototypes: number of prototypes C (mixture components).
@@ -103,8 +124,11 @@ class SlideEmbedConfig:
 
     action: Literal["embed", "head"] = "embed"
     task: Literal["classification", "survival"] = "classification"
-    method: Literal["panther"] = "panther"
+    method: Literal["panther", "cobra"] = "panther"
     features: Path | None = None
+    slide_encoder: Path | None = None
+    attention_features: Path | None = None
+    attention_model: str | None = None
     train_slides: Path | None = None
     prototypes: int = 16
     samples_per_prototype: int = 10000
@@ -160,8 +184,13 @@ def read_slide_list(path: Path, known: list[str]) -> list[str]:
     return ids
 
 
-def fingerprint(files: list[Path], train_ids: list[str], cfg: SlideEmbedConfig) -> str:
+def fingerprint(
+    files: list[Path], train_ids: list[str], cfg: SlideEmbedConfig, extra: list[Path] = ()
+) -> str:
+    """A hash of the input files' names, sizes and times, ``extra`` files' paths and stamps,
+    the training slides and :data:`EMBED_KEYS`."""
     stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    stamp += [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in extra]
     settings = {k: getattr(cfg, k) for k in EMBED_KEYS}
     blob = json.dumps([stamp, sorted(train_ids), settings], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -179,25 +208,25 @@ def stored_fingerprint(path: Path) -> str | None:
 
 
 def embed(cfg: SlideEmbedConfig) -> Path:
-    """Prototypes and PANTHER embeddings of every slide of ``cfg.features``."""
+    """Slide embeddings of every slide of ``cfg.features`` by ``cfg.method`` ->
+    ``embeddings.h5`` (PANTHER: and ``prototypes.npy``)."""
     import h5py
     import numpy as np
-    import torch
 
     from pipeline.config import config_to_dict
     from pipeline.errors import PipelineError
     from pipeline.features import read_features
     from pipeline.io import atomic_path
-    from pipeline.slide.panther import (
-        embedding_length,
-        fit_prototypes,
-        panther_embed,
-        sample_tiles,
-    )
 
     files = feature_files(cfg.features)
     ids = [p.stem for p in files]
-    if cfg.train_slides is None:
+    extra: list[Path] = []
+    if cfg.method == "cobra":
+        train_ids = ids
+        if cfg.train_slides is not None:
+            log.info("--train_slides is not used by --method cobra (nothing is fitted here)")
+        extra = cobra_inputs(cfg)
+    elif cfg.train_slides is None:
         train_ids = ids
         log.warning(
             "no --train_slides: the prototypes are fitted on all %d slides, test slides "
@@ -208,10 +237,52 @@ def embed(cfg: SlideEmbedConfig) -> Path:
         train_ids = read_slide_list(cfg.train_slides, ids)
     out = Path(cfg.out)
     target = out / "embeddings.h5"
-    stamp = fingerprint(files, train_ids, cfg)
+    stamp = fingerprint(files, train_ids, cfg, extra)
     if target.exists() and stored_fingerprint(target) == stamp:
         log.info("%s is up to date with its inputs; skipping", target)
         return target
+
+    if cfg.method == "cobra":
+        emb, method_attrs = cobra_embeddings(cfg, files)
+    else:
+        emb, method_attrs = panther_embeddings(cfg, files, ids, train_ids)
+    if not np.isfinite(emb).all():
+        raise PipelineError(
+            f"{cfg.features}: non-finite embeddings; check the features for NaN or huge values"
+        )
+    first_attrs = read_features(files[0])[2]
+    with atomic_path(target) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("embeddings", data=emb)
+        f.create_dataset("slide_ids", data=np.array(ids, dtype=h5py.string_dtype()))
+        f.attrs["method"] = cfg.method
+        for key, value in method_attrs.items():
+            f.attrs[key] = value
+        for key in ENCODER_ATTRS:
+            if key in first_attrs:
+                value = first_attrs[key]
+                f.attrs[key] = json.dumps(value) if isinstance(value, dict | list) else value
+        f.attrs["config"] = json.dumps(config_to_dict(cfg), default=str)
+        f.attrs["train_slides"] = json.dumps(train_ids)
+        f.attrs["fingerprint"] = stamp
+    log.info("%d slide embeddings of length %d -> %s", len(ids), emb.shape[1], target)
+    return target
+
+
+def panther_embeddings(cfg: SlideEmbedConfig, files: list[Path], ids: list[str], train_ids):
+    """PANTHER: prototypes of the training slides' tiles (written to ``prototypes.npy``) and
+    ``(embeddings N x (C + 2Cd), attrs)``."""
+    import numpy as np
+    import torch
+
+    from pipeline.errors import PipelineError
+    from pipeline.features import read_features
+    from pipeline.io import atomic_path
+    from pipeline.slide.panther import (
+        embedding_length,
+        fit_prototypes,
+        panther_embed,
+        sample_tiles,
+    )
 
     by_id = dict(zip(ids, files, strict=True))
     quota = math.ceil(cfg.prototypes * cfg.samples_per_prototype / len(train_ids))
@@ -229,23 +300,15 @@ def embed(cfg: SlideEmbedConfig) -> Path:
     protos = fit_prototypes(
         tiles, cfg.prototypes, seed=cfg.seed, n_init=cfg.kmeans_init, max_iter=cfg.kmeans_iter
     )  # C x d
-    with atomic_path(out / "prototypes.npy") as tmp, open(tmp, "wb") as f:
+    with atomic_path(Path(cfg.out) / "prototypes.npy") as tmp, open(tmp, "wb") as f:
         np.save(f, protos)
 
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    )
+    device = resolve_device(cfg.device)
     dtype = torch.float32 if device.type == "cuda" else torch.float64
-    rows, first_attrs = [], None
+    rows = []
     for path in files:
-        feats, _, attrs = read_features(path)
-        if first_attrs is None:
-            first_attrs = attrs
-        if feats.ndim != 2 or feats.shape[1] != dim or len(feats) == 0:
-            raise PipelineError(
-                f"{path}: features of shape {feats.shape}, expected N x {dim} with N > 0; "
-                "use one encoder's features and drop empty slides"
-            )
+        feats, _, _ = read_features(path)
+        check_width(path, feats, dim)
         rows.append(
             panther_embed(
                 [feats], protos, cfg.em_iter, cfg.tau, cfg.eps, device=device, dtype=dtype
@@ -253,26 +316,154 @@ def embed(cfg: SlideEmbedConfig) -> Path:
         )
     emb = np.stack(rows)  # N x (C + 2Cd)
     assert emb.shape[1] == embedding_length(cfg.prototypes, dim)
-    if not np.isfinite(emb).all():
+    attrs = {
+        "C": cfg.prototypes,
+        "d": dim,
+        "layout": "pi (C), mu (C x d), Sigma (C x d, variances)",
+    }
+    return emb, attrs
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def check_width(path: Path, feats, dim: int | None) -> None:
+    from pipeline.errors import PipelineError
+
+    if feats.ndim != 2 or (dim is not None and feats.shape[1] != dim) or len(feats) == 0:
         raise PipelineError(
-            f"{cfg.features}: non-finite embeddings; check the features for NaN or huge values"
+            f"{path}: features of shape {feats.shape}, expected N x {dim} with N > 0; "
+            "use one encoder's features and drop empty slides"
         )
-    with atomic_path(target) as tmp, h5py.File(tmp, "w") as f:
-        f.create_dataset("embeddings", data=emb)
-        f.create_dataset("slide_ids", data=np.array(ids, dtype=h5py.string_dtype()))
-        f.attrs["method"] = cfg.method
-        f.attrs["C"] = cfg.prototypes
-        f.attrs["d"] = dim
-        f.attrs["layout"] = "pi (C), mu (C x d), Sigma (C x d, variances)"
-        for key in ENCODER_ATTRS:
-            if key in (first_attrs or {}):
-                value = first_attrs[key]
-                f.attrs[key] = json.dumps(value) if isinstance(value, dict | list) else value
-        f.attrs["config"] = json.dumps(config_to_dict(cfg), default=str)
-        f.attrs["train_slides"] = json.dumps(train_ids)
-        f.attrs["fingerprint"] = stamp
-    log.info("%d slide embeddings of length %d -> %s", len(ids), emb.shape[1], target)
-    return target
+
+
+def cobra_inputs(cfg: SlideEmbedConfig) -> list[Path]:
+    """The files besides ``--features`` that COBRA embeddings depend on (for the
+    fingerprint): the encoder's and the attention folder's."""
+    from pipeline.errors import ConfigError
+
+    if cfg.slide_encoder is None:
+        raise ConfigError(
+            "--method cobra needs --slide_encoder: the --out folder of cpath train-slide-encoder"
+        )
+    folder = Path(cfg.slide_encoder)
+    paths = [folder / "encoder.json", folder / "encoder.safetensors"]
+    for p in paths:
+        if not p.is_file():
+            raise ConfigError(
+                f"{p}: missing; --slide_encoder must be the --out folder of a finished "
+                "cpath train-slide-encoder run"
+            )
+    if cfg.attention_features is not None:
+        paths += feature_files(cfg.attention_features)
+    return paths
+
+
+def attention_input(meta: dict, requested: str | None, attrs: dict, dim: int, where: Path) -> str:
+    """The encoder input (model name) for attention features with ``attrs`` and width ``dim``."""
+    from pipeline.errors import ConfigError
+
+    inputs = meta["inputs"]
+    known = ", ".join(f"{k} ({v['dim']})" for k, v in inputs.items())
+    if requested is not None:
+        if requested not in inputs:
+            raise ConfigError(
+                f"--attention_model {requested!r}: not an input of the encoder; it knows {known}"
+            )
+        name = requested
+    else:
+        same = [
+            k
+            for k, v in inputs.items()
+            if attrs.get("encoder") and v.get("encoder") == attrs["encoder"]
+        ]
+        wide = [k for k, v in inputs.items() if v["dim"] == dim]
+        same = [k for k in same if k in wide]
+        # by width only where the encoder names cannot tell (a model of the same width
+        # but another recorded encoder is a different model)
+        unnamed = [k for k in wide if not (attrs.get("encoder") and inputs[k].get("encoder"))]
+        if len(same) == 1:
+            name = same[0]
+        elif not same and len(unnamed) == 1 and len(wide) == 1:
+            name = unnamed[0]
+        else:
+            raise ConfigError(
+                f"{where}: cannot tell which of the encoder's inputs ({known}) these "
+                f"{dim}-wide features are; give --attention_model NAME, or "
+                "--attention_features with a model it was trained on"
+            )
+    if inputs[name]["dim"] != dim:
+        raise ConfigError(
+            f"{where}: {dim} features a tile, but the encoder's input {name!r} takes "
+            f"{inputs[name]['dim']}; give --attention_features of a model it was trained on"
+        )
+    return name
+
+
+def cobra_embeddings(cfg: SlideEmbedConfig, files: list[Path]):
+    """COBRA: ``(embeddings N x D, attrs)``, each row the attention-weighted mean of a slide's
+    tile features (D their width), the attention from ``--attention_features``."""
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    from pipeline.errors import PipelineError
+    from pipeline.features import read_features
+    from pipeline.slide.cobra import aggregate, sort_yx
+    from pipeline.slide.cobra_train import load_encoder
+
+    encoder, meta = load_encoder(cfg.slide_encoder)
+    device = resolve_device(cfg.device)
+    encoder.to(device)
+    att_folder = Path(cfg.attention_features or cfg.features)
+    att_files = {p.stem: p for p in feature_files(att_folder)}
+    missing = [p.stem for p in files if p.stem not in att_files]
+    if missing:
+        raise PipelineError(
+            f"{att_folder}: no feature file for {len(missing)} slides of {cfg.features} "
+            f"({', '.join(missing[:3])}); extract them with the attention model too"
+        )
+    name, dim, rows = None, None, []
+    for path in tqdm(files, desc="slide-embed cobra", unit="slide"):
+        feats, coords, _ = read_features(path)  # N_b x D_b, N_b x 2
+        check_width(path, feats, dim)
+        dim = feats.shape[1]
+        att_path = att_files[path.stem]
+        a_feats, a_coords, a_attrs = read_features(att_path)  # N_a x D_a, N_a x 2
+        check_width(att_path, a_feats, None)
+        if name is None:
+            name = attention_input(meta, cfg.attention_model, a_attrs, a_feats.shape[1], att_folder)
+        if len(coords) != len(feats) or len(a_coords) != len(a_feats):
+            if att_path != path:
+                raise PipelineError(
+                    f"{path} or {att_path}: no tile coords to match the two models' tiles; "
+                    "extract with cpath extract, which stores them"
+                )
+            coords = a_coords = np.stack([np.arange(len(feats)), np.zeros(len(feats))], 1)
+        order = sort_yx(a_coords)
+        x = torch.as_tensor(a_feats[order], dtype=torch.float32, device=device)[None]  # 1 x N x D
+        with torch.no_grad():
+            out = encoder(name, x, torch.ones(x.shape[:2], dtype=torch.bool, device=device))
+        attention = out["attention"][0].double().cpu().numpy()  # N_a
+        try:
+            rows.append(aggregate(attention, a_coords[order], feats, coords))  # D_b
+        except ValueError as exc:
+            raise PipelineError(
+                f"{path}: no tile coordinates in common with {att_path}; both must come from "
+                "the same coords file (cpath preprocess) of the slide"
+            ) from exc
+    attrs = {
+        "d": dim,
+        "attention_model": name,
+        "slide_encoder": str(cfg.slide_encoder),
+        "layout": "attention-weighted mean of the tile features (d)",
+    }
+    return np.stack(rows), attrs
 
 
 def read_embeddings(path: Path):

@@ -105,7 +105,9 @@ class DataConfig:
         hsv_value: brightness scale range (+-).
         blur: probability of a Gaussian blur per crop.
         solarize: probability of solarization of the second global crop (0: off).
-        stain_norm: stain normalizer JSON (`cpath stain --action fit`) applied to tiles first.
+        stain_norm: stain normalizer applied to every tile before the augmentations: a JSON
+            file (`cpath stain --action fit`) or a preset (exapath: EXAPath's Macenko
+            constants); the exported encoder records it and `cpath extract` applies it.
         max_background: tiles with a larger share of near-white pixels are skipped.
         max_tiles_per_slide: sample at most this many tiles of each slide (None: all).
         tiles_per_visit: tiles read from a slide each time the shuffled stream opens it
@@ -127,6 +129,10 @@ class DataConfig:
             V 103-255 on OpenCV's 8-bit scale; other tiles are replaced, and the share
             replaced is logged (data/rejected).
         hsv_min_share: least share of in-range pixels of a kept tile.
+        weights: sampling weights of the tiles (`cpath curate`'s weights.h5): tiles are
+            drawn with probability proportional to their weight, a slide visit by its
+            tiles' total weight (grid positions only); tiles without a weight there are
+            never drawn (their count is logged), a coords file absent from it is an error.
         mean: normalisation mean of the encoder input.
         std: normalisation std of the encoder input.
         seed: seed of the tile order and augmentations.
@@ -161,6 +167,7 @@ class DataConfig:
     slide_weights: Literal["uniform", "tissue"] = "uniform"
     hsv_filter: bool = False
     hsv_min_share: float = 0.6
+    weights: Path | None = None
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     seed: int = 0
@@ -285,14 +292,68 @@ class TrainerConfig:
 
 @dataclass
 class MonitorConfig:
-    """Optional tile-level probe of the teacher during training.
+    """Monitors of the teacher during training.
 
     Args:
-        probe: CSV of labelled tiles (coords,index,label) for a kNN probe; None: off.
+        probe: CSV of labelled tiles (coords,index,label) for a kNN probe and the PathoROB
+            robustness index across slides; None: off.
         probe_every_n_steps: probe interval.
         rankme_every_n_steps: RankMe (collapse detector) interval.
+        slide_knn_every_n_steps: interval of the slide-ID kNN accuracy on pretraining tiles
+            (WSI-specific feature collapse, EXAPath), logged as collapse/slide_knn_acc beside
+            its chance level; 0: off.
+        slide_knn_slides: slides sampled for it (fixed by data.seed).
+        slide_knn_tiles: tissue tiles sampled per slide.
     """
 
     probe: Path | None = None
     probe_every_n_steps: int = 500
     rankme_every_n_steps: int = 10
+    slide_knn_every_n_steps: int = 500
+    slide_knn_slides: int = 32
+    slide_knn_tiles: int = 16
+
+
+@dataclass
+class ExpertConfig:
+    """One frozen expert encoder that the student distils from (GPFM, Ma et al., 2025).
+
+    Args:
+        name: short name of the expert, used for its head and in the logged metrics
+            (letters, digits, - and _).
+        encoder: any encoder `cpath extract` accepts: a zoo key (uni, phikon, ...), an
+            exported encoder folder, or timm:<arch> with weights.
+        weights: the expert's weights file (zoo keys and timm:; None: the weights map or
+            the Hugging Face cache, as `cpath extract --encoder_weights`).
+        cls_weight: weight of the class-token term, 1 - cosine (GPFM: UNI 1.0, Phikon 0.5,
+            CONCH 1.0).
+        patch_weight: weight of the patch-token term, 0.9 (1 - cosine) + 0.1 SmoothL1
+            (GPFM: UNI 0.25, Phikon 0.125, CONCH 0: none).
+    """
+
+    name: str
+    encoder: str
+    weights: Path | None = None
+    cls_weight: float = 1.0
+    patch_weight: float = 0.0
+
+
+@dataclass
+class DistillConfig:
+    """Distillation from frozen expert encoders alongside the DINOv2 objectives, as GPFM's
+    unified knowledge distillation (Ma et al., Nat. Biomed. Eng. 2025): one head per expert
+    maps the student's class and patch tokens of the global crops to the expert's.
+
+    Args:
+        experts: the experts, e.g. in YAML a list of {name, encoder, weights, cls_weight,
+            patch_weight}, or on the command line --distill.experts
+            '[{"name": "uni", "encoder": "uni", "cls_weight": 1.0, "patch_weight": 0.25}]'.
+            Empty (the default): no distillation.
+        head_bottleneck: width of each head's bottleneck (GPFM: 256).
+        weights_map: YAML weights map of zoo experts (default $CPATH_WEIGHTS; see `cpath
+            encoders`).
+    """
+
+    experts: list[ExpertConfig] = field(default_factory=list)
+    head_bottleneck: int = 256
+    weights_map: Path | None = None

@@ -7,13 +7,16 @@ of many thousands of slides costs no memory. Near-white tiles are skipped when r
 (replaced by another tile) and repeated tiles (the same slide listed twice, repeated
 coords) are dropped up front. The tile order is a pure function of the seed and of the
 number of samples already consumed, so a resumed run, on any number of devices or
-workers, continues the stream where it stopped. Workers ship the multi-crop views as
-uint8; their stain jitter, blur, solarization and normalisation run on the training
-device (:mod:`pipeline.ssl.augment`).
+workers, continues the stream where it stopped. With ``weights`` (``cpath curate``'s
+weights.h5) tiles are drawn by their curated weights instead
+(:class:`pipeline.ssl.stream.WeightedStream`), as pure a function of the seed. Workers
+ship the multi-crop views as uint8; their stain jitter, blur, solarization and
+normalisation run on the training device (:mod:`pipeline.ssl.augment`).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,9 +32,11 @@ from pipeline.ssl.augment import DeviceAugment
 from pipeline.ssl.config import DataConfig, LossConfig
 from pipeline.ssl.masking import batch_masks
 from pipeline.ssl.patching import OnlinePatches
-from pipeline.ssl.stream import Positions, TileStream
+from pipeline.ssl.stream import Positions, TileStream, WeightedStream
 from pipeline.stain.hsv_filter import HSVFilter
 from pipeline.wsi.coords import list_coords_files, read_coords
+
+log = logging.getLogger(__name__)
 
 WHITE = 220  # a pixel is near-white (glass) when all channels exceed this
 REDRAW = 1 << 40  # random positions: a replaced tile's draw index is this far on
@@ -123,6 +128,14 @@ class PretrainTiles(Dataset):
                 "with a larger --patch_size."
             )
         self.slides = len(self.tiles.tables)
+        self.item_weights = None  # with cfg.weights: one per item
+        if cfg.weights is not None:
+            if cfg.positions == "random":
+                raise ConfigError(
+                    f"--data.weights {cfg.weights} weighs the grid tiles of the coords files; "
+                    "it does not apply to --data.positions random: use positions grid"
+                )
+            self.item_weights = self._item_weights(cfg.weights, kept_files, keep)
         self.transform = transform if transform is not None else MultiCrop(cfg)
         self.max_background = cfg.max_background
         self.hsv = HSVFilter(min_share=cfg.hsv_min_share) if cfg.hsv_filter else None
@@ -150,6 +163,31 @@ class PretrainTiles(Dataset):
                     f"{self.patches.tile_px}-px tiles; lower --data.global_size or raise "
                     "--data.tile_px"
                 )
+
+    def _item_weights(self, path: Path, files: list[Path], keep: list[np.ndarray]) -> np.ndarray:
+        """The sampling weight of every item, from ``cpath curate``'s weights.h5, matched by
+        slide id and level-0 coords; tiles absent from it get 0 (logged)."""
+        from pipeline.curation.store import match_weights
+
+        slides = [s for s, rows in enumerate(keep) if len(rows)]  # as self.slide_sizes
+        tables = self.tiles.tables
+        ids = [str(tables[s].attrs.get("slide_id") or files[s].stem) for s in slides]
+        coords = [tables[s].coords[keep[s] - self.tiles.offsets[s]] for s in slides]
+        weights, unmatched = match_weights(Path(path), ids, coords)
+        weights = np.concatenate(weights) if weights else np.zeros(0)  # items
+        if unmatched:
+            log.warning(
+                "%s: %d of %d tiles have no sampling weight there and are never drawn",
+                path,
+                unmatched,
+                len(weights),
+            )
+        if not (weights > 0).any():
+            raise PipelineError(
+                f"{path}: none of the {len(weights)} tiles of --data.coords has a sampling "
+                "weight above 0 there; run `cpath curate` on the features of these coords files"
+            )
+        return weights
 
     def __len__(self) -> int:
         return len(self.items)
@@ -195,7 +233,7 @@ class StreamSampler(Sampler[int]):
 
     def __init__(
         self,
-        stream: TileStream | int,
+        stream: TileStream | WeightedStream | int,
         batch: int,
         steps: int,
         rank: int = 0,
@@ -278,6 +316,9 @@ class PretrainDataModule(L.LightningDataModule):
         :class:`StreamSampler`)."""
         if getattr(self.dataset, "patches", None) is not None:
             stream = Positions()  # draws are functions of (seed, position) already
+        elif getattr(self.dataset, "item_weights", None) is not None:
+            k, seed = self.cfg.tiles_per_visit, self.cfg.seed
+            stream = WeightedStream(self.dataset.slide_sizes, self.dataset.item_weights, k, seed)
         else:
             k, seed = self.cfg.tiles_per_visit, self.cfg.seed
             stream = TileStream(self.dataset.slide_sizes, k, seed)

@@ -78,6 +78,23 @@ def save_encoder(
     return out
 
 
+def stain_norm_record(source: str | os.PathLike, checkpoint: str | os.PathLike = "") -> dict:
+    """What an exported encoder records of the stain normalizer its tiles were normalised
+    with (``--data.stain_norm``): its ``method`` and ``params`` (so the folder is complete
+    without the file), where it came from and the digest of its canonical JSON.
+    ``cpath extract`` applies it by default."""
+    from pipeline.stain.presets import body_sha256, normalizer_body
+
+    try:
+        body = normalizer_body(source)
+    except PipelineError as exc:
+        raise PipelineError(
+            f"{checkpoint}: its run normalised tiles with {source}, which cannot be read now "
+            f"({exc}); put the file back to export the encoder with its normalizer"
+        ) from exc
+    return {**body, "source": str(source), "sha256": body_sha256(body)}
+
+
 def export_encoder(
     checkpoint: str | os.PathLike, out: str | os.PathLike, extra: dict | None = None
 ) -> Path:
@@ -100,6 +117,8 @@ def export_encoder(
         "source_checkpoint": str(Path(checkpoint).resolve()),
         **(extra or {}),
     }
+    if data.stain_norm and "stain_norm" not in meta:
+        meta["stain_norm"] = stain_norm_record(data.stain_norm, checkpoint)
     return save_encoder(
         weights, model.arch, model_args, out, data.global_size, data.mean, data.std, meta
     )

@@ -4,7 +4,8 @@ Oquab et al., "DINOv2: Learning Robust Visual Features without Supervision", TML
 DINO image-level loss (Caron et al., 2021) on the class tokens of 2 global + N local
 crops, iBOT masked-patch loss (Zhou et al., 2022) on the global crops, KoLeo (or the
 KDE term of Midnight) on the student's global class tokens; the teacher is an EMA of
-the student and sees the global crops only.
+the student and sees the global crops only. With ``distill.experts``, the student also
+distils from frozen expert encoders as GPFM does (:mod:`pipeline.ssl.distill`).
 """
 
 from __future__ import annotations
@@ -19,8 +20,16 @@ import torch.distributed as dist
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from pipeline.encoders import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.errors import PipelineError
-from pipeline.ssl.config import LossConfig, ModelConfig, OptimConfig
+from pipeline.ssl.config import (
+    DistillConfig,
+    ExpertConfig,
+    LossConfig,
+    ModelConfig,
+    OptimConfig,
+)
+from pipeline.ssl.distill import Expert, distill_heads, distill_losses, load_experts
 from pipeline.ssl.init_from import InitReport, init_networks
 from pipeline.ssl.losses import (
     TeacherTargets,
@@ -90,7 +99,9 @@ def fsdp_units() -> set[type[nn.Module]]:
     same parameter layout, so that each rank holds the same slice of both and the teacher's
     EMA pairs its local shards with the student's (see :meth:`DINOv2Module.update_teacher`).
     Nothing is left to the root unit, where the flattened student and teacher would be
-    sliced at different offsets."""
+    sliced at different offsets. The distillation heads are :class:`DINOHead` units of their
+    own; the frozen experts are no submodules of the training module (a plain list, see
+    :mod:`pipeline.ssl.distill`), so FSDP neither wraps nor shards them."""
     return {Block, MaskedViT, DINOHead}
 
 
@@ -132,9 +143,11 @@ class DINOv2Module(L.LightningModule):
         rankme_every: int = 10,
         data: dict | None = None,
         load_init: bool = True,
+        distill: dict | None = None,
     ):
         """``load_init=False``: do not read ``model.init_from`` (a resumed run, whose
-        checkpoint replaces the weights anyway)."""
+        checkpoint replaces the weights anyway). ``distill``: a :class:`DistillConfig` as a
+        dict (its experts are loaded here, on the CPU)."""
         super().__init__()
         self.save_hyperparameters(ignore=["load_init"])
         self.model_cfg, self.loss_cfg = ModelConfig(**model), LossConfig(**loss)
@@ -154,11 +167,22 @@ class DINOv2Module(L.LightningModule):
         self.teacher.requires_grad_(False)
         freeze_unused(self.student, self.loss_cfg)
         depth = len(self.student.backbone.vit.blocks)
+        self.distill_cfg = distill_config(distill)
+        # frozen experts in a plain list: no module children, so neither in the state dict
+        # nor the optimizer, nor wrapped by DDP or FSDP (moved to the device in on_fit_start)
+        self.experts: list[Expert] = load_experts(self.distill_cfg)
+        self.distill_heads = distill_heads(
+            self.experts, self.student.backbone.embed_dim, self.distill_cfg.head_bottleneck
+        )
+        self.distill_ms: dict[str, float] = {}  # each expert's forward time in the last step
+        # the normalisation of the crops, undone for the experts
+        self.data_mean = tuple((data or {}).get("mean", IMAGENET_MEAN))
+        self.data_std = tuple((data or {}).get("std", IMAGENET_STD))
         # decided here, on the unwrapped student: under FSDP the parameters that
         # configure_optimizers sees are flat 1-D shards under wrapped names
         self.param_rules = {
             name: param_rule(name, p.ndim, depth, self.optim_cfg)
-            for name, p in self.student.named_parameters()
+            for name, p in self.trainable_named_parameters()
         }
         k = self.model_cfg.prototypes
         self.dino_targets = TeacherTargets(
@@ -184,6 +208,17 @@ class DINOv2Module(L.LightningModule):
         )
         self.freeze_last_layer_steps = 0 if warm else o.freeze_last_layer_steps
 
+    def trainable_named_parameters(self):
+        """The student's parameters, then the distillation heads' (``distill_heads.NAME.*``):
+        everything the optimizer may update."""
+        yield from self.student.named_parameters()
+        yield from self.distill_heads.named_parameters(prefix="distill_heads")
+
+    def on_fit_start(self) -> None:
+        """The frozen experts to this module's device (bf16 on GPUs), in eval mode."""
+        for expert in self.experts:
+            expert.to(self.device)
+
     # -- optimisation -------------------------------------------------------------
     @property
     def global_batch(self) -> int:
@@ -199,12 +234,12 @@ class DINOv2Module(L.LightningModule):
         """AdamW over groups of equal (lr multiplier, weight-decay multiplier, last layer), as
         :func:`param_rule` decides them; the same groups under DDP and FSDP."""
         groups: dict[tuple, dict] = {}
-        for name, p in self.student.named_parameters():
+        for name, p in self.trainable_named_parameters():
             if not p.requires_grad:
                 continue
             key = self.param_rules.get(clean_name(name))
             if key is None:
-                raise PipelineError(f"no optimizer rule for the student parameter '{name}'")
+                raise PipelineError(f"no optimizer rule for the trainable parameter '{name}'")
             lr_mult, wd_mult, last = key
             group = groups.setdefault(
                 key, {"params": [], "lr_mult": lr_mult, "wd_mult": wd_mult, "last_layer": last}
@@ -231,7 +266,9 @@ class DINOv2Module(L.LightningModule):
         }
 
     def clip_parts(self) -> dict[str, list[torch.Tensor]]:
-        """The trainable parameters of each part that DINOv2 clips on its own."""
+        """The trainable parameters of each part that DINOv2 clips on its own (the
+        distillation heads are not clipped, as in GPFM, whose loop clips the student's parts
+        only)."""
         parts = {"backbone": self.student.backbone, "dino_head": self.student.dino_head}
         if self.student.ibot_head is not None:
             parts["ibot_head"] = self.student.ibot_head
@@ -294,7 +331,8 @@ class DINOv2Module(L.LightningModule):
         self, batch: dict, teacher_temp: float
     ) -> tuple[dict, torch.Tensor, torch.Tensor]:
         """The weighted loss terms of one batch, the teacher's DINO targets ``2B x K`` and
-        class tokens ``2B x D``."""
+        class tokens ``2B x D``. With experts, also their distillation terms
+        (``distill_cls/NAME``, ``distill_patch/NAME``; forward times in ``distill_ms``)."""
         s, student, teacher = self.loss_cfg, self.student, self.teacher
         images, local, masks = batch["global"], batch["local"], batch["masks"]  # 2B x 3 x G x G
         use_ibot = ibot_on(s) and bool(masks.any())
@@ -324,6 +362,19 @@ class DINOv2Module(L.LightningModule):
         if s.kde_weight > 0:  # weighted like KoLeo
             kde = sum(kde_loss(c, s.kde_concentration) for c in s_cls.chunk(2))
             terms["kde"] = s.kde_weight * kde
+        if self.experts:
+            side = images.shape[-1] // student.backbone.patch_size
+            distill, self.distill_ms = distill_losses(
+                self.experts,
+                self.distill_heads,
+                images,
+                s_cls,
+                s_patch,
+                (side, side),
+                self.data_mean,
+                self.data_std,
+            )
+            terms.update(distill)
         return terms, t_targets, t_cls
 
     @torch.no_grad()
@@ -365,6 +416,7 @@ class DINOv2Module(L.LightningModule):
         logs = {f"loss/{k}": v.detach() for k, v in terms.items()}
         logs.update({f"schedule/{k}": v for k, v in sched.items()})
         logs["teacher_entropy"] = entropy(t_targets) / math.log(t_targets.shape[1])
+        logs.update({f"distill/expert_ms/{k}": v for k, v in self.distill_ms.items()})
         self.log_dict(logs, on_step=True)
         self.log("loss", total.detach(), prog_bar=True, on_step=True)
         if self.rankme_every and self.global_step % self.rankme_every == 0:
@@ -395,11 +447,39 @@ class DINOv2Module(L.LightningModule):
         rankme_every: int = 10,
         data=None,
         load_init: bool = True,
+        distill: DistillConfig | None = None,
     ) -> DINOv2Module:
         data = _plain(data) if data is not None else None
+        distill = distill_dict(distill) if distill is not None and distill.experts else None
         return cls(
-            _plain(model), _plain(loss), _plain(optim), max_steps, rankme_every, data, load_init
+            _plain(model),
+            _plain(loss),
+            _plain(optim),
+            max_steps,
+            rankme_every,
+            data,
+            load_init,
+            distill,
         )
+
+
+def distill_config(distill: dict | None) -> DistillConfig:
+    """A :class:`DistillConfig` from its dict (None: no experts)."""
+    if not distill:
+        return DistillConfig()
+    experts = [ExpertConfig(**e) for e in distill.get("experts") or []]
+    return DistillConfig(**{**distill, "experts": experts})
+
+
+def distill_dict(distill: DistillConfig) -> dict:
+    """``distill`` as plain values (paths as strings), as checkpoints keep hyperparameters."""
+    out = asdict(distill)
+    out["weights_map"] = str(out["weights_map"]) if out["weights_map"] else None
+    out["experts"] = [
+        {k: (str(v) if hasattr(v, "__fspath__") else v) for k, v in e.items()}
+        for e in out["experts"]
+    ]
+    return out
 
 
 def _plain(cfg) -> dict:

@@ -21,6 +21,7 @@ from typing import ClassVar, Literal
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.ssl.config import (
     DataConfig,
+    DistillConfig,
     LossConfig,
     ModelConfig,
     MonitorConfig,
@@ -43,6 +44,7 @@ class PretrainConfig:
         optim: optimiser and schedules.
         trainer: devices, strategy, precision, steps, checkpoints.
         monitor: probes during training.
+        distill: frozen expert encoders the student also distils from (GPFM).
     """
 
     positional: ClassVar[tuple[str, ...]] = ("action", "ckpt_path")
@@ -56,6 +58,7 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 def checkpoint_path(cfg: PretrainConfig) -> Path | None:

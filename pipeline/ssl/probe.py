@@ -93,6 +93,33 @@ def knn_probe(
     return balanced_accuracy(labels, pred)
 
 
+def slide_knn_accuracy(
+    features: np.ndarray | torch.Tensor, slides: np.ndarray, k: int = 10
+) -> float:
+    """Share of tiles whose slide is the majority slide of their ``k`` nearest other tiles
+    (cosine similarity, leave-one-out over all tiles): a measure of WSI-specific feature
+    collapse (EXAPath, Yun et al., 2024), features that cluster by the slide a tile comes
+    from rather than by what it shows. Chance is about the largest slide's share of tiles.
+
+    Ties of votes go to the slide of the most similar neighbour among the tied ones. ``k``
+    is capped at ``N - 1``. Memory: one ``N x N`` similarity matrix (monitor sets are small).
+    """
+    x = torch.as_tensor(np.asarray(features, np.float32))
+    x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)  # N x D
+    _, slide = np.unique(np.asarray(slides).astype(str), return_inverse=True)
+    n, s = len(x), int(slide.max()) + 1 if len(slide) else 0
+    if n < 2 or s < 2:
+        raise ValueError(f"slide kNN needs tiles of 2 slides or more ({n} tiles, {s} slides)")
+    sims = x @ x.T  # N x N
+    sims.fill_diagonal_(float("-inf"))  # leave one out
+    top, nearest = sims.topk(min(k, n - 1), dim=1)  # N x k
+    neighbour_slide = torch.as_tensor(slide)[nearest]  # N x k
+    votes = torch.zeros(n, s).scatter_add_(1, neighbour_slide, torch.ones_like(top))  # N x S
+    closest = torch.full((n, s), -2.0).scatter_reduce_(1, neighbour_slide, top, "amax")
+    score = votes + (closest + 1) / 4  # a tie-break below one vote (similarity in [-1, 1])
+    return float((score.argmax(dim=1).numpy() == slide).mean())
+
+
 def linear_probe(
     features: np.ndarray, labels: np.ndarray, groups: np.ndarray, c: float = 1.0, folds: int = 5
 ) -> float:

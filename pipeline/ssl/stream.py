@@ -10,6 +10,9 @@ network with cycle walking, Black & Rogaway, "Ciphers with arbitrary finite doma
 CT-RSA 2002), computed per position, never stored. So a resumed run on any number of
 devices or workers reads on exactly where it stopped, and 10^9 tiles cost no memory.
 With ``k = 1`` every pass is a permutation of all tiles.
+
+:class:`WeightedStream` draws tiles by curated sampling weights instead (``cpath curate``),
+with replacement, by the same kind of pure function of ``(seed, p)``.
 """
 
 from __future__ import annotations
@@ -118,3 +121,73 @@ class Positions:
 
     def __call__(self, positions: np.ndarray | Sequence[int] | int) -> np.ndarray:
         return np.atleast_1d(np.asarray(positions, dtype=np.int64))
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def uniforms(seed: int, stream: int, counters: np.ndarray) -> np.ndarray:
+    """Counter-based uniforms in ``[0, 1)``: a pure function of ``(seed, stream, counter)``
+    (splitmix64 of the counter under a key of the seed and the stream id)."""
+    key = _mix(np.array([(int(seed) * 0x100000001B3 + int(stream)) % 2**64], np.uint64))
+    x = np.asarray(counters, np.int64).astype(np.uint64) * _GOLDEN + key  # wraps mod 2^64
+    return (_mix(_mix(x)) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+class WeightedStream:
+    """Position in the stream -> tile index, tiles drawn by weight (with replacement).
+
+    Visit ``v`` (positions ``v k .. v k + k - 1``) picks a slide with probability
+    proportional to its total weight, then each of its ``k`` positions a tile of that
+    slide with probability proportional to the tile's weight, so a tile's share of the
+    stream is its weight over the total. Both draws are inverse-CDF lookups
+    (``searchsorted`` on cumulative weights) of counter-based uniforms of ``(seed, visit)``
+    and ``(seed, position)`` (:func:`uniforms`): like :class:`TileStream`, position ``p``
+    maps to a tile by a pure function of ``(seed, p)``, so a resumed run on any number of
+    devices reads on exactly; memory is one float64 per tile. Tiles of weight 0 are never
+    drawn.
+
+    Args:
+        sizes: tiles per slide; slide ``s`` owns indices ``sum(sizes[:s]) ..`` on.
+        weights: one weight (>= 0, finite) per tile, slide by slide.
+        per_visit: tiles drawn per slide visit (``k``).
+        seed: seed of all draws.
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        weights: np.ndarray | Sequence[float],
+        per_visit: int = 1,
+        seed: int = 0,
+    ):
+        sizes = np.asarray(sizes, dtype=np.int64)
+        weights = np.asarray(weights, dtype=np.float64)
+        if per_visit < 1 or len(sizes) == 0 or (sizes < 1).any():
+            raise ValueError(f"a stream of {per_visit} tiles per visit over slides {sizes}")
+        if len(weights) != sizes.sum():
+            raise ValueError(f"{len(weights)} weights for {sizes.sum()} tiles")
+        if not np.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
+            raise ValueError("tile weights must be finite, >= 0 and not all 0")
+        self.k, self.seed = int(per_visit), int(seed)
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)])  # first tile of each slide
+        self.cum = np.cumsum(weights)  # N: mass up to and including each tile
+        ends = self.cum[self.offsets[1:] - 1]  # S: mass up to each slide's last tile
+        self.slide_start = np.concatenate([[0.0], ends[:-1]])  # S
+        self.slide_mass = ends - self.slide_start  # S
+        self.slide_cum = ends
+        positive = np.flatnonzero(self.slide_mass > 0)
+        self.last_slide = int(positive[-1])
+        nonzero = np.flatnonzero(weights > 0)  # the last tile of weight > 0 of each slide:
+        at = np.searchsorted(nonzero, self.offsets[1:], side="left") - 1  # rounding guard
+        self.last_tile = nonzero[np.clip(at, 0, None)]  # S
+
+    def __call__(self, positions: np.ndarray | Sequence[int] | int) -> np.ndarray:
+        """Tile indices of stream ``positions`` (ints >= 0)."""
+        p = np.atleast_1d(np.asarray(positions, dtype=np.int64))
+        visit = p // self.k
+        u = uniforms(self.seed, 1, visit) * self.slide_cum[-1]
+        slide = np.minimum(np.searchsorted(self.slide_cum, u, side="right"), self.last_slide)
+        x = self.slide_start[slide] + uniforms(self.seed, 2, p) * self.slide_mass[slide]
+        tile = np.searchsorted(self.cum, x, side="right")
+        return np.clip(tile, self.offsets[slide], self.last_tile[slide])

@@ -14,9 +14,9 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from pipeline.config import save_config
 from pipeline.errors import ConfigError
 from pipeline.ssl.data import PretrainDataModule, PretrainTiles
-from pipeline.ssl.export import export_encoder
+from pipeline.ssl.export import export_encoder, stain_norm_record
 from pipeline.ssl.module import DINOv2Module, fsdp_units
-from pipeline.ssl.monitors import AtomicCheckpointIO, KNNProbe
+from pipeline.ssl.monitors import AtomicCheckpointIO, KNNProbe, SlideKNN
 from pipeline.ssl.pretrain import PretrainConfig, checkpoint_path
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ def train(cfg: PretrainConfig) -> Path:
         cfg.monitor.rankme_every_n_steps,
         cfg.data,
         load_init=resume is None,  # a resumed run's checkpoint holds its weights
+        distill=cfg.distill,
     )
     patch = module.student.backbone.patch_size
     if cfg.data.global_size % patch:
@@ -77,6 +78,8 @@ def train(cfg: PretrainConfig) -> Path:
         )
     datamodule = PretrainDataModule(cfg.data, cfg.loss, patch, cfg.trainer.max_steps)
     datamodule.dataset = PretrainTiles(cfg.data)  # fail early: no tiles, crops too large
+    # the normalizer the exported encoder records (read now: the file may move by the end)
+    stain = stain_norm_record(cfg.data.stain_norm) if cfg.data.stain_norm else None
     t = cfg.trainer
     callbacks = [
         ModelCheckpoint(
@@ -98,6 +101,19 @@ def train(cfg: PretrainConfig) -> Path:
                 cfg.data.global_size,
                 cfg.data.mean,
                 cfg.data.std,
+            )
+        )
+    if cfg.monitor.slide_knn_every_n_steps > 0:
+        callbacks.append(
+            SlideKNN(
+                cfg.monitor.slide_knn_every_n_steps,
+                cfg.monitor.slide_knn_slides,
+                cfg.monitor.slide_knn_tiles,
+                cfg.data.global_size,
+                cfg.data.mean,
+                cfg.data.std,
+                max_background=cfg.data.max_background,
+                seed=cfg.data.seed,
             )
         )
     logger = (
@@ -143,7 +159,10 @@ def train(cfg: PretrainConfig) -> Path:
     trainer.save_checkpoint(last)  # the final state, whatever the checkpoint interval
     encoder = out / "encoder"
     if trainer.is_global_zero:
-        export_encoder(last, encoder, extra={"tiles": _tile_facts(datamodule.dataset)})
+        extra = {"tiles": _tile_facts(datamodule.dataset)}
+        if stain is not None:
+            extra["stain_norm"] = stain
+        export_encoder(last, encoder, extra=extra)
         log.info("encoder exported to %s (step %d)", encoder, trainer.global_step)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

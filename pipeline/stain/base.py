@@ -138,19 +138,25 @@ class StainNormalizer:
         return atomic_write_text(path, json.dumps(body, indent=1))
 
 
-def load_normalizer(path: str | os.PathLike, device: str | torch.device = "cpu") -> StainNormalizer:
-    """A fitted normalizer from a JSON file written by :meth:`StainNormalizer.save`."""
-    path = Path(path)
+def load_normalizer(
+    source: str | os.PathLike | dict, device: str | torch.device = "cpu"
+) -> StainNormalizer:
+    """A fitted normalizer from a JSON file written by :meth:`StainNormalizer.save`, a preset
+    name (:data:`pipeline.stain.presets.STAIN_PRESETS`, e.g. ``exapath``) or such a file's
+    ``{"method", "params"}`` dict (as an exported encoder records it)."""
+    from pipeline.stain.presets import normalizer_body
+
+    body = source if isinstance(source, dict) else normalizer_body(source)
     try:
-        body = json.loads(path.read_text())
         cls = STAIN_METHODS[body["method"]]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        normalizer = cls()
+        normalizer.load_state_dict(body["params"], device=device)
+    except (KeyError, TypeError, ValueError) as exc:
+        where = "the stain normalizer" if isinstance(source, dict) else str(source)
         raise PipelineError(
-            f"{path}: not a stain normalizer file ({type(exc).__name__}: {exc}); create one "
-            "with `cpath stain --action fit --method macenko --target IMAGE --out stain.json`."
+            f"{where}: not a stain normalizer ({type(exc).__name__}: {exc}); known methods: "
+            f"{', '.join(sorted(STAIN_METHODS))}"
         ) from exc
-    normalizer = cls()
-    normalizer.load_state_dict(body["params"], device=device)
     return normalizer
 
 

@@ -82,6 +82,9 @@ def test_results_leaderboard_and_report_carry_the_robustness_index(suite):
         assert ri["confounder"] == "site" and ri["k"] == 5
         assert ri["ss"] + ri["so"] + ri["os"] + ri["oo"] == 96 * 5
         assert ri["value"] == pytest.approx(ri["so"] / (ri["so"] + ri["os"]))
+        knn = rob["slide_knn"]  # WSI collapse: the slide of a tile from its neighbours
+        assert 0.0 <= knn["accuracy"] <= 1.0 and knn["k"] == 10
+        assert knn["chance"] == pytest.approx(1 / knn["slides"], rel=0.5)
     with open(suite / "leaderboard.csv", newline="") as f:
         board = {r["encoder"]: r for r in csv.DictReader(f)}
     for e in ("tiny", "random"):
@@ -90,6 +93,7 @@ def test_results_leaderboard_and_report_carry_the_robustness_index(suite):
     assert (board["tiny"]["weights"], board["random"]["weights"]) == ("pretrained", "random")
     report = (suite / "report.md").read_text()
     assert "PathoROB robustness index" in report and "held-out slides" in report
+    assert "slide-ID kNN (WSI collapse)" in report
     assert "| random (random init) |" in report and "| tiny |" in report
     assert "PathoROB robustness index" in (suite / "report.html").read_text()
 

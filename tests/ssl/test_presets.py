@@ -107,3 +107,31 @@ def test_midnight_data_section_feeds_batches_from_one_preprocess_run(tiny_prep):
     assert batch["global"].shape == (8, 3, 56, 56) and torch.isfinite(batch["global"]).all()
     mpps = {data.dataset.patches.draw(i).mpp for i in range(60)}
     assert {0.5, 1.0, 2.0} <= mpps  # 0.25 only where level 0 is that fine
+
+
+def test_exapath_preset_is_vitb16_on_tiles_normalised_before_the_augmentations(tiny_prep):
+    """EXAPath (Yun et al., 2024): vitb16's model and trainer on Macenko-normalised tiles
+    (the preset normalizer), with the slide-ID kNN monitor on."""
+    from dataclasses import replace
+
+    from pipeline.ssl.data import PretrainTiles
+    from pipeline.stain import load_normalizer
+
+    raw = {n: yaml.safe_load((PRESETS / f"{n}.yaml").read_text()) for n in ("exapath", "vitb16")}
+    assert raw["exapath"]["model"] == raw["vitb16"]["model"]
+    assert raw["exapath"]["trainer"] == raw["vitb16"]["trainer"]
+    cfg = load_config(PretrainConfig, PRESETS / "exapath.yaml")
+    assert str(cfg.data.stain_norm) == "exapath" and cfg.monitor.slide_knn_every_n_steps > 0
+    data = replace(cfg.data, coords=tiny_prep / "coords", global_size=64, local_size=32)
+    dataset = PretrainTiles(data)
+    expected = load_normalizer("exapath")
+    assert dataset.tiles.stain_norm.state_dict() == expected.state_dict()
+
+    class Identity:  # the views are the tile itself: what the augmentations receive
+        def __call__(self, tile):
+            return [tile], []
+
+    dataset.transform = Identity()
+    views, _, attempt = dataset[0]
+    tile = dataset.read(0, attempt)
+    assert torch.equal(views[0], expected(tile)) and not torch.equal(views[0], tile)

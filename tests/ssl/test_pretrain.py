@@ -1,6 +1,7 @@
 """End to end on the tiny cohort: 2-process DDP (gloo) pretraining, kill, resume, export."""
 
 import csv
+import json
 import os
 import shutil
 import signal
@@ -70,7 +71,8 @@ def logged(out, step: int) -> bool:
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory, tiny_prep, tiny_cohort):
     """Two CPU processes (DDP, gloo): killed after a checkpoint, then resumed to the end;
-    a kNN probe on labelled demo tiles runs every 12 steps."""
+    a kNN probe on labelled demo tiles and the slide-ID kNN run every 12 steps; tiles are
+    normalised with the EXAPath preset."""
     out = tmp_path_factory.mktemp("pretrain")
     rows = tile_labels(tiny_prep / "coords", tiny_cohort, per_slide=20)
     probe = out / "probe_tiles.csv"
@@ -93,6 +95,14 @@ def ddp_run(tmp_path_factory, tiny_prep, tiny_cohort):
         str(probe),
         "--monitor.probe_every_n_steps",
         "12",
+        "--monitor.slide_knn_every_n_steps",
+        "12",
+        "--monitor.slide_knn_slides",
+        "4",
+        "--monitor.slide_knn_tiles",
+        "6",
+        "--data.stain_norm",
+        "exapath",
     ]
     cmd = pretrain_cmd(tiny_prep / "coords", out, *ddp)
     last = out / "checkpoints" / "last.ckpt"
@@ -166,6 +176,10 @@ def test_loss_falls_and_rankme_does_not_collapse(ddp_run):
     assert ranks and ranks[-1] > 3.0  # 16 teacher embeddings per rank; collapse gives ~1
     probes = [r["probe/knn_bacc"] for r in read_metrics(ddp_run["out"]) if "probe/knn_bacc" in r]
     assert len(probes) == 3 and all(0.0 <= p <= 1.0 for p in probes)  # steps 12, 24, 36
+    collapse = [r for r in read_metrics(ddp_run["out"]) if "collapse/slide_knn_acc" in r]
+    assert [int(r["step"]) for r in collapse] == [12, 24, 36]
+    assert all(0.0 <= r["collapse/slide_knn_acc"] <= 1.0 for r in collapse)
+    assert collapse[0]["collapse/slide_knn_chance"] == 0.25  # 4 slides x 6 tiles
 
 
 def test_exported_encoder_loads_both_ways_with_identical_outputs(ddp_run):
@@ -197,6 +211,10 @@ def test_export_action_reproduces_the_encoder(ddp_run, tmp_path):
     a = load_file(tmp_path / "encoder" / "model.safetensors")
     b = load_file(ddp_run["out"] / "encoder" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # both record the normalizer of pretraining, which `cpath extract` applies by default
+    for folder in (tmp_path / "encoder", ddp_run["out"] / "encoder"):
+        stain = json.loads((folder / "config.json").read_text())["stain_norm"]
+        assert stain["source"] == "exapath" and stain["params"]["max_conc"] == [1.9705, 1.0308]
 
 
 @pytest.mark.parametrize(
