@@ -29,18 +29,17 @@ import tempfile
 import time
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.neighbors import KNeighborsClassifier
-from torch.utils.data import Dataset
 
 from pipeline.curation.kmeans import hierarchical_kmeans
 from pipeline.curation.weights import balanced_weights
 from pipeline.ssl.config import DataConfig, LossConfig, ModelConfig, OptimConfig
-from pipeline.ssl.data import MultiCrop, PretrainDataModule
+from pipeline.ssl.data import PretrainDataModule, TensorTiles
 from pipeline.ssl.module import DINOv2Module
+from pipeline.ssl.train import fit_in_process
 
 SHARES = (0.85, 0.10, 0.04, 0.01)
 NAMES = ("stripes", "checker", "dots", "diagonal")
@@ -90,22 +89,6 @@ def tiles_of(kinds: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
     return torch.from_numpy(np.stack([texture(int(k), rng) for k in kinds]))  # N x 3 x S x S
 
 
-class SyntheticTiles(Dataset):
-    """In-memory tiles in ``SLIDES`` slides, with optional sampling weights (``item_weights``,
-    which make :class:`PretrainDataModule` use the weighted stream)."""
-
-    def __init__(self, tiles: torch.Tensor, data: DataConfig, weights: np.ndarray | None = None):
-        self.tiles, self.crop = tiles, MultiCrop(data)
-        self.slide_sizes = [len(tiles) // SLIDES] * SLIDES
-        self.item_weights = weights
-
-    def __len__(self) -> int:
-        return len(self.tiles)
-
-    def __getitem__(self, index: int):
-        return self.crop(self.tiles[int(index)])
-
-
 def configs(seed: int) -> tuple[ModelConfig, DataConfig, LossConfig, OptimConfig]:
     model = ModelConfig(
         arch="vit_tiny_patch16_224",
@@ -141,22 +124,8 @@ def pretrain(tiles: torch.Tensor, weights: np.ndarray | None, seed: int, steps: 
     torch.manual_seed(seed)
     module = DINOv2Module.from_configs(model, loss, optim, steps)
     datamodule = PretrainDataModule(data, loss, patch_size=8, max_steps=steps)
-    datamodule.dataset = SyntheticTiles(tiles, data, weights)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        precision="32-true",
-        max_steps=steps,
-        max_epochs=-1,
-        logger=False,
-        use_distributed_sampler=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        default_root_dir=out,
-    )
-    trainer.fit(module, datamodule=datamodule)
+    datamodule.dataset = TensorTiles(tiles, data, [len(tiles) // SLIDES] * SLIDES, weights)
+    fit_in_process(module, datamodule, steps, out)
     return module
 
 

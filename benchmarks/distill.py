@@ -36,7 +36,6 @@ import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
-from torch.utils.data import Dataset
 
 from pipeline.encoders import IMAGENET_MEAN, IMAGENET_STD, load_encoder
 from pipeline.eval.protocols import linear_probe
@@ -49,9 +48,10 @@ from pipeline.ssl.config import (
     ModelConfig,
     OptimConfig,
 )
-from pipeline.ssl.data import MultiCrop, PretrainDataModule
+from pipeline.ssl.data import PretrainDataModule, TensorTiles
 from pipeline.ssl.export import save_encoder
 from pipeline.ssl.module import DINOv2Module
+from pipeline.ssl.train import fit_in_process
 
 COLOURS = ((0.85, 0.35, 0.55), (0.45, 0.25, 0.70), (0.60, 0.45, 0.20), (0.25, 0.60, 0.70))
 TEXTURES = ("stripes", "checkerboard", "dots", "noise")
@@ -148,21 +148,6 @@ def train_experts(folder: Path, steps: int, seed: int) -> dict[str, Path]:
     }
 
 
-class PlantedTiles(Dataset):
-    """Planted tiles cut into the multi-crop views of ``data`` (one "slide")."""
-
-    def __init__(self, data: DataConfig, n: int, seed: int):
-        self.tiles = planted_tiles(n, seed)[0]
-        self.crop = MultiCrop(data)
-        self.slide_sizes = [n]
-
-    def __len__(self) -> int:
-        return len(self.tiles)
-
-    def __getitem__(self, index: int):
-        return self.crop(self.tiles[int(index)])
-
-
 def student_data(batch_size: int = 32) -> DataConfig:
     return DataConfig(
         batch_size=batch_size,
@@ -221,22 +206,8 @@ def train_student(
     data = student_data(batch_size)
     module = DINOv2Module.from_configs(model, loss, optim, steps, data=data, distill=distill)
     datamodule = PretrainDataModule(data, loss, patch_size=patch, max_steps=steps)
-    datamodule.dataset = PlantedTiles(data, 2048, 2000 + seed)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        precision="32-true",
-        max_steps=steps,
-        max_epochs=-1,
-        logger=False,
-        use_distributed_sampler=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        default_root_dir=tempfile.mkdtemp(prefix="cpath-distill-"),
-    )
-    trainer.fit(module, datamodule=datamodule)
+    datamodule.dataset = TensorTiles(planted_tiles(2048, 2000 + seed)[0], data)
+    fit_in_process(module, datamodule, steps, tempfile.mkdtemp(prefix="cpath-distill-"))
     return module
 
 

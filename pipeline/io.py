@@ -75,3 +75,25 @@ def remove_temporaries(path: str | os.PathLike) -> int:
     for tmp in stale:
         tmp.unlink(missing_ok=True)
     return len(stale)
+
+
+def read_slide_column(path: str | os.PathLike, column: str, what: str) -> dict[str, str]:
+    """``{slide_id: value}`` from a CSV with the columns ``slide_id`` and ``column`` (cells
+    stripped, empty values left out); ``what`` names the table in errors (ConfigError: the
+    file cannot be read or lacks the columns)."""
+    import csv
+
+    from pipeline.errors import ConfigError
+
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the {what} ({exc})") from exc
+    if not rows or not {"slide_id", column} <= set(rows[0]):
+        raise ConfigError(f"{path}: the {what} needs the columns slide_id,{column}, a row a slide")
+    return {
+        r["slide_id"].strip(): r[column].strip()
+        for r in rows
+        if r["slide_id"] and r[column] and r[column].strip()
+    }

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pipeline.slide.embed import ENCODER_ATTRS
+from pipeline.slide.embed import ENCODER_ATTRS, feature_files
 
 log = logging.getLogger(__name__)
 
@@ -97,22 +97,6 @@ class CurateConfig:
     progress: bool = True
 
 
-def feature_files(folder: Path) -> list[Path]:
-    """The ``.h5`` feature files of ``folder``, sorted."""
-    from pipeline.errors import PipelineError
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise PipelineError(f"{folder}: no such folder; point --features at cpath extract's output")
-    files = sorted(p for p in folder.glob("*.h5") if not p.name.startswith("."))
-    if not files:
-        raise PipelineError(
-            f"{folder}: no .h5 feature files; run `cpath extract` first or point --features "
-            "at the folder it wrote"
-        )
-    return files
-
-
 def extract_features(cfg: CurateConfig) -> Path:
     """Run ``cpath extract`` on ``cfg.coords`` with ``cfg.encoder`` into ``OUT/features``
     (slides done before are skipped); returns that folder."""
@@ -148,18 +132,10 @@ def extract_features(cfg: CurateConfig) -> Path:
 
 def read_groups(path: Path, slide_ids: list[str]) -> dict[str, str]:
     """``{slide_id: group}`` from a CSV with columns slide_id,group; every slide needs one."""
-    import csv
-
     from pipeline.errors import ConfigError
+    from pipeline.io import read_slide_column
 
-    try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the groups CSV ({exc})") from exc
-    if not rows or not {"slide_id", "group"} <= set(rows[0]):
-        raise ConfigError(f"{path}: needs the columns slide_id,group and one row per slide")
-    groups = {r["slide_id"].strip(): r["group"].strip() for r in rows}
+    groups = read_slide_column(path, "group", "groups CSV")
     missing = [s for s in slide_ids if s not in groups]
     if missing:
         raise ConfigError(

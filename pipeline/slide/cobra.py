@@ -149,6 +149,19 @@ def mamba_available() -> bool:
     return True
 
 
+def projection_mlp(dim_in: int, hidden: int, dim_out: int, dropout: float) -> nn.Sequential:
+    """COBRA's projector and MoCo v3 predictor: LayerNorm, Linear, SiLU, Dropout, Linear,
+    BatchNorm (``B x dim_in -> B x dim_out``)."""
+    return nn.Sequential(
+        nn.LayerNorm(dim_in),
+        nn.Linear(dim_in, hidden),
+        nn.SiLU(),
+        nn.Dropout(dropout),
+        nn.Linear(hidden, dim_out),
+        nn.BatchNorm1d(dim_out),
+    )
+
+
 class GatedAttentionHeads(nn.Module):
     """Multi-head gated attention pooling (Ilse et al., ICML 2018), heads averaged as COBRA.
 
@@ -227,14 +240,7 @@ class Cobra(nn.Module):
             raise ValueError(f"block must be ssm or mamba2, not {block!r}")
         self.norm = nn.LayerNorm(width)
         self.attn = GatedAttentionHeads(width, heads, att_dim, dropout)
-        self.proj = nn.Sequential(
-            nn.LayerNorm(width),
-            nn.Linear(width, 4 * width),
-            nn.SiLU(),
-            nn.Dropout(dropout),
-            nn.Linear(4 * width, proj_dim),
-            nn.BatchNorm1d(proj_dim),
-        )
+        self.proj = projection_mlp(width, 4 * width, proj_dim, dropout)
 
     def embed_tiles(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """Model ``name``'s tile features (``... x N x D_m``) to ``... x N x E``."""
@@ -273,18 +279,7 @@ class MoCoCobra(nn.Module):
         c = encoder.proj[-1].num_features
         self.tau = tau
         self.online = encoder
-        self.predictor = (
-            nn.Sequential(
-                nn.LayerNorm(c),
-                nn.Linear(c, 2 * c),
-                nn.SiLU(),
-                nn.Dropout(dropout),
-                nn.Linear(2 * c, c),
-                nn.BatchNorm1d(c),
-            )
-            if predictor
-            else nn.Identity()
-        )
+        self.predictor = projection_mlp(c, 2 * c, c, dropout) if predictor else nn.Identity()
         self.momentum = copy.deepcopy(encoder)
         for p in self.momentum.parameters():
             p.requires_grad_(False)

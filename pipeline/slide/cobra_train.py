@@ -21,7 +21,6 @@ and settings skips. ``--features+ NAME=DIR`` (repeated) adds one folder at a tim
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -169,21 +168,12 @@ def parse_features(specs: list[str]) -> dict[str, Path]:
 def read_cases(path: Path | None, slide_ids: set[str]) -> dict[str, str]:
     """slide_id -> case_id from ``path`` (CSV slide_id,case_id); slides not in it (or no
     file) are their own case."""
-    from pipeline.errors import PipelineError
+    from pipeline.io import read_slide_column
 
     cases = {s: s for s in slide_ids}
-    if path is None:
-        return cases
-    try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-    except OSError as exc:
-        raise PipelineError(f"{path}: cannot read the case table ({exc})") from exc
-    if not rows or not {"slide_id", "case_id"} <= set(rows[0]):
-        raise PipelineError(f"{path}: need the columns slide_id,case_id (one row a slide)")
-    for r in rows:
-        if r["slide_id"] in cases and r["case_id"]:
-            cases[r["slide_id"]] = r["case_id"]
+    if path is not None:
+        table = read_slide_column(path, "case_id", "case table")
+        cases.update({s: c for s, c in table.items() if s in cases})
     return cases
 
 

@@ -149,6 +149,8 @@ class SlideEmbedConfig:
 
 
 def feature_files(folder: Path | None) -> list[Path]:
+    """The ``.h5`` feature files of ``folder`` (``cpath extract``'s output), sorted; a clear
+    error when there is no folder or no file."""
     from pipeline.errors import PipelineError
 
     if folder is None:

@@ -215,6 +215,32 @@ class PretrainTiles(Dataset):
         return (*self.transform(tile), attempt)
 
 
+class TensorTiles(Dataset):
+    """In-memory ``N x 3 x H x W`` uint8 tiles cut into the multi-crop views of ``data``: a
+    stand-in for :class:`PretrainTiles` (planted tasks, tests) with the same items and the
+    attributes :class:`PretrainDataModule` reads, ``slide_sizes`` (consecutive tiles per
+    "slide"; default one slide) and ``item_weights`` (sampling weights, or None)."""
+
+    def __init__(
+        self,
+        tiles: torch.Tensor,
+        data: DataConfig,
+        slide_sizes: list[int] | None = None,
+        weights: np.ndarray | None = None,
+    ):
+        if slide_sizes is not None and sum(slide_sizes) != len(tiles):
+            raise ValueError(f"slides of {sum(slide_sizes)} tiles for {len(tiles)} tiles")
+        self.tiles, self.crop = tiles, MultiCrop(data)
+        self.slide_sizes = list(slide_sizes) if slide_sizes is not None else [len(tiles)]
+        self.item_weights = weights
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    def __getitem__(self, index: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        return self.crop(self.tiles[int(index)])
+
+
 class StreamSampler(Sampler[int]):
     """This rank's share of an endless, seeded stream of tile indices (a
     :class:`pipeline.ssl.stream.TileStream`, or for an int ``n`` one permutation of

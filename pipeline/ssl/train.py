@@ -170,6 +170,35 @@ def train(cfg: PretrainConfig) -> Path:
     return encoder
 
 
+def fit_in_process(
+    module: DINOv2Module,
+    datamodule: PretrainDataModule,
+    steps: int,
+    out: str | Path,
+    callbacks: tuple = (),
+) -> L.Trainer:
+    """Train ``module`` for ``steps`` steps in this process on the CPU, in 32-bit, without
+    logger, progress bar or checkpoints (planted tasks and tests; :func:`train` is the run
+    with all of those). Returns the trainer."""
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision="32-true",
+        max_steps=steps,
+        max_epochs=-1,
+        logger=False,
+        callbacks=list(callbacks),
+        use_distributed_sampler=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        default_root_dir=out,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    return trainer
+
+
 def keep_earlier_metrics(out: Path) -> None:
     """Keep the metrics of an earlier (interrupted) run: the CSV logger starts a new file."""
     current = out / "logs" / "metrics.csv"

@@ -9,31 +9,14 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import Dataset
 
 from pipeline.ssl.config import DataConfig, LossConfig
-from pipeline.ssl.data import MultiCrop, PretrainDataModule
+from pipeline.ssl.data import PretrainDataModule, TensorTiles
 from pipeline.ssl.module import DINOv2Module
+from pipeline.ssl.train import fit_in_process
 
 TINY14 = {"patch_size": 14, "depth": 2, "embed_dim": 64, "num_heads": 2, "mlp_ratio": 4}
 TINY_HEADS = {"prototypes": 16, "head_hidden": 16, "head_bottleneck": 8, "head_layers": 2}
-
-
-class RandomTiles(Dataset):
-    """``n`` random uint8 tiles of one "slide", cut into the views of ``data``."""
-
-    def __init__(self, data: DataConfig, n: int = 8, side: int | None = None, seed: int = 0):
-        side = side or data.global_size
-        g = torch.Generator().manual_seed(seed)
-        self.tiles = torch.randint(0, 256, (n, 3, side, side), dtype=torch.uint8, generator=g)
-        self.crop = MultiCrop(data)
-        self.slide_sizes = [n]
-
-    def __len__(self) -> int:
-        return len(self.tiles)
-
-    def __getitem__(self, index: int):
-        return self.crop(self.tiles[int(index)])
 
 
 class StepLog(L.Callback):
@@ -74,22 +57,11 @@ def fit(
     32-bit) and write ``out/last.ckpt``, a ``cpath pretrain`` checkpoint."""
     patch = module.student.backbone.patch_size
     datamodule = PretrainDataModule(data, loss, patch_size=patch, max_steps=steps)
-    datamodule.dataset = RandomTiles(data, side=data.global_size + 4)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        precision="32-true",
-        max_steps=steps,
-        max_epochs=-1,
-        logger=False,
-        callbacks=list(callbacks),
-        use_distributed_sampler=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        default_root_dir=out,
+    side = data.global_size + 4
+    tiles = torch.randint(
+        0, 256, (8, 3, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
     )
-    trainer.fit(module, datamodule=datamodule)
+    datamodule.dataset = TensorTiles(tiles, data)  # 8 random tiles of one "slide"
+    trainer = fit_in_process(module, datamodule, steps, out, callbacks)
     trainer.save_checkpoint(out / "last.ckpt")
     return out / "last.ckpt"
