@@ -49,25 +49,29 @@ SLIDES = 20
 COLOUR_SD = 12.0  # per-tile colour spread (grey levels)
 
 
-def texture(kind: int, rng: np.random.Generator) -> np.ndarray:
-    """One ``3 x SIDE x SIDE`` uint8 tile: a texture of ``kind`` in random H&E-like colours."""
+def pattern(kind: int, rng: np.random.Generator) -> np.ndarray:
+    """A ``SIDE x SIDE`` boolean texture of ``kind`` (0 stripes, 1 checkerboard, 2 dots,
+    3 diagonal stripes) with a random period and phase: True where the nuclei-like
+    foreground is."""
     y, x = np.mgrid[:SIDE, :SIDE].astype(np.float32)  # SIDE x SIDE
     period, phase = rng.uniform(6, 10), rng.uniform(0, 2 * np.pi)
     if kind == 0:
-        pattern = np.sin(2 * np.pi * x / period + phase) > 0
-    elif kind == 1:
-        pattern = (np.sin(2 * np.pi * x / period + phase) > 0) ^ (
-            np.sin(2 * np.pi * y / period) > 0
-        )
-    elif kind == 2:
+        return np.sin(2 * np.pi * x / period + phase) > 0
+    if kind == 1:
+        return (np.sin(2 * np.pi * x / period + phase) > 0) ^ (np.sin(2 * np.pi * y / period) > 0)
+    if kind == 2:
         cy, cx = rng.uniform(0, SIDE, (2, 12))
         d = np.min((y[..., None] - cy) ** 2 + (x[..., None] - cx) ** 2, axis=-1)
-        pattern = d < rng.uniform(4, 9)
-    else:
-        pattern = np.sin(2 * np.pi * (x + y) / (period * 1.41) + phase) > 0
+        return d < rng.uniform(4, 9)
+    return np.sin(2 * np.pi * (x + y) / (period * 1.41) + phase) > 0
+
+
+def texture(kind: int, rng: np.random.Generator) -> np.ndarray:
+    """One ``3 x SIDE x SIDE`` uint8 tile: a texture of ``kind`` in random H&E-like colours."""
+    fg = pattern(kind, rng)
     pink = np.array([230, 150, 190]) + rng.normal(0, COLOUR_SD, 3)  # background (eosin)
     purple = np.array([120, 60, 150]) + rng.normal(0, COLOUR_SD, 3)  # foreground (haematoxylin)
-    image = np.where(pattern[None], purple[:, None, None], pink[:, None, None])  # 3 x S x S
+    image = np.where(fg[None], purple[:, None, None], pink[:, None, None])  # 3 x S x S
     image = image + rng.normal(0, 10, image.shape)
     return np.clip(image, 0, 255).astype(np.uint8)
 

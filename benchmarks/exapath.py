@@ -1,13 +1,26 @@
-"""EXAPath's stain-normalised pretraining against pretraining on raw tiles, on a demo cohort
+"""EXAPath's stain-normalised pretraining against pretraining on raw tiles, on cohorts
 whose sites and slides each have their own stain colours.
 
 EXAPath (Yun et al., 2024) pretrains on Macenko-normalised tiles to reduce WSI-specific
-feature collapse. Here, per seed: the tiny CPU recipe (``configs/pretrain/tiny-cpu.yaml``)
-for ``--steps`` steps on the tiles of one preprocess run, once on raw tiles and once with
-``--data.stain_norm exapath`` (same seed, same tile stream). Each exported encoder then
-embeds labelled tiles of the development slides (``--classes tissue``: the tissue class of
-each tile's texture, skin, stroma, ...; ``tumour``: tumour / normal), with the normalizer
-its folder records (as ``cpath extract`` applies it by default: none for the raw arm).
+feature collapse. Two designs (``--design``), each run per seed once on raw tiles and once
+on tiles normalised with EXAPath's constants (same seed, same tile stream):
+
+- ``planted`` (default): synthetic tiles of 4 textures (the curation benchmark's patterns)
+  rendered by the Beer-Lambert law from haematoxylin and eosin concentrations that do not
+  depend on the texture, with stain vectors and strengths of their slide: 4 sites, each
+  with its own stain vectors, 5 slides per site jittered around them, every texture in
+  every slide. Biology is the texture only, colour is the site and slide only: the design
+  PathoROB asks for. A tiny DINOv2 run in process (``--steps`` steps on 2000 tiles);
+  scored on 800 fresh tiles of the same slides.
+- ``demo``: the tiny CPU recipe (``configs/pretrain/tiny-cpu.yaml``) through ``cpath
+  pretrain`` on the tiles of one preprocess run of the demo cohort, raw or with
+  ``--data.stain_norm exapath``. Each exported encoder embeds labelled tiles of the
+  development slides (``--classes tissue``: the tissue class of each tile's texture, skin,
+  stroma, ...; ``tumour``: tumour / normal), with the normalizer its folder records (as
+  ``cpath extract`` applies it by default: none for the raw arm). In this cohort each
+  tissue class comes from its own source images, whose stain hue differs: colour is
+  partly biology here, and normalisation removes it.
+
 Figures:
 
 - ``slide_knn``: leave-one-out slide-ID kNN accuracy (k = 10, cosine,
@@ -20,7 +33,8 @@ Figures:
 Printed: a markdown table per arm (mean and standard deviation over seeds), the seeds on
 which the normalised arm wins each figure, seconds per pretraining run and peak memory.
 
-Usage: ``python benchmarks/exapath.py [--seeds 3] [--steps 150] [--classes tissue] [--work DIR]``
+Usage: ``python benchmarks/exapath.py [--design planted|demo] [--seeds 3] [--steps 300]
+[--slides 24] [--classes tissue] [--work DIR]``
 """
 
 from __future__ import annotations
@@ -29,6 +43,7 @@ import argparse
 import logging
 import resource
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -51,15 +66,104 @@ from pipeline.wsi.preprocess import PreprocessConfig
 from pipeline.wsi.preprocess import run as preprocess
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the planted design reuses benchmarks.curation
 TINY = ROOT / "configs" / "pretrain" / "tiny-cpu.yaml"
 ARMS = ("raw", "exapath")
 FIGURES = ("slide_knn", "robustness", "task_knn")
 
 
-def prepare(work: Path, classes: str = "tissue") -> tuple[Path, list[dict]]:
-    """The cohort (8 development slides of 4 sites, half size), its coords and labelled tiles."""
+# Beer-Lambert rendering of the planted design: optical density = c_H * v_H + c_E * v_E
+STAINS = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]])  # H, E unit-ish RGB OD vectors
+SITES, SLIDES_PER_SITE, TEXTURES = 4, 5, 4
+SITE_VECTOR_SD, SITE_STRENGTH = 0.08, (0.6, 1.4)  # per-site stain vectors and strengths
+SLIDE_VECTOR_SD, SLIDE_STRENGTH = 0.05, (0.9, 1.1)  # per-slide jitter around its site
+IO = 240.0  # light through glass
+
+
+def slide_stains(rng: np.random.Generator) -> np.ndarray:
+    """``SITES * SLIDES_PER_SITE x 2 x 3`` stain OD vectors (strength included) per slide,
+    slides of a site consecutive."""
+    out = []
+    for _ in range(SITES):
+        while True:  # a stain protocol H&E could be: haematoxylin absorbs more red, the
+            # two vectors at least 40 degrees apart
+            site = np.abs(STAINS + rng.normal(0, SITE_VECTOR_SD, STAINS.shape))
+            site = site / np.linalg.norm(site, axis=1, keepdims=True)
+            if site[0, 0] > site[1, 0] + 0.2 and site[0] @ site[1] < np.cos(np.radians(40)):
+                break
+        site = site * rng.uniform(*SITE_STRENGTH, (2, 1))
+        for _ in range(SLIDES_PER_SITE):
+            slide = np.abs(site + rng.normal(0, SLIDE_VECTOR_SD, site.shape))
+            out.append(slide * rng.uniform(*SLIDE_STRENGTH, (2, 1)))
+    return np.stack(out)
+
+
+def render(kind: int, stains: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One ``3 x SIDE x SIDE`` uint8 tile of texture ``kind`` in a slide's ``stains``:
+    haematoxylin-rich foreground, eosin-rich background, the same concentrations for every
+    texture."""
+    from benchmarks.curation import pattern
+
+    fg = pattern(kind, rng)  # SIDE x SIDE
+    # every pixel also takes some of both stains, independently: the optical densities
+    # fill the plane of the two stain vectors, as in real tissue and as Macenko expects
+    h = np.where(fg, rng.uniform(0.7, 1.1), 0.15) + rng.uniform(0, 0.3, fg.shape)
+    e = np.where(fg, 0.0, rng.uniform(0.5, 0.8)) + rng.uniform(0, 0.3, fg.shape)
+    conc = np.stack([h, e])  # 2 x S x S
+    od = np.einsum("cyx,cr->ryx", conc, stains)  # 3 x S x S
+    return np.clip(IO * np.exp(-od), 0, 255).astype(np.uint8)
+
+
+def planted_cohort(
+    rng: np.random.Generator, stains: np.ndarray, per_texture: int
+) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+    """``per_texture`` tiles of every texture in every slide (slide by slide, shuffled
+    within a slide) and their ``label`` / ``slide`` / ``site`` per tile."""
+    tiles, meta = [], {"label": [], "slide": [], "site": []}
+    for s, stain in enumerate(stains):
+        kinds = rng.permutation(np.repeat(np.arange(TEXTURES), per_texture))
+        tiles += [render(int(k), stain, rng) for k in kinds]
+        meta["label"] += kinds.tolist()
+        meta["slide"] += [s] * len(kinds)
+        meta["site"] += [s // SLIDES_PER_SITE] * len(kinds)
+    return torch.from_numpy(np.stack(tiles)), {k: np.array(v) for k, v in meta.items()}
+
+
+def figures(feats: np.ndarray, meta: dict[str, np.ndarray]) -> dict[str, float]:
+    """The three figures of ``N x D`` features of tiles with ``label``, ``slide``, ``site``."""
+    index = robustness_index(feats, meta["label"], meta["site"], exclude=meta["slide"])
+    return {
+        "slide_knn": slide_knn_accuracy(feats, meta["slide"], k=10),
+        "robustness": float("nan") if index is None else index["value"],
+        "task_knn": knn_probe(feats, meta["label"], meta["slide"]),
+    }
+
+
+def run_planted(seed: int, steps: int, work: Path) -> dict[str, dict[str, float]]:
+    """Both arms of the planted design for one seed: figures per arm, and seconds."""
+    from benchmarks.curation import features
+    from benchmarks.curation import pretrain as pretrain_tensors
+
+    rng = np.random.default_rng(seed)
+    stains = slide_stains(rng)
+    n_slides = SITES * SLIDES_PER_SITE
+    train, _ = planted_cohort(rng, stains, 2000 // n_slides // TEXTURES)  # 2000 x 3 x S x S
+    test, meta = planted_cohort(rng, stains, 10)  # 800 x 3 x S x S
+    normalizer = load_normalizer("exapath")
+    out = {}
+    for arm in ARMS:
+        start = time.perf_counter()
+        x, y = (train, test) if arm == "raw" else (normalizer(train), normalizer(test))
+        module = pretrain_tensors(x, None, seed, steps, work)
+        out[arm] = {**figures(features(module, y), meta), "seconds": time.perf_counter() - start}
+    return out
+
+
+def prepare(work: Path, classes: str = "tissue", slides: int = 24) -> tuple[Path, list[dict]]:
+    """The cohort (``slides`` development slides of 4 sites, half size), its coords and
+    labelled tiles."""
     cohort = work / "cohort"
-    make_cohort(cohort, n_slides=8, size_scale=0.5, progress=False)
+    make_cohort(cohort, n_slides=slides, size_scale=0.5, progress=False)
     prep = work / "prep"
     if not (prep / "coords").is_dir():
         assert (
@@ -102,43 +206,67 @@ def score(encoder_dir: Path, rows: list[dict], coords: Path) -> dict[str, float]
         images = load_normalizer(body)(images)
     with torch.inference_mode():
         feats = torch.cat([encoder.embed(b) for b in images.split(256)]).float().numpy()
-    labels = np.array([r["label"] for r in rows])
-    slides = np.array([r["slide_id"] for r in rows])
-    sites = np.array([r["site"] for r in rows])
-    index = robustness_index(feats, labels, sites, exclude=slides)
-    return {
-        "slide_knn": slide_knn_accuracy(feats, slides, k=10),
-        "robustness": float("nan") if index is None else index["value"],
-        "task_knn": knn_probe(feats, labels, slides),
+    meta = {"label": "label", "slide": "slide_id", "site": "site"}
+    return figures(feats, {k: np.array([r[c] for r in rows]) for k, c in meta.items()})
+
+
+def run_demo(args: argparse.Namespace, work: Path):
+    """Per seed, the figures of both arms on the demo cohort (a generator of dicts)."""
+    coords, rows = prepare(work, args.classes, args.slides)
+    spread = {
+        y: len({r["site"] for r in rows if r["label"] == y}) for y in {r["label"] for r in rows}
     }
+    print(
+        f"{len(rows)} labelled tiles of {len({r['slide_id'] for r in rows})} slides, "
+        f"{len({r['site'] for r in rows})} sites; {sum(n >= 2 for n in spread.values())} of "
+        f"{len(spread)} classes at two sites or more; {args.steps} steps per run"
+    )
+    for seed in range(args.seeds):
+        result = {}
+        for arm in ARMS:
+            out = work / f"{arm}-seed{seed}-steps{args.steps}"
+            stain = "exapath" if arm == "exapath" else None
+            seconds = pretrain(coords, out, seed, args.steps, stain)
+            result[arm] = {**score(out / "encoder", rows, coords), "seconds": seconds}
+        yield result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--design", choices=("planted", "demo"), default="planted")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=None, help="default: planted 300, demo 150")
+    parser.add_argument(
+        "--slides",
+        type=int,
+        default=24,
+        help="demo: development slides (24: every tissue class at two sites or more)",
+    )
     parser.add_argument("--work", type=Path, default=None, help="kept between runs when given")
     parser.add_argument(
-        "--classes", choices=("tumour", "tissue"), default="tissue", help="labels of the tiles"
+        "--classes", choices=("tumour", "tissue"), default="tissue", help="demo: tile labels"
     )
     args = parser.parse_args()
+    args.steps = args.steps or (300 if args.design == "planted" else 150)
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore")
     work = args.work or Path(tempfile.mkdtemp(prefix="exapath-"))
-    coords, rows = prepare(work, args.classes)
-    print(
-        f"{len(rows)} labelled tiles of {len({r['slide_id'] for r in rows})} slides, "
-        f"{len({r['site'] for r in rows})} sites; {args.steps} steps per run"
-    )
+    if args.design == "planted":
+        torch.set_num_threads(1)  # ops this small run slower on threads that share cores
+        print(
+            f"planted: {TEXTURES} textures x {SITES} sites x {SLIDES_PER_SITE} slides; "
+            f"2000 pretraining tiles of 40 px, 800 scored; {args.steps} steps per run"
+        )
+        per_seed = (run_planted(seed, args.steps, work) for seed in range(args.seeds))
+    else:
+        per_seed = run_demo(args, work)
     results = {arm: {f: [] for f in FIGURES} for arm in ARMS}
     seconds = {arm: [] for arm in ARMS}
-    for seed in range(args.seeds):
+    for seed, result in enumerate(per_seed):
         for arm in ARMS:
-            out = work / f"{arm}-seed{seed}-steps{args.steps}"
-            stain = "exapath" if arm == "exapath" else None
-            seconds[arm].append(pretrain(coords, out, seed, args.steps, stain))
-            for name, value in score(out / "encoder", rows, coords).items():
-                results[arm][name].append(value)
+            seconds[arm].append(result[arm]["seconds"])
+            for f in FIGURES:
+                results[arm][f].append(result[arm][f])
         print(
             f"seed {seed}: "
             + "; ".join(
@@ -159,23 +287,12 @@ def main() -> None:
         runs = [s for s in seconds[arm] if s == s]
         timing = f"{statistics.median(runs):.0f}" if runs else "cached"
         print(f"| {arm} | {' | '.join(cells)} | {timing} |")
-    wins = {
-        "slide_knn": sum(
-            e < r
-            for e, r in zip(
-                results["exapath"]["slide_knn"], results["raw"]["slide_knn"], strict=True
-            )
-        ),
-        "robustness": sum(
-            e > r
-            for e, r in zip(
-                results["exapath"]["robustness"], results["raw"]["robustness"], strict=True
-            )
-        ),
-    }
+    pairs = {f: list(zip(results["exapath"][f], results["raw"][f], strict=True)) for f in FIGURES}
+    lower = sum(e < r for e, r in pairs["slide_knn"])
+    higher = sum(e > r for e, r in pairs["robustness"])
     print(
-        f"\nexapath lowers slide-ID kNN on {wins['slide_knn']}/{args.seeds} seeds and raises "
-        f"the robustness index on {wins['robustness']}/{args.seeds}; peak RSS "
+        f"\nexapath lowers slide-ID kNN on {lower}/{args.seeds} seeds and raises "
+        f"the robustness index on {higher}/{args.seeds}; peak RSS "
         f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"
     )
 
