@@ -1,21 +1,37 @@
-"""Preprocessing speed and memory on large slides.
+"""Preprocessing speed and memory on large slides, side by side with hs2p.
 
-1. A 30000 x 20000 px slide at 0.25 mpp quilted from the real demo textures: time of
-   tissue detection + coords (thumbnail read, detection, grid) and of the whole
-   per-slide job (plus GeoJSON, QC image, coords file), against one bare
-   ``read_region`` of the detection level as the I/O reference.
-2. A 100000 x 100000 px sparse slide (precompressed JPEG tiles): peak memory of the
-   same job above the interpreter's baseline, which must stay set by the thumbnail.
+1. A 30000 x 20000 px slide at 0.25 mpp quilted from the real demo textures (with a pen
+   stroke): time of tissue detection + coords (thumbnail read, detection, grid) and of
+   the whole per-slide job, each part of it timed (GeoJSON outlines, QC image, coords
+   file), against one bare ``read_region`` of the detection level as the I/O reference.
+2. A 100000 x 100000 px sparse slide (precompressed JPEG tiles): the same, and the peak
+   memory of the job above the interpreter's baseline, which must stay set by the
+   thumbnail.
 
-Each measurement runs in a fresh process; its peak resident memory (VmHWM, reset after
-the imports through /proc/self/clear_refs) belongs to the measured work alone.
-Usage: ``python benchmarks/preprocess_speed.py [--out data/bench]``
+Times are steady state: one warm-up, then the median of ``--repeats`` runs in the same
+process (start-up excluded; each whole job writes into a fresh folder). Each slide is
+measured in a fresh process; its peak resident memory (VmHWM, reset after the imports
+through /proc/self/clear_refs) belongs to the measured work alone.
+
+With ``--hs2p`` the open-source tiler hs2p 6.1.0 tiles the same slides with the same
+parameters (256 px at 0.5 mpp, minimum tissue 0.5, segmentation on the level nearest
+16 um/px), in its own virtual environment (``data/bench/hs2p-venv``, made on first use
+from the package registry; hs2p is never a dependency of ``pipeline``), through
+``benchmarks/hs2p_child.py``. Printed for both: steady-state time, tile count, the
+overlap of the areas the two tile sets cover, and (on the 30k slide, which has a ground
+truth) the tiles at least a quarter pen ink.
+
+``cpath --help`` start-up is timed too (median of 3 fresh processes), with ``import
+torch`` for scale.
+
+Usage: ``python benchmarks/preprocess_speed.py [--out data/bench] [--repeats 5] [--hs2p]``
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,9 +45,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def make_large_slide(path: Path) -> None:
     """30000 x 20000 px at 0.25 mpp from the real textures (the demo generator)."""
-    from pipeline.data.demo import SlidePlan, generate_slide, load_textures
+    from pipeline.data.demo import DEVELOPMENT, SlidePlan, generate_slide, load_textures
 
-    plan = SlidePlan("bench_30k", "bench", "tumor", "C", 0.25, 40, 7500.0, 5000.0, seed=7)
+    plan = SlidePlan(
+        "bench_30k",
+        "bench",
+        "tumor",
+        DEVELOPMENT,
+        "cmu",
+        "carcinoma",
+        "C",
+        0.25,
+        40,
+        7500.0,
+        5000.0,
+        seed=7,
+    )
     record = generate_slide(plan, load_textures(ROOT / "data" / "cache"), path.parent.parent)
     assert (path.parent.parent / record["path"]).resolve() == path.resolve()
 
@@ -39,8 +68,10 @@ def make_large_slide(path: Path) -> None:
 def make_huge_slide(path: Path, side: int = 100_000, mpp: float = 0.25) -> None:
     """A ``side`` x ``side`` px Aperio-style slide written from precompressed tiles.
 
-    A disk of real carcinoma texture (a third of the width across) on glass; every
-    tile is JPEG-encoded once and reused, so writing takes seconds.
+    A disk of real carcinoma texture (a third of the width across, made of whole level-0
+    tiles) on glass; every level-0 tile is JPEG-encoded once and reused, so writing takes
+    seconds. The reduced levels show the same disk: each of their pixels is texture (the
+    texture downsampled to the level) where its level-0 tile is, glass elsewhere.
     """
     import imagecodecs
     import tifffile
@@ -53,7 +84,14 @@ def make_huge_slide(path: Path, side: int = 100_000, mpp: float = 0.25) -> None:
         Image.open(fetch_source("carcinoma", ROOT / "data" / "cache")).convert("RGB")
     )
     tile = 512
-    glass = imagecodecs.jpeg_encode(np.full((tile, tile, 3), 242, np.uint8), level=90)
+    n0 = -(-side // tile)  # level-0 tiles per side
+    centre, radius = n0 / 2, n0 / 6
+
+    def inside(t: np.ndarray, u: np.ndarray) -> np.ndarray:  # level-0 tile indices
+        return (t + 0.5 - centre) ** 2 + (u + 0.5 - centre) ** 2 < radius**2
+
+    glass_px = np.full((tile, tile, 3), 242, np.uint8)
+    glass = imagecodecs.jpeg_encode(glass_px, level=90)
     patches = [
         imagecodecs.jpeg_encode(np.ascontiguousarray(texture[y : y + tile, x : x + tile]), level=90)
         for y in (0, 488)
@@ -62,11 +100,26 @@ def make_huge_slide(path: Path, side: int = 100_000, mpp: float = 0.25) -> None:
 
     def tiles(size: int):
         n = -(-size // tile)
-        centre, radius = n / 2, n / 6
+        if size == side:
+            for ty in range(n):
+                for tx in range(n):
+                    yield patches[(tx + ty) % len(patches)] if inside(ty, tx) else glass
+            return
+        ds = side / size
+        small = Image.fromarray(texture)
+        small = np.asarray(small.resize((max(8, round(small.width / ds)),) * 2))
+        reps = -(-tile // small.shape[0])
+        textured = np.tile(small, (reps, reps, 1))[:tile, :tile]  # tile x tile x 3
         for ty in range(n):
             for tx in range(n):
-                inside = (ty + 0.5 - centre) ** 2 + (tx + 0.5 - centre) ** 2 < radius**2
-                yield patches[(tx + ty) % len(patches)] if inside else glass
+                rows = ((ty * tile + np.arange(tile)) * ds // tile).astype(int)  # level-0 tiles
+                cols = ((tx * tile + np.arange(tile)) * ds // tile).astype(int)
+                mask = inside(rows[:, None], cols[None, :])
+                if not mask.any():
+                    yield glass
+                else:
+                    image = np.where(mask[..., None], textured, glass_px)
+                    yield imagecodecs.jpeg_encode(np.ascontiguousarray(image), level=90)
 
     sizes = [side]
     while sizes[-1] // 4 >= 1024:
@@ -108,65 +161,164 @@ def reset_peak_rss() -> float:
     return peak_rss()
 
 
-def measure(slide: str, out: str) -> dict:
-    """Runs in a child process: time the stages of one slide and its peak RSS."""
-    from pipeline.wsi.preprocess import PreprocessConfig, process_slide
+def _median_time(fn, repeats: int) -> tuple[float, object]:
+    """Median seconds of ``repeats`` calls of ``fn`` after one warm-up; and its result."""
+    result = fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), result
+
+
+def measure(slide: str, out: str, repeats: int = 5) -> dict:
+    """Runs in a child process: steady-state time of each part of one slide's job, of the
+    whole job, and the peak RSS."""
+    import io
+
+    from pipeline.wsi.contours import mask_polygons, polygons_to_geojson
+    from pipeline.wsi.coords import read_coords, write_coords
+    from pipeline.wsi.preprocess import PreprocessConfig, draw_qc, process_slide
     from pipeline.wsi.reader import Slide
     from pipeline.wsi.slides import SlideEntry
     from pipeline.wsi.tiling import tile_grid
-    from pipeline.wsi.tissue import TissueConfig, make_tissue_detector
+    from pipeline.wsi.tissue import make_tissue_detector
 
     base = reset_peak_rss()  # MiB after imports
     cfg = PreprocessConfig(slides=slide, out=Path(out), tile_size=256)
-    detect = make_tissue_detector(TissueConfig())
+    detect = make_tissue_detector(cfg.tissue)
+    times = {}
     with Slide(slide) as s:
-        t0 = time.perf_counter()
-        thumb = s.thumbnail_at_mpp(8.0)
-        t1 = time.perf_counter()
-        mask = detect(thumb, s.mpp * s.dimensions[0] / thumb.shape[1])
-        t2 = time.perf_counter()
-        grid = tile_grid(s.dimensions, s.mpp, 0.5, 256, 0, mask, 0.5)
-        t3 = time.perf_counter()
-        level = s.best_level(8.0 / s.mpp)
+        times["read_s"], thumb = _median_time(lambda: s.thumbnail_at_mpp(cfg.tissue.mpp), repeats)
+        mpp = s.mpp * s.dimensions[0] / thumb.shape[1]
+        times["detect_s"], mask = _median_time(lambda: detect(thumb, mpp), repeats)
+        times["grid_s"], grid = _median_time(
+            lambda: tile_grid(s.dimensions, s.mpp, 0.5, 256, 0, mask, 0.5), repeats
+        )
+        scale = thumb.shape[1] / s.dimensions[0]
+        times["polygons_s"], polygons = _median_time(lambda: mask_polygons(mask), repeats)
+        times["geojson_s"], _ = _median_time(
+            lambda: json.dumps(polygons_to_geojson(polygons, (1 / scale, 1 / scale))), repeats
+        )
+
+        def qc() -> None:
+            image = draw_qc(thumb, polygons, grid.coords, grid.patch_size_level0, scale, 1024)
+            image.save(io.BytesIO(), format="PNG")
+
+        times["qc_png_s"], _ = _median_time(qc, repeats)
+        h5 = Path(out) / "coords_bench.h5"
+        times["coords_write_s"], _ = _median_time(
+            lambda: write_coords(h5, grid.coords, grid.tissue_fraction, {"n": len(grid.coords)}),
+            repeats,
+        )
+        level = s.best_level(cfg.tissue.mpp / s.mpp)
         w, h = s.level_dimensions[level]
-        t4 = time.perf_counter()
-        for y in range(0, h, 4096):  # bare reads of the same level, same chunks
-            for x in range(0, w, 4096):
-                s._handle.read_region(
-                    (round(x * s.level_downsamples[level]), round(y * s.level_downsamples[level])),
-                    level,
-                    (min(4096, w - x), min(4096, h - y)),
-                )
-        t5 = time.perf_counter()
+        ds = s.level_downsamples[level]
+
+        def bare_read() -> None:  # bare reads of the same level, same chunks
+            for y in range(0, h, 4096):
+                for x in range(0, w, 4096):
+                    s._handle.read_region(
+                        (round(x * ds), round(y * ds)), level, (min(4096, w - x), min(4096, h - y))
+                    )
+
+        times["bare_read_s"], _ = _median_time(bare_read, repeats)
         size = s.dimensions
-    t6 = time.perf_counter()
-    row = process_slide(SlideEntry(Path(slide).stem, Path(slide)), cfg)
-    t7 = time.perf_counter()
-    peak = peak_rss()
+    runs = iter(range(repeats + 1))
+
+    def job() -> dict:  # a fresh output folder each time: nothing is skipped
+        c = PreprocessConfig(slides=slide, out=Path(out) / f"run{next(runs)}", tile_size=256)
+        return process_slide(SlideEntry(Path(slide).stem, Path(slide)), c)
+
+    times["job_s"], row = _median_time(job, repeats)
+    coords = read_coords(Path(out) / f"run{repeats}" / "coords" / f"{Path(slide).stem}.h5")
     return {
+        **times,
         "size": size,
         "tiles": len(grid.coords),
         "thumbnail": thumb.shape[:2],
-        "read_s": t1 - t0,
-        "detect_s": t2 - t1,
-        "grid_s": t3 - t2,
-        "bare_read_s": t5 - t4,
-        "job_s": t7 - t6,
         "status": row["status"],
-        "peak_mib_above_baseline": peak - base,
+        "coords": coords.coords.tolist(),
+        "tile_size_level0": int(coords.patch_size_level0),
+        "peak_mib_above_baseline": peak_rss() - base,
         "baseline_mib": base,
     }
 
 
-def run_child(slide: Path, out: Path) -> dict:
-    code = f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); from benchmarks.preprocess_speed import measure; print(json.dumps(measure({str(slide)!r}, {str(out)!r})))"
+def run_child(slide: Path, out: Path, repeats: int) -> dict:
+    code = (
+        f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); "
+        "from benchmarks.preprocess_speed import measure; "
+        f"print(json.dumps(measure({str(slide)!r}, {str(out)!r}, {repeats})))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+HS2P = "hs2p[openslide]==6.1.0"
+
+
+def hs2p_python(venv: Path) -> Path:
+    """The hs2p environment's interpreter, made on first use (from the package registry)."""
+    python = venv / "bin" / "python"
+    if not python.exists():
+        print(f"making {venv} with {HS2P} (once)", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", HS2P], check=True)
+    return python
+
+
+def run_hs2p(python: Path, slide: Path, repeats: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "hs2p.json"
+        subprocess.run(
+            [str(python), str(ROOT / "benchmarks" / "hs2p_child.py"), str(slide), str(out)]
+            + ["--repeats", str(repeats)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        return json.loads(out.read_text())
+
+
+def coverage(coords: list, side: int, size: tuple[int, int], cell: int = 64) -> np.ndarray:
+    """Boolean ``cell``-px grid of the level-0 area that the tiles cover."""
+    grid = np.zeros((-(-size[1] // cell), -(-size[0] // cell)), bool)
+    for x, y in coords:
+        grid[y // cell : -(-(y + side) // cell), x // cell : -(-(x + side) // cell)] = True
+    return grid
+
+
+def pen_tiles(coords: list, side: int, pen: np.ndarray, ds: int, share: float = 0.25) -> int:
+    """Tiles at least ``share`` pen ink in the ground-truth pen mask (``ds`` level-0 px per
+    mask px)."""
+    n = 0
+    for x, y in coords:
+        box = pen[y // ds : -(-(y + side) // ds), x // ds : -(-(x + side) // ds)]
+        n += bool(box.size) and box.mean() >= share
+    return n
+
+
+def startup() -> tuple[float, float]:
+    """Median seconds of ``cpath --help`` and of ``import torch``, fresh processes."""
+
+    def timed(args: list[str]) -> float:
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, *args], capture_output=True, check=True)
+        return time.perf_counter() - t0
+
+    help_s = statistics.median(timed(["-m", "pipeline", "--help"]) for _ in range(3))
+    torch_s = statistics.median(timed(["-c", "import torch"]) for _ in range(3))
+    return help_s, torch_s
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "data" / "bench")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--hs2p", action="store_true", help="run hs2p side by side")
+    parser.add_argument("--hs2p-venv", type=Path, default=ROOT / "data" / "bench" / "hs2p-venv")
     args = parser.parse_args()
     large = args.out / "slides" / "bench_30k.svs"
     huge = args.out / "slides" / "bench_100k.svs"
@@ -178,30 +330,64 @@ def main() -> None:
         t = time.perf_counter()
         make_huge_slide(huge)
         print(f"made {huge} in {time.perf_counter() - t:.0f} s")
+    python = hs2p_python(args.hs2p_venv) if args.hs2p else None
 
+    help_s, torch_s = startup()
+    print(f"start-up: `cpath --help` {help_s:.2f} s (`import torch` alone {torch_s:.2f} s)")
     for name, path in (
         ("30000 x 20000 px, 0.25 mpp", large),
         ("100000 x 100000 px, 0.25 mpp", huge),
     ):
         with tempfile.TemporaryDirectory() as out:
-            r = run_child(path, Path(out))
+            r = run_child(path, Path(out), args.repeats)
         work = r["read_s"] + r["detect_s"] + r["grid_s"]
         print(
-            f"\n{name}: {r['tiles']} tiles at 0.5 mpp, thumbnail {r['thumbnail'][1]}x{r['thumbnail'][0]} px"
+            f"\n{name}: {r['tiles']} tiles at 0.5 mpp, thumbnail {r['thumbnail'][1]}x{r['thumbnail'][0]} px "
+            f"(steady state, median of {args.repeats})"
         )
         print(
-            f"  tissue detection + coords: {work:.3f} s (thumbnail read {r['read_s']:.3f} s, "
-            f"detection {r['detect_s']:.3f} s, grid {r['grid_s']:.4f} s)"
+            f"  tissue detection + coords: {work:.4f} s (thumbnail read {r['read_s']:.4f} s, "
+            f"detection {r['detect_s']:.4f} s, grid {r['grid_s']:.4f} s)"
         )
         print(
-            f"  bare read_region of the same level: {r['bare_read_s']:.3f} s -> "
+            f"  bare read_region of the same level: {r['bare_read_s']:.4f} s -> "
             f"detection + coords / bare read = {work / r['bare_read_s']:.2f}x"
         )
-        print(f"  whole per-slide job (with GeoJSON, QC image, coords file): {r['job_s']:.3f} s")
+        print(
+            f"  outputs: polygons {r['polygons_s']:.4f} s, GeoJSON {r['geojson_s']:.4f} s, "
+            f"QC image (PNG) {r['qc_png_s']:.4f} s, coords file {r['coords_write_s']:.4f} s"
+        )
+        print(
+            f"  whole per-slide job: {r['job_s']:.4f} s = {r['job_s'] / r['bare_read_s']:.1f}x "
+            "the bare read"
+        )
         print(
             f"  peak memory above the interpreter baseline: {r['peak_mib_above_baseline']:.0f} MiB "
             f"(baseline {r['baseline_mib']:.0f} MiB; thumbnail {np.prod(r['thumbnail']) * 3 / 2**20:.0f} MiB)"
         )
+        if python is None:
+            continue
+        h = run_hs2p(python, path, args.repeats)
+        size = tuple(r["size"])
+        ours = coverage(r["coords"], r["tile_size_level0"], size)
+        theirs = coverage(h["coords"], h["tile_size_level0"], size)
+        iou = (ours & theirs).sum() / max(1, (ours | theirs).sum())
+        print(
+            f"  hs2p {h['version']}: {h['n_tiles']} tiles, {h['median_s']:.4f} s per slide -> "
+            f"ours / hs2p = {r['job_s'] / h['median_s']:.1f}x; covered areas IoU {iou:.3f} "
+            f"(ours {ours.mean():.1%} of the slide, hs2p {theirs.mean():.1%})"
+        )
+        truth = path.parent.parent / "ground_truth" / f"{path.stem}_pen.png"
+        if truth.exists():
+            from PIL import Image
+
+            pen = np.asarray(Image.open(truth)) > 0
+            ds = round(size[0] / pen.shape[1])
+            print(
+                "  tiles at least a quarter pen ink: "
+                f"ours {pen_tiles(r['coords'], r['tile_size_level0'], pen, ds)}, "
+                f"hs2p {pen_tiles(h['coords'], h['tile_size_level0'], pen, ds)}"
+            )
 
 
 if __name__ == "__main__":

@@ -2,33 +2,56 @@
 
 Every sub-command takes ``--config FILE.yaml`` and ``--key value`` overrides of any
 config key (``cpath <stage> --print_config`` shows the resolved config).
+
+Only the named stage's module is imported (and with it torch, Lightning or timm only
+when that stage needs them); ``cpath``, ``cpath --help`` and ``cpath --version`` import
+no stage at all.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 import warnings
-
-from jsonargparse import ArgumentParser
+from collections.abc import Iterable
 
 import pipeline
-from pipeline.config import bool_keys, config_from_namespace, normalize_argv, stage_parser
 from pipeline.errors import PipelineError
 from pipeline.stages import STAGES
 
+DESCRIPTION = (
+    "Computational-pathology foundation-model pipeline: slides -> tiles -> stain -> SSL "
+    "pretraining -> features -> MIL -> evaluation."
+)
 
-def build_parser() -> tuple[ArgumentParser, dict[str, tuple[type, object]]]:
-    """The ``cpath`` parser and, per sub-command, its config class and stage function."""
-    parser = ArgumentParser(
-        prog="cpath",
-        description="Computational-pathology foundation-model pipeline: slides -> tiles -> "
-        "stain -> SSL pretraining -> features -> MIL -> evaluation.",
+
+def stage_list_parser() -> argparse.ArgumentParser:
+    """The top-level parser of ``cpath`` without a stage: every stage's name and help,
+    read from :data:`pipeline.stages.STAGES` without importing any stage."""
+    parser = argparse.ArgumentParser(
+        prog="cpath", description=DESCRIPTION, epilog="`cpath <stage> --help`: a stage's options."
     )
+    parser.add_argument("--version", action="version", version=pipeline.__version__)
+    stages = parser.add_subparsers(dest="stage", metavar="<stage>", required=True)
+    for name, stage in STAGES.items():
+        stages.add_parser(name, help=stage.help, add_help=False)
+    return parser
+
+
+def build_parser(names: Iterable[str] | None = None):
+    """The ``cpath`` parser (jsonargparse) with the sub-commands ``names`` (default all) and,
+    per sub-command, its config class and stage function."""
+    from jsonargparse import ArgumentParser
+
+    from pipeline.config import stage_parser
+
+    parser = ArgumentParser(prog="cpath", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=pipeline.__version__)
     subcommands = parser.add_subcommands(dest="stage")
     loaded = {}
-    for name, stage in STAGES.items():
+    for name in STAGES if names is None else names:
+        stage = STAGES[name]
         config_cls, run = stage.load()
         doc = (config_cls.__doc__ or "").strip().split("\n\n")[0]
         subcommands.add_subcommand(name, stage_parser(config_cls, doc), help=stage.help)
@@ -75,12 +98,16 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
     )
     quiet_lightning()
-    parser, loaded = build_parser()
     args = list(sys.argv[1:] if argv is None else argv)
-    stage = next((a for a in args if a in loaded), None)
-    if stage:
-        args = positional_to_options(args, stage, loaded[stage][0])
-    args = normalize_argv(args, bool_keys(loaded[stage][0]) if stage else set())
+    stage = next((a for a in args if a in STAGES), None)
+    if stage is None:  # help, version or a usage error: exits
+        stage_list_parser().parse_args(args)
+        return 2
+    from pipeline.config import bool_keys, config_from_namespace, normalize_argv
+
+    parser, loaded = build_parser([stage])
+    args = positional_to_options(args, stage, loaded[stage][0])
+    args = normalize_argv(args, bool_keys(loaded[stage][0]))
     namespace = parser.parse_args(args)  # prints usage and exits 2 on a bad key or value
     name = namespace.stage
     config_cls, run = loaded[name]

@@ -89,3 +89,24 @@ def test_positional_words_fill_the_action_fields():
     assert proc.returncode == 1 and "needs a checkpoint" in proc.stderr
     proc = _cpath("pretrain", "export", "missing.ckpt")
     assert proc.returncode == 1 and "missing.ckpt: checkpoint not found" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args, absent",
+    [
+        (["--help"], ["torch", "lightning", "timm", "jsonargparse", "pipeline.wsi.preprocess"]),
+        (["--version"], ["torch", "jsonargparse"]),
+        (["preprocess", "--help"], ["torch", "lightning", "timm"]),
+    ],
+)
+def test_start_up_imports_only_what_the_stage_needs(args, absent):
+    """`cpath --help` lists the stages without importing any; a stage imports its own
+    module only (preprocessing needs no torch)."""
+    code = (
+        "import sys\nfrom pipeline.cli import main\n"
+        f"try:\n    main({args!r})\nexcept SystemExit:\n    pass\n"
+        f"print(sorted(m for m in {absent!r} if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"

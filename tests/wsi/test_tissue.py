@@ -27,7 +27,7 @@ def _detect(thumb: np.ndarray, mpp: float, exclude_pen: bool) -> np.ndarray:
 
 
 @pytest.mark.parametrize("name", ["cmu", "carcinoma"])
-@pytest.mark.parametrize("tissue_mpp", [8.0, 2.0])
+@pytest.mark.parametrize("tissue_mpp", [16.0, 8.0, 2.0])
 def test_ink_removal_keeps_real_he_without_ink(sources, name, tissue_mpp):
     """Nuclei-dense H&E (haematoxylin is blue-violet, some of it dark) is not taken for ink:
     on images without pen marks, tissue with ink removal on and off differs by < 1%."""
