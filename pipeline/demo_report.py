@@ -100,7 +100,7 @@ def write_report(demo) -> Path:
         f"{_link(demo.prep / 'thumbnails', root, 'all thumbnails')}).</p>",
     ]
     parts += [
-        _img(demo.prep / "thumbnails" / f"{s}.png", root, s, 260) for s in tumour[:2] + normal[:2]
+        _img(demo.prep / "thumbnails" / f"{s}.jpg", root, s, 260) for s in tumour[:2] + normal[:2]
     ]
 
     stain = json.loads((demo.stain_dir / "report.json").read_text())

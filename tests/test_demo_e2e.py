@@ -20,13 +20,14 @@ def images_of(page) -> list[str]:
 
 
 def assert_renders(page) -> None:
-    """Every figure of an HTML page exists and is a PNG; in headless Chromium, when this
-    machine has it, every figure also loads."""
+    """Every figure of an HTML page exists and is a PNG (a JPEG for the QC thumbnails); in
+    headless Chromium, when this machine has it, every figure also loads."""
     sources = images_of(page)
     assert sources
     for src in sources:
         with Image.open(page.parent / src) as im:
-            assert im.format == "PNG" and min(im.size) > 16, src
+            expected = "JPEG" if "/thumbnails/" in src else "PNG"
+            assert im.format == expected and min(im.size) > 16, src
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium:
         dom = subprocess.run(
@@ -49,7 +50,7 @@ def assert_renders(page) -> None:
 def test_every_stage_leaves_well_formed_outputs(tiny_demo):
     runs = tiny_demo.runs
     coords = sorted((runs / "preprocess" / "coords").glob("*.h5"))
-    assert len(coords) == 10 and len(list((runs / "preprocess" / "thumbnails").glob("*.png"))) == 10
+    assert len(coords) == 10 and len(list((runs / "preprocess" / "thumbnails").glob("*.jpg"))) == 10
     listed = (runs / "preprocess" / "development.txt").read_text().split()
     assert listed == [f"coords/{c.name}" for c in coords if c.stem.startswith("demo_")]
     assert len(listed) == 6  # pretraining and the stain reference see these only

@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import numpy as np
-from skimage.measure import approximate_polygon, find_contours, label, regionprops
+from skimage.measure import find_contours, label, regionprops
 
 
-def mask_polygons(mask: np.ndarray, tolerance: float = 0.75) -> list[list[np.ndarray]]:
+def drop_collinear(ring: np.ndarray) -> np.ndarray:
+    """A closed ``K x 2`` ring without the points that lie on the straight line through
+    their neighbours (exactly: the outline is unchanged), closed again."""
+    points = ring[:-1]  # K-1 x 2, without the repeated first point
+    before, after = np.roll(points, 1, axis=0), np.roll(points, -1, axis=0)
+    d1, d2 = points - before, after - points
+    turn = np.abs(d1[:, 0] * d2[:, 1] - d1[:, 1] * d2[:, 0]) > 1e-9  # K-1
+    kept = points[turn]
+    return np.concatenate([kept, kept[:1]]) if len(kept) else ring
+
+
+def mask_polygons(mask: np.ndarray) -> list[list[np.ndarray]]:
     """Polygons of a boolean mask: per connected piece, ``[exterior, *holes]`` rings.
 
     Rings are ``K x 2`` arrays of (x, y) in mask px (pixel-edge coordinates), closed
-    (first point repeated last) and simplified to within ``tolerance`` px.
+    (first point repeated last), with only the points where the outline turns.
     """
     polygons = []
     labels = label(mask, connectivity=2)
@@ -19,7 +30,7 @@ def mask_polygons(mask: np.ndarray, tolerance: float = 0.75) -> list[list[np.nda
         piece = np.pad(region.image, 1)  # one px of background around the piece
         rings = []
         for contour in find_contours(piece.astype(np.float32), 0.5):
-            ring = approximate_polygon(contour, tolerance)
+            ring = drop_collinear(contour)
             if len(ring) < 4:
                 continue
             xy = np.stack([ring[:, 1] + x0 - 0.5, ring[:, 0] + y0 - 0.5], axis=1)  # K x 2

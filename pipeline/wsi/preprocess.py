@@ -1,12 +1,12 @@
 """``cpath preprocess``: tissue detection and tiling at a physical resolution.
 
-For every slide: open it and resolve its level-0 mpp, read a thumbnail at about 8 um
-per px (never the full slide), detect tissue, lay the tile grid at the target mpp and
+For every slide: open it and resolve its level-0 mpp, read its pyramid level nearest
+16 um per px (never the full slide), detect tissue, lay the tile grid at the target mpp and
 keep tiles with enough tissue. Outputs under ``out``::
 
     coords/<slide_id>.h5          tiles (see :mod:`pipeline.wsi.coords`)
     tissue/<slide_id>.geojson     tissue polygons in level-0 px (QuPath opens it)
-    thumbnails/<slide_id>.png     QC: tissue outline and tile grid over the thumbnail
+    thumbnails/<slide_id>.jpg     QC: tissue outline and tile grid over the thumbnail
     manifest.csv                  slide_id, path, status, n_tiles, level0_mpp, ...
     config.yaml                   the resolved config
 
@@ -131,7 +131,7 @@ class PreprocessConfig:
 
 
 # The version of the tissue and ink rules: coords files made by other rules are redone.
-TISSUE_RULES = 2
+TISSUE_RULES = 3
 
 
 def _same(stored: object, wanted: object) -> bool:
@@ -177,7 +177,7 @@ def _remove_stale_temporaries(out: Path, slide_id: str) -> None:
     Names are matched exactly: ``S1`` never touches ``S1.rescan``'s files, which another
     shard may be writing.
     """
-    for folder, ext in (("coords", ".h5"), ("tissue", ".geojson"), ("thumbnails", ".png")):
+    for folder, ext in (("coords", ".h5"), ("tissue", ".geojson"), ("thumbnails", ".jpg")):
         name = f".{slide_id}{ext}."
         for tmp in (out / folder).glob(f"{glob.escape(name)}*.tmp"):
             if tmp.name[len(name) : -len(".tmp")].isdigit():  # the writer's pid
@@ -238,7 +238,7 @@ def process_slide(entry: SlideEntry, cfg: PreprocessConfig) -> dict:
                 log.warning("slide %s: %s", entry.slide_id, warning)
             level0_mpp = slide.mpp
             row.update(level0_mpp=round(level0_mpp, 6), mpp_source=slide.mpp_source)
-            thumb = slide.thumbnail_at_mpp(cfg.tissue.mpp)
+            thumb = slide.detection_thumbnail(cfg.tissue.mpp)
             mask_mpp = level0_mpp * slide.dimensions[0] / thumb.shape[1]
             mask = make_tissue_detector(cfg.tissue)(thumb, mask_mpp)
             if not mask.any():
@@ -285,8 +285,8 @@ def process_slide(entry: SlideEntry, cfg: PreprocessConfig) -> dict:
                 qc = draw_qc(
                     thumb, polygons, grid.coords, grid.patch_size_level0, scale, cfg.thumbnail_size
                 )
-                with atomic_path(out / "thumbnails" / f"{entry.slide_id}.png") as tmp:
-                    qc.save(tmp, format="PNG")
+                with atomic_path(out / "thumbnails" / f"{entry.slide_id}.jpg") as tmp:
+                    qc.save(tmp, format="JPEG", quality=90)
             # The coords file is written last: its presence marks the slide as done.
             write_coords(coords_path, grid.coords, grid.tissue_fraction, attrs)
             row.update(status="ok", n_tiles=len(grid.coords))

@@ -451,6 +451,21 @@ class Slide:
                 out[oy : oy + ch, ox : ox + cw] = np.asarray(img)
         return out
 
+    def detection_thumbnail(self, mpp: float, coarser: float = 1.25) -> np.ndarray:
+        """The whole slide for tissue detection at about ``mpp`` um/px (RGB uint8), read
+        from the pyramid as cheaply as the resolution allows.
+
+        The coarsest level no coarser than ``coarser`` x ``mpp`` is read as it is (no
+        resampling) when it is at least half as coarse as ``mpp``: with ``mpp`` 16, a
+        16-um level, or an 8-um one when the next is 32. A slide without such a level
+        (a single-level image, or levels that stop at 4 um) is read in chunks from its
+        coarsest finer level and downsampled to ``mpp`` (:meth:`thumbnail_at_mpp`). The
+        image's resolution is ``mpp * width / image width``.
+        """
+        level = self.best_level(coarser * mpp / self.mpp)
+        level_mpp = self.mpp * float(self.level_downsamples[level])
+        return self.thumbnail_at_mpp(level_mpp if level_mpp >= mpp / 2 else mpp)
+
     def close(self) -> None:
         if self._handle is not None:
             self._handle.close()

@@ -1,4 +1,4 @@
-"""Tissue detection on a low-resolution image of the slide (about 8 um per px).
+"""Tissue detection on a low-resolution image of the slide (a pyramid level near 16 um per px).
 
 Detectors share one small interface: a callable taking an RGB uint8 thumbnail and its
 resolution (um per px) and returning a boolean tissue mask of the same height and
@@ -35,21 +35,23 @@ class TissueConfig:
 
     Args:
         method: registered detector name (``hsv_otsu``).
-        mpp: resolution of the image tissue is detected on, um per px (8-16 is typical).
+        mpp: resolution tissue is detected at, um per px: the slide's coarsest pyramid level at most 1.25x coarser is read as it is (a 16-um level, or an 8-um one when the next is 32), or, without a level between half and 1.25x this, the slide is read in chunks and downsampled to it.
         min_area_um2: connected pieces smaller than this are debris and dropped.
         max_hole_um2: holes inside tissue smaller than this are filled.
         closing_um: radius of the morphological closing that joins nearby fragments.
         min_saturation: lowest accepted Otsu threshold on HSV saturation (0-1).
         exclude_pen: remove blue, green and black marker strokes (colours H&E never takes).
+        pale_tissue: also keep faint H&E-coloured tissue whose saturation lies between the glass and strongly stained tissue (a second Otsu threshold below the first, used when such a class exists).
     """
 
     method: str = "hsv_otsu"
-    mpp: float = 8.0
+    mpp: float = 16.0
     min_area_um2: float = 5000.0
     max_hole_um2: float = 50000.0
     closing_um: float = 16.0
     min_saturation: float = 0.05
     exclude_pen: bool = True
+    pale_tissue: bool = True
 
 
 def make_tissue_detector(cfg: TissueConfig) -> TissueDetector:
@@ -60,10 +62,15 @@ def make_tissue_detector(cfg: TissueConfig) -> TissueDetector:
     return TISSUE_METHODS[cfg.method](cfg)
 
 
-def to_hsv(rgb: np.ndarray) -> np.ndarray:
-    """HSV of an RGB uint8 image as float32 in [0, 1] (Pillow's C conversion: fast on big thumbnails)."""
-    hsv = np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).convert("HSV"))
-    return hsv.astype(np.float32) * np.float32(1 / 255)
+def to_hsv8(rgb: np.ndarray) -> np.ndarray:
+    """HSV of an RGB uint8 image as uint8 (0-255 each; Pillow's C conversion)."""
+    return np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).convert("HSV"))
+
+
+def otsu8(counts: np.ndarray) -> float:
+    """Otsu's threshold (scikit-image's) of a histogram of 8-bit values, ``counts[v]`` the
+    number of pixels of value ``v``: values above it are the upper class."""
+    return float(threshold_otsu(hist=(counts, np.arange(len(counts)))))
 
 
 # Pen-ink colour rules, on 0-255 RGB. Established pen filters (the deep-histopath / HistomicsTK
@@ -89,6 +96,8 @@ def _stroke_cores(ink: np.ndarray, radius_px: float) -> np.ndarray:
     """Pixels of ``ink`` whose every neighbour within ``radius_px`` is ink too (the image
     border counts as ink): the cores of strokes wider than twice the radius."""
     k = int(radius_px)
+    if radius_px < 1:  # no neighbour within the radius: every ink pixel is a core
+        return ink.copy()
     if k <= 3:  # erosion by a small disk is faster than a distance transform
         yy, xx = np.ogrid[-k : k + 1, -k : k + 1]
         disk_ = xx * xx + yy * yy <= radius_px * radius_px
@@ -122,13 +131,56 @@ def ink_mask(rgb: np.ndarray, mpp: float) -> np.ndarray:
     return ndimage.binary_propagation(core, mask=ink | edge)
 
 
+# Faint tissue beside strongly stained tissue: Otsu's threshold on saturation then falls
+# between the faint and the strong tissue, not between glass and tissue. A second Otsu
+# below the first splits glass from the faint class; it is used when that class holds at
+# least PALE_MIN_SHARE of the pixels and lies PALE_MIN_SEPARATION glass standard
+# deviations above the glass, and only for H&E-coloured pixels (green the lowest channel:
+# eosin pink, haematoxylin violet; not blue or green ink halos, not bluish glass) that form
+# solid regions (a one-px opening drops the partial pixels along tissue and ink edges).
+PALE_MIN_SHARE = 0.02
+PALE_MIN_SEPARATION = 3.0
+
+
+def pale_tissue_mask(
+    rgb: np.ndarray,
+    sat: np.ndarray,
+    usable: np.ndarray,
+    counts: np.ndarray,
+    threshold: float,
+    floor: float,
+) -> np.ndarray:
+    """Faint H&E-coloured tissue among the ``usable`` pixels of 8-bit saturation ``sat``
+    (histogram ``counts``) at or below ``threshold``, the first Otsu threshold; empty when
+    the saturations below it hold no such class. ``floor``: the lowest threshold accepted."""
+    low = counts[: int(np.floor(threshold)) + 1]  # the histogram at or below the threshold
+    values = np.arange(len(low), dtype=np.float64)
+    if low.sum() < 100 or np.count_nonzero(low) < 2:
+        return np.zeros(sat.shape, bool)
+    second = otsu8(low)
+    glass, pale = values <= second, values > second
+    n_glass, n_pale = low[glass].sum(), low[pale].sum()
+    if second < floor or n_glass == 0 or n_pale < PALE_MIN_SHARE * counts.sum():
+        return np.zeros(sat.shape, bool)
+    glass_mean = (low[glass] * values[glass]).sum() / n_glass
+    glass_sd = np.sqrt((low[glass] * (values[glass] - glass_mean) ** 2).sum() / n_glass)
+    pale_mean = (low[pale] * values[pale]).sum() / n_pale
+    if pale_mean - glass_mean < PALE_MIN_SEPARATION * glass_sd:
+        return np.zeros(sat.shape, bool)
+    r, g, b = (rgb[..., i].astype(np.int16) for i in range(3))
+    faint = usable & (sat > second) & (sat <= threshold) & (g < r) & (g < b)
+    return ndimage.binary_opening(faint, structure=disk(1))
+
+
 @register_tissue_method("hsv_otsu")
 class HSVOtsu:
     """Otsu threshold on HSV saturation with morphology and ink exclusion (as in CLAM).
 
     Saturation separates stained tissue from glass; Otsu's threshold adapts to each
-    slide's stain strength. Closing joins fragments, small holes are filled and pieces
-    below ``min_area_um2`` dropped; pen ink is removed before and after.
+    slide's stain strength, and a second one below it keeps faint tissue that sits beside
+    strongly stained tissue (:func:`pale_tissue_mask`); both on the 8-bit histogram.
+    Closing joins fragments, small holes are filled and pieces below ``min_area_um2``
+    dropped; pen ink is removed before and after.
     """
 
     def __init__(self, cfg: TissueConfig):
@@ -136,15 +188,18 @@ class HSVOtsu:
 
     def __call__(self, thumbnail: np.ndarray, mpp: float) -> np.ndarray:
         cfg = self.cfg
-        hsv = to_hsv(thumbnail)  # H x W x 3 in [0, 1]
+        hsv = to_hsv8(thumbnail)  # H x W x 3 uint8
         sat = hsv[..., 1]
         ink = ink_mask(thumbnail, mpp) if cfg.exclude_pen else np.zeros(sat.shape, bool)
-        usable = ~ink & (hsv[..., 2] > 0.15)
-        values = sat[usable]
-        if values.size == 0 or values.max() - values.min() < 1e-3:
+        usable = ~ink & (hsv[..., 2] > 38)  # value above 0.15: not black
+        counts = np.bincount(sat[usable], minlength=256)  # 256
+        if np.count_nonzero(counts) < 2:
             return np.zeros(sat.shape, bool)
-        threshold = max(float(threshold_otsu(values)), cfg.min_saturation)
+        floor = cfg.min_saturation * 255
+        threshold = max(otsu8(counts), floor)
         mask = (sat > threshold) & usable
+        if cfg.pale_tissue:
+            mask |= pale_tissue_mask(thumbnail, sat, usable, counts, threshold, floor)
 
         px_area = mpp * mpp  # um^2 per px
         radius = max(1, round(cfg.closing_um / mpp))

@@ -16,7 +16,13 @@ from PIL import Image
 
 from pipeline.config import load_config
 from pipeline.wsi.coords import read_coords, write_coords
-from pipeline.wsi.preprocess import PreprocessConfig, preprocess, process_slide, run
+from pipeline.wsi.preprocess import (
+    TISSUE_RULES,
+    PreprocessConfig,
+    preprocess,
+    process_slide,
+    run,
+)
 from pipeline.wsi.reader import Slide
 from pipeline.wsi.slides import list_slides, parse_shard, shard_slides
 from pipeline.wsi.tissue import TissueConfig, make_tissue_detector
@@ -87,20 +93,66 @@ def test_tiles_lie_on_tissue_and_match_the_ground_truth(prepared, tiny_cohort):
         assert table.tissue_fraction.min() >= 0.5
 
 
+def _detection_iou(slide_path: Path, record: dict, truth: Path, cfg: TissueConfig) -> tuple:
+    """Tissue detection as preprocess runs it (:meth:`Slide.detection_thumbnail`) against
+    the ground truth: IoU at the truth's pixels (each sampling the detection mask at its
+    centre, by geometry), pen-ink pixels taken as tissue, and the detection's um per px."""
+    with Slide(slide_path) as slide:
+        thumb = slide.detection_thumbnail(cfg.mpp)
+        mpp = slide.mpp * slide.dimensions[0] / thumb.shape[1]
+        width, height = slide.dimensions
+    mask = make_tissue_detector(cfg)(thumb, mpp)
+    gt = np.asarray(Image.open(truth / f"{record['slide_id']}_tissue.png")) > 0
+    pen = np.asarray(Image.open(truth / f"{record['slide_id']}_pen.png")) > 0
+    ds = record["mask_downsample"]  # level-0 px per truth px
+    ys = ((np.arange(gt.shape[0]) + 0.5) * ds * mask.shape[0] / height).astype(int)
+    xs = ((np.arange(gt.shape[1]) + 0.5) * ds * mask.shape[1] / width).astype(int)
+    up = mask[np.ix_(ys.clip(max=mask.shape[0] - 1), xs.clip(max=mask.shape[1] - 1))]
+    return (up & gt).sum() / (up | gt).sum(), int((up & pen).sum()), mpp
+
+
 def test_tissue_detection_iou_and_pen_exclusion_on_every_demo_slide(tiny_cohort):
-    detect = make_tissue_detector(TissueConfig())
+    """At 8 um/px on the tiny cohort (slides a third of the demo's size: at 16 um/px their
+    masks are 35-120 px across and lose 0.03-0.05 IoU to pixel quantisation alone)."""
+    cfg = TissueConfig(mpp=8.0)
     for r in json.loads((tiny_cohort / "cohort.json").read_text())["slides"]:
-        gt = (
-            np.asarray(Image.open(tiny_cohort / "ground_truth" / f"{r['slide_id']}_tissue.png")) > 0
-        )
-        pen = np.asarray(Image.open(tiny_cohort / "ground_truth" / f"{r['slide_id']}_pen.png")) > 0
-        with Slide(tiny_cohort / r["path"]) as slide:
-            mask = detect(slide.thumbnail_at_mpp(8.0), 8.0)
-        h, w = min(mask.shape[0], gt.shape[0]), min(mask.shape[1], gt.shape[1])
-        mask, gt, pen = mask[:h, :w], gt[:h, :w], pen[:h, :w]
-        iou = (mask & gt).sum() / (mask | gt).sum()
-        assert iou >= 0.9, f"{r['slide_id']}: tissue IoU {iou:.3f}"
-        assert not (mask & pen).any()
+        truth = tiny_cohort / "ground_truth"
+        iou, pen, mpp = _detection_iou(tiny_cohort / r["path"], r, truth, cfg)
+        assert 4.0 <= mpp <= 10.0, (r["slide_id"], mpp)
+        assert iou >= 0.9, f"{r['slide_id']} at {mpp:.1f} um/px: tissue IoU {iou:.3f}"
+        assert pen == 0, f"{r['slide_id']}: pen ink kept as tissue"
+
+
+@pytest.fixture(scope="module")
+def full_size_slides(tmp_path_factory, sources) -> tuple[Path, list[dict]]:
+    """Three slides of the default demo cohort at full size: demo_029 (faint glandular
+    tissue beside strongly stained tumour, 0.25 mpp), demo_015 (pale tissue around a
+    tumour, 0.5 mpp) and demo_000."""
+    from pipeline.data.demo import generate_slide, load_textures, plan_cohort
+    from tests.conftest import CACHE
+
+    plans = {p.slide_id: p for p in plan_cohort(32, 0)}
+    out = tmp_path_factory.mktemp("full_size")
+    textures = load_textures(CACHE)
+    return out, [
+        generate_slide(plans[s], textures, out) for s in ("demo_029", "demo_015", "demo_000")
+    ]
+
+
+def test_default_detection_on_the_16um_level_keeps_faint_tissue(full_size_slides):
+    """The default (the level nearest 16 um/px, read as it is) on full-size demo slides:
+    IoU >= 0.9 and no pen. A single Otsu threshold finds 0.22 of demo_029 (it splits faint
+    from strongly stained tissue) and 0.84 of demo_015 at 16 um/px."""
+    out, records = full_size_slides
+    for r in records:
+        iou, pen, mpp = _detection_iou(out / r["path"], r, out / "ground_truth", TissueConfig())
+        assert 8.0 <= mpp <= 20.0, (r["slide_id"], mpp)
+        assert iou >= 0.9, f"{r['slide_id']} at {mpp:.1f} um/px: tissue IoU {iou:.3f}"
+        assert pen == 0, f"{r['slide_id']}: pen ink kept as tissue"
+    without, _, _ = _detection_iou(
+        out / records[0]["path"], records[0], out / "ground_truth", TissueConfig(pale_tissue=False)
+    )
+    assert without < 0.5  # the faint tissue is lost without the second threshold
 
 
 def test_coords_attributes_on_a_quarter_mpp_slide(prepared, tiny_cohort):
@@ -118,7 +170,7 @@ def test_coords_attributes_on_a_quarter_mpp_slide(prepared, tiny_cohort):
     assert tissue_json["type"] == "FeatureCollection" and tissue_json["features"]
     ring = np.array(tissue_json["features"][0]["geometry"]["coordinates"][0])
     assert ring[:, 0].max() <= r["width"] + 32 and ring[:, 1].max() <= r["height"] + 32
-    thumb = Image.open(prepared["out"] / "thumbnails" / f"{r['slide_id']}.png")
+    thumb = Image.open(prepared["out"] / "thumbnails" / f"{r['slide_id']}.jpg")
     assert max(thumb.size) <= 1024
 
 
@@ -264,7 +316,7 @@ def test_foreign_coords_file_is_redone_not_fatal(tmp_path, cmu_svs):
 def test_stale_temporaries_of_this_slide_only_are_removed(tmp_path, cmu_svs):
     slides = _one_slide_folder(tmp_path, cmu_svs, ("S1", "a[1]"))
     out = tmp_path / "out"
-    stale = [out / "coords" / ".S1.h5.999.tmp", out / "thumbnails" / ".a[1].png.999.tmp"]
+    stale = [out / "coords" / ".S1.h5.999.tmp", out / "thumbnails" / ".a[1].jpg.999.tmp"]
     others = [out / "coords" / ".S1.rescan.h5.999.tmp", out / "tissue" / ".S1.x.geojson.9.tmp"]
     for path in stale + others:  # others: slides of another shard or run, still being written
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -300,7 +352,7 @@ def test_rerun_redoes_slides_whose_resolution_or_file_changed(tmp_path, metadata
     assert read_coords(out / "coords" / "he.h5").attrs["mpp_source"] == "override"
     assert status(None, other) == ["ok"]  # and back to the metadata's when no longer given
     table = read_coords(out / "coords" / "he.h5")
-    assert table.attrs["mpp_source"] == "aperio-mpp" and table.attrs["tissue_rules"] == 2
+    assert table.attrs["mpp_source"] == "aperio-mpp" and table.attrs["tissue_rules"] == TISSUE_RULES
     # a coords file made by earlier tissue rules (no tissue_rules attribute) is redone
     root = {k: v for k, v in table.attrs.items() if k != "tissue_rules"}
     write_coords(out / "coords" / "he.h5", table.coords, table.tissue_fraction, root)

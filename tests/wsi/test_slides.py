@@ -105,7 +105,7 @@ def test_rerun_with_out_inside_the_slides_folder(tmp_path, cmu_svs):
     os.symlink(cmu_svs.resolve(), slides / "cmu.svs")
     cfg = PreprocessConfig(slides=str(slides), out=slides / "prep", tile_size=128, min_tissue=0.3)
     assert [r["status"] for r in preprocess(cfg, progress=False)] == ["ok"]
-    assert (slides / "prep" / "thumbnails" / "cmu.png").exists()
+    assert (slides / "prep" / "thumbnails" / "cmu.jpg").exists()
     assert [r["status"] for r in preprocess(cfg, progress=False)] == ["skipped"]
     with pytest.raises(ConfigError, match="no slides found"):  # globs skip the output too
         list_slides(f"{slides}/**/*.png", exclude=slides / "prep")
