@@ -39,10 +39,11 @@ from pipeline.errors import ConfigError, PipelineError
 from pipeline.io import atomic_path, atomic_write_text, shard_suffix, write_manifest
 from pipeline.wsi.contours import mask_polygons, polygons_to_geojson
 from pipeline.wsi.coords import read_coords, write_coords
+from pipeline.wsi.quality import QUALITY_COUNTS, QualityConfig, any_active, quality_keep
 from pipeline.wsi.reader import MPP_RANGE, Slide
 from pipeline.wsi.slides import SlideEntry, list_slides, parse_shard, shard_slides
-from pipeline.wsi.tiling import tile_grid
-from pipeline.wsi.tissue import TISSUE_METHODS, TissueConfig, make_tissue_detector
+from pipeline.wsi.tiling import Grid, tile_grid
+from pipeline.wsi.tissue import TISSUE_METHODS, TissueConfig, make_tissue_detector, to_hsv8
 
 log = logging.getLogger(__name__)
 MANIFEST_FIELDS = [
@@ -52,6 +53,7 @@ MANIFEST_FIELDS = [
     "n_tiles",
     "level0_mpp",
     "mpp_source",
+    *QUALITY_COUNTS,
     "seconds",
     "error",
 ]
@@ -75,6 +77,7 @@ class PreprocessConfig:
         thumbnails: write QC thumbnails.
         thumbnail_size: longest side of QC thumbnails, px.
         tissue: tissue detection settings.
+        quality: tile quality filters (white, black, grey, blur; all off by default), counted per slide in the manifest.
     """
 
     slides: str = ""
@@ -90,6 +93,7 @@ class PreprocessConfig:
     thumbnails: bool = True
     thumbnail_size: int = 1024
     tissue: TissueConfig = field(default_factory=TissueConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
 
     @property
     def target_mpp(self) -> float:
@@ -111,6 +115,8 @@ class PreprocessConfig:
                 f"--level0-mpp {self.level0_mpp} is not a level-0 resolution in um per px "
                 f"({MPP_RANGE[0]}-{MPP_RANGE[1]}; 0.25 is typical of 40x, 0.5 of 20x)"
             )
+        if errors := self.quality.validate():
+            raise ConfigError("; ".join(errors))
         if self.tissue.method not in TISSUE_METHODS:
             raise ConfigError(
                 f"unknown --tissue.method '{self.tissue.method}'; "
@@ -126,6 +132,7 @@ class PreprocessConfig:
             "min_tissue": self.min_tissue,
             "tissue_method": self.tissue.method,
             "tissue_params": json.dumps(asdict(self.tissue), sort_keys=True),
+            "quality_params": json.dumps(asdict(self.quality), sort_keys=True),
             "tissue_rules": TISSUE_RULES,
         }
 
@@ -227,6 +234,7 @@ def process_slide(entry: SlideEntry, cfg: PreprocessConfig) -> dict:
             row.update(
                 status="skipped",
                 n_tiles=int(done.get("n_tiles", 0)),
+                **{k: int(done.get(k, 0)) for k in QUALITY_COUNTS},
                 level0_mpp=done.get("level0_mpp", ""),
                 mpp_source=done.get("mpp_source", ""),
             )
@@ -261,6 +269,26 @@ def process_slide(entry: SlideEntry, cfg: PreprocessConfig) -> dict:
                     f"{cfg.target_mpp} mpp has {cfg.min_tissue:.0%} tissue; lower --min-tissue "
                     "or --tile-size."
                 )
+            counts = dict.fromkeys(QUALITY_COUNTS, 0)
+            if any_active(cfg.quality):
+                side = max(8, round(grid.patch_size_level0 * level0_mpp / cfg.quality.blur_mpp))
+                keep, counts = quality_keep(
+                    cfg.quality,
+                    thumb,
+                    to_hsv8(thumb),
+                    slide.dimensions,
+                    grid.coords,
+                    grid.patch_size_level0,
+                    lambda loc, size0: slide.read_tile(loc, (size0, size0), (side, side)),
+                )
+                grid = Grid(grid.coords[keep], grid.tissue_fraction[keep], grid.patch_size_level0)
+                row.update(counts)
+                if len(grid.coords) == 0:
+                    raise PipelineError(
+                        f"{entry.path}: every tile with tissue failed the quality filters "
+                        f"({', '.join(f'{k} {v}' for k, v in counts.items() if v)}); loosen "
+                        "--quality.*."
+                    )
             patch_level = slide.best_level(cfg.target_mpp / level0_mpp)
             attrs = {
                 **params,
@@ -274,6 +302,7 @@ def process_slide(entry: SlideEntry, cfg: PreprocessConfig) -> dict:
                 "level0_width": slide.dimensions[0],
                 "level0_height": slide.dimensions[1],
                 "n_tiles": len(grid.coords),
+                **counts,
             }
             polygons = mask_polygons(mask)
             scale = thumb.shape[1] / slide.dimensions[0]  # thumbnail px per level-0 px
@@ -308,6 +337,7 @@ def _failed(entry: SlideEntry, error: str = "") -> dict:
         "n_tiles": 0,
         "level0_mpp": "",
         "mpp_source": "",
+        **dict.fromkeys(QUALITY_COUNTS, 0),
         "seconds": 0.0,
         "error": error,
     }

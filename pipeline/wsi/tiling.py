@@ -51,6 +51,26 @@ def _area_lookup(table: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
     return a * (1 - fy) * (1 - fx) + b * (1 - fy) * fx + c * fy * (1 - fx) + d * fy * fx
 
 
+def box_shares(
+    mask: np.ndarray, level0_size: tuple[int, int], coords: np.ndarray, size0: int
+) -> np.ndarray:
+    """Share of each level-0 box (``N x 2`` top-left corners, ``size0`` px square) that
+    ``mask`` covers (``N`` float32 in [0, 1]); ``mask`` spans the slide (``level0_size``:
+    width, height) at any resolution, its pixels weighted by how much of each a box covers."""
+    width, height = level0_size
+    table = _summed_area(mask)
+    sy, sx = mask.shape[0] / height, mask.shape[1] / width  # mask px per level-0 px
+    x0, y0 = coords[:, 0] * sx, coords[:, 1] * sy
+    x1, y1 = (coords[:, 0] + size0) * sx, (coords[:, 1] + size0) * sy
+    inside = (
+        _area_lookup(table, y1, x1)
+        - _area_lookup(table, y0, x1)
+        - _area_lookup(table, y1, x0)
+        + _area_lookup(table, y0, x0)
+    )
+    return np.clip(inside / np.maximum((x1 - x0) * (y1 - y0), 1e-12), 0.0, 1.0).astype(np.float32)
+
+
 def tile_grid(
     level0_size: tuple[int, int],
     level0_mpp: float,
@@ -84,16 +104,6 @@ def tile_grid(
     gx, gy = np.meshgrid(xs, ys)  # ny x nx
     coords = np.stack([gx.ravel(), gy.ravel()], axis=1)  # N x 2
 
-    table = _summed_area(mask)
-    sy, sx = mask.shape[0] / height, mask.shape[1] / width  # mask px per level-0 px
-    x0, y0 = coords[:, 0] * sx, coords[:, 1] * sy
-    x1, y1 = (coords[:, 0] + size0) * sx, (coords[:, 1] + size0) * sy
-    inside = (
-        _area_lookup(table, y1, x1)
-        - _area_lookup(table, y0, x1)
-        - _area_lookup(table, y1, x0)
-        + _area_lookup(table, y0, x0)
-    )
-    fraction = (inside / np.maximum((x1 - x0) * (y1 - y0), 1e-12)).astype(np.float32)
+    fraction = box_shares(mask, level0_size, coords, size0)
     keep = fraction >= min_tissue if min_tissue > 0 else np.ones(len(coords), bool)
-    return Grid(coords[keep], np.clip(fraction[keep], 0.0, 1.0), size0)
+    return Grid(coords[keep], fraction[keep], size0)
