@@ -4,6 +4,8 @@ Schema (``schema_version`` 1)::
 
     coords           int64   N x 2   level-0 top-left (x, y) of each tile
     tissue_fraction  float32 N       tissue share of each tile (0-1)
+    label            str     N       annotation class of each tile, "" for none (only with
+                                     --annotations; attribute label_counts: JSON counts)
     attrs: schema_version, target_mpp, level0_mpp, mpp_source, patch_size (px at
            target_mpp), patch_size_level0, patch_level (pyramid level to read from),
            patch_level_downsample, overlap, min_tissue, tissue_method, tissue_params (JSON),
@@ -55,6 +57,7 @@ class Coords:
     target_mpp: float | None  # None when the file does not say (CLAM without mpp)
     tissue_fraction: np.ndarray | None = None  # N float32
     attrs: dict = field(default_factory=dict)  # every attribute as stored
+    labels: np.ndarray | None = None  # N str, "" for none (annotated slides)
 
     def __len__(self) -> int:
         return len(self.coords)
@@ -100,14 +103,22 @@ def _write_attrs(node: h5py.HLObject, attrs: dict) -> None:
 
 
 def write_coords(
-    path: str | os.PathLike, coords: np.ndarray, tissue_fraction: np.ndarray, attrs: dict
+    path: str | os.PathLike,
+    coords: np.ndarray,
+    tissue_fraction: np.ndarray,
+    attrs: dict,
+    labels: np.ndarray | None = None,
 ) -> Path:
-    """Write a coords file atomically (temporary name, then rename)."""
+    """Write a coords file atomically (temporary name, then rename); ``labels``: a class
+    name per tile ("" for none), when the tiles are annotated."""
     path = Path(path)
     attrs = {"schema_version": SCHEMA_VERSION, "package_version": pipeline.__version__, **attrs}
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         data = f.create_dataset("coords", data=np.asarray(coords, np.int64).reshape(-1, 2))
         f.create_dataset("tissue_fraction", data=np.asarray(tissue_fraction, np.float32))
+        if labels is not None:
+            names = np.asarray(labels, dtype=object).astype(str).tolist()
+            f.create_dataset("label", data=names, dtype=h5py.string_dtype())
         _write_attrs(f, attrs)
         _write_attrs(data, {**attrs, **reader_attrs(attrs)})
     return path
@@ -135,6 +146,7 @@ def read_coords(path: str | os.PathLike) -> Coords:
             attrs.update({k: _plain(v) for k, v in f.attrs.items()})
             coords = np.asarray(data[:], np.int64).reshape(-1, 2)
             fraction = f["tissue_fraction"][:] if "tissue_fraction" in f else None
+            labels = np.asarray(f["label"].asstr()[:], dtype=str) if "label" in f else None
     except OSError as exc:
         raise PipelineError(
             f"{path}: cannot read the coords file ({exc}); rerun preprocess."
@@ -157,7 +169,8 @@ def read_coords(path: str | os.PathLike) -> Coords:
             f"{path}: coords without 'patch_size_level0' or 'patch_size' attributes; "
             "cannot tell the tile size. Rerun `cpath preprocess` on this slide."
         )
-    return Coords(coords, size0, patch, None if mpp is None else float(mpp), fraction, attrs)
+    mpp = None if mpp is None else float(mpp)
+    return Coords(coords, size0, patch, mpp, fraction, attrs, labels)
 
 
 def list_coords_files(source: str | os.PathLike) -> list[Path]:

@@ -36,9 +36,23 @@ from tqdm.auto import tqdm
 import pipeline
 from pipeline.config import save_config
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.io import atomic_path, atomic_write_text, shard_suffix, write_manifest
+from pipeline.io import (
+    atomic_path,
+    atomic_write_text,
+    sha256_file,
+    shard_suffix,
+    write_manifest,
+)
 from pipeline.wsi.contours import mask_polygons, polygons_to_geojson
 from pipeline.wsi.coords import read_coords, write_coords
+from pipeline.wsi.masks import (
+    GEOJSON_SUFFIXES,
+    IMAGE_SUFFIXES,
+    annotation_labels,
+    cap_per_label,
+    find_mask_file,
+    user_tissue_mask,
+)
 from pipeline.wsi.quality import QUALITY_COUNTS, QualityConfig, any_active, quality_keep
 from pipeline.wsi.reader import MPP_RANGE, Slide
 from pipeline.wsi.slides import SlideEntry, list_slides, parse_shard, shard_slides
@@ -78,6 +92,12 @@ class PreprocessConfig:
         thumbnail_size: longest side of QC thumbnails, px.
         tissue: tissue detection settings.
         quality: tile quality filters (white, black, grey, blur; all off by default), counted per slide in the manifest.
+        tissue_mask: a folder of tissue masks given per slide, used instead of detection: <slide_id>.geojson (polygons in level-0 px, e.g. a QuPath export) or <slide_id>.png/.tif (an image spanning the slide, non-zero = tissue); a slide without one fails.
+        annotations: a folder of <slide_id>.geojson annotations whose class (QuPath classification) labels the tiles they cover; the label of each tile is written into its coords file; a slide without one fails.
+        annotation_min_share: a tile takes the class covering most of it when that class covers at least this share (else no label).
+        annotated_only: keep only the tiles with a label.
+        label_caps: at most this many tiles per label (a seeded sample), e.g. {"Tumor": 2000}; labels not named keep all.
+        seed: seed of the per-label sampling.
     """
 
     slides: str = ""
@@ -94,6 +114,12 @@ class PreprocessConfig:
     thumbnail_size: int = 1024
     tissue: TissueConfig = field(default_factory=TissueConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
+    tissue_mask: str | None = None
+    annotations: str | None = None
+    annotation_min_share: float = 0.5
+    annotated_only: bool = False
+    label_caps: dict[str, int] = field(default_factory=dict)
+    seed: int = 0
 
     @property
     def target_mpp(self) -> float:
@@ -115,6 +141,18 @@ class PreprocessConfig:
                 f"--level0-mpp {self.level0_mpp} is not a level-0 resolution in um per px "
                 f"({MPP_RANGE[0]}-{MPP_RANGE[1]}; 0.25 is typical of 40x, 0.5 of 20x)"
             )
+        for name in ("tissue_mask", "annotations"):
+            folder = getattr(self, name)
+            if folder and not Path(folder).is_dir():
+                raise ConfigError(f"--{name} {folder}: no such folder (one file per slide)")
+        if not 0.0 < self.annotation_min_share <= 1.0:
+            raise ConfigError(
+                f"--annotation_min_share must be in (0, 1], got {self.annotation_min_share}"
+            )
+        if self.label_caps and not self.annotations:
+            raise ConfigError("--label_caps needs --annotations")
+        if any(int(v) < 0 for v in self.label_caps.values()):
+            raise ConfigError(f"--label_caps must be counts >= 0, got {self.label_caps}")
         if errors := self.quality.validate():
             raise ConfigError("; ".join(errors))
         if self.tissue.method not in TISSUE_METHODS:
@@ -133,6 +171,17 @@ class PreprocessConfig:
             "tissue_method": self.tissue.method,
             "tissue_params": json.dumps(asdict(self.tissue), sort_keys=True),
             "quality_params": json.dumps(asdict(self.quality), sort_keys=True),
+            "tissue_mask": str(Path(self.tissue_mask).resolve()) if self.tissue_mask else "",
+            "annotation_params": json.dumps(
+                {
+                    "folder": str(Path(self.annotations).resolve()) if self.annotations else "",
+                    "min_share": self.annotation_min_share,
+                    "annotated_only": self.annotated_only,
+                    "label_caps": self.label_caps,
+                    "seed": self.seed,
+                },
+                sort_keys=True,
+            ),
             "tissue_rules": TISSUE_RULES,
         }
 
@@ -145,6 +194,18 @@ def _same(stored: object, wanted: object) -> bool:
     if isinstance(wanted, float):
         return isinstance(stored, (int, float)) and bool(np.isclose(stored, wanted))
     return stored == wanted
+
+
+def _given_files(cfg: PreprocessConfig, slide_id: str) -> dict[str, Path | None]:
+    """The tissue mask and annotation files given for ``slide_id`` (None: none found)."""
+    files: dict[str, Path | None] = {}
+    if cfg.tissue_mask:
+        files["tissue_mask"] = find_mask_file(
+            cfg.tissue_mask, slide_id, (*GEOJSON_SUFFIXES, *IMAGE_SUFFIXES)
+        )
+    if cfg.annotations:
+        files["annotations"] = find_mask_file(cfg.annotations, slide_id, GEOJSON_SUFFIXES)
+    return files
 
 
 def _is_done(coords_path: Path, params: dict, entry: SlideEntry) -> dict | None:
@@ -230,6 +291,12 @@ def process_slide(entry: SlideEntry, cfg: PreprocessConfig) -> dict:
     params = cfg.tiling_params()
     try:
         done = _is_done(coords_path, params, entry)
+        given = _given_files(cfg, entry.slide_id)
+        if done is not None and any(  # a mask or annotation file changed: redo
+            path is None or done.get(f"{name}_sha256") != sha256_file(path)
+            for name, path in given.items()
+        ):
+            done = None
         if done is not None:
             row.update(
                 status="skipped",
@@ -248,8 +315,17 @@ def process_slide(entry: SlideEntry, cfg: PreprocessConfig) -> dict:
             row.update(level0_mpp=round(level0_mpp, 6), mpp_source=slide.mpp_source)
             thumb = slide.detection_thumbnail(cfg.tissue.mpp)
             mask_mpp = level0_mpp * slide.dimensions[0] / thumb.shape[1]
-            mask = make_tissue_detector(cfg.tissue)(thumb, mask_mpp)
-            if not mask.any():
+            if cfg.tissue_mask:  # given: the tiles' shares from it, outlines at thumbnail size
+                tissue, _ = user_tissue_mask(
+                    cfg.tissue_mask, entry.slide_id, slide.dimensions, level0_mpp
+                )
+                size = (thumb.shape[1], thumb.shape[0])
+                mask = np.asarray(Image.fromarray(tissue).resize(size, Image.Resampling.NEAREST))
+                if not tissue.any():
+                    raise PipelineError(f"{given['tissue_mask']}: the tissue mask is empty")
+            else:
+                tissue = mask = make_tissue_detector(cfg.tissue)(thumb, mask_mpp)
+            if not mask.any() and not cfg.tissue_mask:
                 raise PipelineError(
                     f"{entry.path}: no tissue found (tissue method '{cfg.tissue.method}'). "
                     "Check the thumbnail; if the stain is faint, lower --tissue.min_saturation."
@@ -260,7 +336,7 @@ def process_slide(entry: SlideEntry, cfg: PreprocessConfig) -> dict:
                 cfg.target_mpp,
                 cfg.tile_size,
                 cfg.overlap,
-                mask,
+                tissue,
                 cfg.min_tissue,
             )
             if len(grid.coords) == 0:
@@ -289,6 +365,32 @@ def process_slide(entry: SlideEntry, cfg: PreprocessConfig) -> dict:
                         f"({', '.join(f'{k} {v}' for k, v in counts.items() if v)}); loosen "
                         "--quality.*."
                     )
+            labels = None
+            if cfg.annotations:
+                if given["annotations"] is None:
+                    raise PipelineError(
+                        f"no annotations for slide {entry.slide_id} in {cfg.annotations} "
+                        f"(looked for {entry.slide_id}.geojson, .json); add them, or preprocess "
+                        "this slide without --annotations."
+                    )
+                labels = annotation_labels(
+                    given["annotations"],
+                    slide.dimensions,
+                    level0_mpp,
+                    grid.coords,
+                    grid.patch_size_level0,
+                    cfg.annotation_min_share,
+                )
+                keep = cap_per_label(labels, cfg.label_caps, cfg.seed)
+                if cfg.annotated_only:
+                    keep &= labels != ""
+                grid = Grid(grid.coords[keep], grid.tissue_fraction[keep], grid.patch_size_level0)
+                labels = labels[keep]
+                if len(grid.coords) == 0:
+                    raise PipelineError(
+                        f"{given['annotations']}: no tissue tile is at least "
+                        f"{cfg.annotation_min_share:.0%} inside an annotation"
+                    )
             patch_level = slide.best_level(cfg.target_mpp / level0_mpp)
             attrs = {
                 **params,
@@ -303,7 +405,13 @@ def process_slide(entry: SlideEntry, cfg: PreprocessConfig) -> dict:
                 "level0_height": slide.dimensions[1],
                 "n_tiles": len(grid.coords),
                 **counts,
+                **{f"{k}_sha256": sha256_file(v) for k, v in given.items() if v is not None},
             }
+            if labels is not None:
+                names, n = np.unique(labels, return_counts=True)
+                attrs["label_counts"] = json.dumps(
+                    dict(zip(names.tolist(), n.tolist(), strict=True))
+                )
             polygons = mask_polygons(mask)
             scale = thumb.shape[1] / slide.dimensions[0]  # thumbnail px per level-0 px
             geojson = polygons_to_geojson(
@@ -317,7 +425,7 @@ def process_slide(entry: SlideEntry, cfg: PreprocessConfig) -> dict:
                 with atomic_path(out / "thumbnails" / f"{entry.slide_id}.jpg") as tmp:
                     qc.save(tmp, format="JPEG", quality=90)
             # The coords file is written last: its presence marks the slide as done.
-            write_coords(coords_path, grid.coords, grid.tissue_fraction, attrs)
+            write_coords(coords_path, grid.coords, grid.tissue_fraction, attrs, labels)
             row.update(status="ok", n_tiles=len(grid.coords))
     except PipelineError as exc:
         row["error"] = str(exc)
