@@ -29,8 +29,9 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 from tqdm.auto import tqdm
 
 import pipeline
@@ -264,22 +265,31 @@ def draw_qc(
 
     ``scale`` is thumbnail px per level-0 px; polygons are in thumbnail px.
     """
-    img = Image.fromarray(thumbnail)
-    shrink = min(1.0, max_size / max(img.size))
+    shrink = min(1.0, max_size / max(thumbnail.shape[:2]))
+    image = np.ascontiguousarray(thumbnail)
     if shrink < 1.0:
-        img = img.resize(
-            (max(1, round(img.width * shrink)), max(1, round(img.height * shrink))),
-            Image.Resampling.BOX,
-        )
-    draw = ImageDraw.Draw(img)
+        size = (max(1, round(image.shape[1] * shrink)), max(1, round(image.shape[0] * shrink)))
+        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    else:
+        image = image.copy()
     s = scale * shrink
-    side = size0 * s
-    for x, y in coords * s:
-        draw.rectangle([x, y, x + side, y + side], outline=(30, 90, 220))
-    for rings in polygons:
-        for ring in rings:
-            draw.line([tuple(p) for p in ring * shrink], fill=(0, 170, 0), width=2)
-    return img
+    side = max(1, round(size0 * s))
+    h, w = image.shape[:2]
+    x0, y0 = np.round(coords * s).astype(np.int64).T  # N, N: every box's top-left
+    run = np.arange(side + 1)  # the px along one side of a box
+    for a, b in ((y0, x0), (y0 + side, x0)):  # top and bottom sides: rows a, columns b + run
+        cols = (b[:, None] + run).ravel()
+        rows = np.repeat(a, side + 1)
+        ok = (rows < h) & (cols < w)
+        image[rows[ok], cols[ok]] = (30, 90, 220)
+    for a, b in ((x0, y0), (x0 + side, y0)):  # left and right sides
+        rows = (b[:, None] + run).ravel()
+        cols = np.repeat(a, side + 1)
+        ok = (rows < h) & (cols < w)
+        image[rows[ok], cols[ok]] = (30, 90, 220)
+    rings = [np.round(ring * shrink).astype(np.int32) for rings in polygons for ring in rings]
+    cv2.polylines(image, rings, isClosed=True, color=(0, 170, 0), thickness=2)
+    return Image.fromarray(image)
 
 
 def process_slide(entry: SlideEntry, cfg: PreprocessConfig) -> dict:

@@ -29,6 +29,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -382,7 +383,7 @@ class Slide:
 
         Transparent pixels (outside the scanned area) come back white.
         """
-        return np.take(self._read_bgra(location, level, size), [2, 1, 0], axis=2)
+        return cv2.cvtColor(self._read_bgra(location, level, size), cv2.COLOR_BGRA2RGB)
 
     def _tile_bgra(
         self, location: tuple[int, int], size_level0: tuple[int, int], size: tuple[int, int]
@@ -405,7 +406,7 @@ class Slide:
         antialiased bilinear interpolation. A level within ``MPP_TOLERANCE`` of the
         wanted scale (e.g. 0.499 or 0.502 mpp for 0.5) is read 1:1 without resampling.
         """
-        return np.take(self._tile_bgra(location, size_level0, size), [2, 1, 0], axis=2)
+        return cv2.cvtColor(self._tile_bgra(location, size_level0, size), cv2.COLOR_BGRA2RGB)
 
     def read_tile_chw(
         self, location: tuple[int, int], size_level0: tuple[int, int], size: tuple[int, int]

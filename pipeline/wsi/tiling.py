@@ -58,10 +58,17 @@ def box_shares(
     ``mask`` covers (``N`` float32 in [0, 1]); ``mask`` spans the slide (``level0_size``:
     width, height) at any resolution, its pixels weighted by how much of each a box covers."""
     width, height = level0_size
-    table = _summed_area(mask)
     sy, sx = mask.shape[0] / height, mask.shape[1] / width  # mask px per level-0 px
     x0, y0 = coords[:, 0] * sx, coords[:, 1] * sy
     x1, y1 = (coords[:, 0] + size0) * sx, (coords[:, 1] + size0) * sy
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if len(rows) == 0:
+        return np.zeros(len(coords), np.float32)
+    # the table over the mask's bounding box only (slides are mostly glass)
+    top, left = rows[0], cols[0]
+    mask = mask[top : rows[-1] + 1, left : cols[-1] + 1]
+    x0, x1, y0, y1 = x0 - left, x1 - left, y0 - top, y1 - top
+    table = _summed_area(mask)
     inside = (
         _area_lookup(table, y1, x1)
         - _area_lookup(table, y0, x1)

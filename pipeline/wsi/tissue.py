@@ -11,11 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
-from PIL import Image
-from scipy import ndimage
 from skimage.filters import threshold_otsu
-from skimage.morphology import disk, remove_small_holes, remove_small_objects
+from skimage.morphology import disk
 
 TissueDetector = Callable[[np.ndarray, float], np.ndarray]
 TISSUE_METHODS: dict[str, type] = {}
@@ -63,8 +62,46 @@ def make_tissue_detector(cfg: TissueConfig) -> TissueDetector:
 
 
 def to_hsv8(rgb: np.ndarray) -> np.ndarray:
-    """HSV of an RGB uint8 image as uint8 (0-255 each; Pillow's C conversion)."""
-    return np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).convert("HSV"))
+    """HSV of an RGB uint8 image as uint8, each 0-255 (OpenCV's full-range conversion)."""
+    return cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV_FULL)
+
+
+def _kernel(radius: float) -> np.ndarray:
+    """A disk of ``radius`` px as an OpenCV structuring element (scikit-image's disk)."""
+    return disk(radius).astype(np.uint8)
+
+
+def _morph(mask: np.ndarray, op: int, radius: float) -> np.ndarray:
+    """Binary morphology of a boolean mask by a disk, the outside counting as background
+    (as scipy's ``border_value=0``)."""
+    out = cv2.morphologyEx(
+        mask.view(np.uint8),
+        op,
+        _kernel(radius),
+        borderType=cv2.BORDER_CONSTANT,
+        borderValue=0,
+    )
+    return out.view(bool)
+
+
+def _remove_small(mask: np.ndarray, max_size: int) -> np.ndarray:
+    """``mask`` without its 4-connected pieces of at most ``max_size`` px (as scikit-image's
+    ``remove_small_objects(mask, max_size=...)``)."""
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=4)
+    small = stats[:, cv2.CC_STAT_AREA] <= max_size
+    small[0] = False  # the background label
+    return mask & ~small[labels] if small.any() else mask.copy()
+
+
+def _connected_to(seed: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """The 4-connected pieces of ``allowed`` that hold a ``seed`` pixel (reconstruction by
+    dilation, as scipy's ``binary_propagation``)."""
+    allowed = allowed | seed
+    _, labels = cv2.connectedComponents(allowed.view(np.uint8), connectivity=4)
+    hit = np.zeros(labels.max() + 1, bool)
+    hit[labels[seed]] = True
+    hit[0] = False
+    return hit[labels]
 
 
 def otsu8(counts: np.ndarray) -> float:
@@ -101,8 +138,17 @@ def _stroke_cores(ink: np.ndarray, radius_px: float) -> np.ndarray:
     if k <= 3:  # erosion by a small disk is faster than a distance transform
         yy, xx = np.ogrid[-k : k + 1, -k : k + 1]
         disk_ = xx * xx + yy * yy <= radius_px * radius_px
-        return ndimage.binary_erosion(ink, structure=disk_, border_value=1)
-    return ndimage.distance_transform_edt(ink) > radius_px
+        eroded = cv2.erode(
+            ink.view(np.uint8),
+            disk_.astype(np.uint8),
+            borderType=cv2.BORDER_CONSTANT,
+            borderValue=1,
+        )
+        return eroded.view(bool)
+    distance = cv2.distanceTransform(
+        np.pad(ink, 1, constant_values=True).view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE
+    )[1:-1, 1:-1]
+    return distance > radius_px
 
 
 def ink_mask(rgb: np.ndarray, mpp: float) -> np.ndarray:
@@ -128,7 +174,7 @@ def ink_mask(rgb: np.ndarray, mpp: float) -> np.ndarray:
     edge = (blue_over > INK_EDGE_BLUE_OVER_RG) | (green_over > INK_EDGE_GREEN_OVER_R)
     grey = chroma < np.maximum(INK_EDGE_BLACK_CHROMA, high * 2 // 5)
     edge |= (high < INK_EDGE_BLACK_MAX) & grey
-    return ndimage.binary_propagation(core, mask=ink | edge)
+    return _connected_to(core, ink | edge)
 
 
 # Faint tissue beside strongly stained tissue: Otsu's threshold on saturation then falls
@@ -169,7 +215,7 @@ def pale_tissue_mask(
         return np.zeros(sat.shape, bool)
     r, g, b = (rgb[..., i].astype(np.int16) for i in range(3))
     faint = usable & (sat > second) & (sat <= threshold) & (g < r) & (g < b)
-    return ndimage.binary_opening(faint, structure=disk(1))
+    return _morph(faint, cv2.MORPH_OPEN, 1)
 
 
 @register_tissue_method("hsv_otsu")
@@ -203,8 +249,8 @@ class HSVOtsu:
 
         px_area = mpp * mpp  # um^2 per px
         radius = max(1, round(cfg.closing_um / mpp))
-        mask = ndimage.binary_closing(mask, structure=disk(radius), border_value=0)
-        mask = remove_small_holes(mask, max_size=max(1, int(cfg.max_hole_um2 / px_area)))
+        mask = _morph(mask, cv2.MORPH_CLOSE, radius)
+        mask = ~_remove_small(~mask, max(1, int(cfg.max_hole_um2 / px_area)))  # fill holes
         if cfg.exclude_pen:
-            mask &= ~ndimage.binary_dilation(ink, structure=disk(1))
-        return remove_small_objects(mask, max_size=max(1, int(cfg.min_area_um2 / px_area)))
+            mask &= ~_morph(ink, cv2.MORPH_DILATE, 1)
+        return _remove_small(mask, max(1, int(cfg.min_area_um2 / px_area)))
