@@ -11,16 +11,17 @@ The venv is made with ``python3 -m venv data/bench/hs2p-venv`` and
 One in-process call of ``hs2p.tile_slide`` tiles the slide: open it with OpenSlide, read
 the whole segmentation level, HSV tissue segmentation, contour detection and the tile grid
 with per-tile tissue coverage. It returns an in-memory ``TilingResult`` and writes nothing
-to disk (coordinate files and previews come only from ``save_tiling_result``,
-``write_tiling_preview`` or the batch ``tile_slides``, none of which is called here).
+to disk. Timed twice: the call alone, and the call followed by ``save_tiling_result``,
+which writes hs2p's coordinate files (an ``.npz`` and a JSON of metadata) into a fresh
+folder; previews (``write_tiling_preview``) are not made.
 Parameters: 256 px tiles at 0.5 um/px, no overlap, a tile kept when at least 0.5 of it is
 tissue, segmentation on the pyramid level whose downsample is nearest to
 ``seg_spacing / level-0 spacing`` (16 um/px by default: hs2p itself defaults to
 ``downsample=64``, which is 16 um/px only on a 0.25 um/px slide). Other settings are
 hs2p's defaults (tolerance 0.05, contour area filter ``a_t=4`` reference tiles, no pixel QC).
 
-One warm-up call, then ``--repeats`` timed calls (``time.perf_counter``); steady state is
-their median. The JSON holds the version, times, tile count, level-0 top-left coordinates
+One warm-up call, then ``--repeats`` timed calls (``time.perf_counter``) of each; steady
+state is their median. The JSON holds the version, times, tile count, level-0 top-left coordinates
 of the last run (hs2p sorts them by x, then y) and the tile's level-0 side.
 """
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,6 +42,7 @@ from hs2p import (
     SegmentationConfig,
     SlideSpec,
     TilingConfig,
+    save_tiling_result,
     tile_slide,
 )
 from hs2p.wsi.reader import open_slide
@@ -101,18 +104,28 @@ def main() -> None:
             masks=masks,
         )
 
-    result = run()  # warm-up: imports, OpenSlide and page-cache state
-    times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        result = run()
-        times.append(time.perf_counter() - t0)
+    def timed(fn) -> list[float]:
+        fn()  # warm-up: imports, OpenSlide and page-cache state
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return times
+
+    result = run()
+    times = timed(run)
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = iter(range(args.repeats + 1))
+        save_times = timed(lambda: save_tiling_result(run(), Path(tmp) / f"run{next(runs)}"))
 
     coords = np.column_stack((result.x, result.y)).astype(np.int64)
     out = {
         "version": hs2p.__version__,
         "median_s": statistics.median(times) if times else None,
         "times_s": times,
+        "median_save_s": statistics.median(save_times) if save_times else None,
+        "save_times_s": save_times,
         "n_tiles": int(result.num_tiles),
         "coords": coords.tolist(),
         "tile_size_level0": int(result.tile_size_lv0),

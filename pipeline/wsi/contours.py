@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
-from skimage.measure import find_contours, label, regionprops
 
 
 def drop_collinear(ring: np.ndarray) -> np.ndarray:
@@ -18,29 +18,46 @@ def drop_collinear(ring: np.ndarray) -> np.ndarray:
 
 
 def mask_polygons(mask: np.ndarray) -> list[list[np.ndarray]]:
-    """Polygons of a boolean mask: per connected piece, ``[exterior, *holes]`` rings.
+    """Polygons of a boolean mask: per 8-connected piece, ``[exterior, *holes]`` rings.
 
-    Rings are ``K x 2`` arrays of (x, y) in mask px (pixel-edge coordinates), closed
-    (first point repeated last), with only the points where the outline turns.
+    Rings are ``K x 2`` arrays of (x, y) in mask px, pixel-edge coordinates (pixel
+    ``(i, j)`` spans ``[j, j + 1] x [i, i + 1]``), closed (first point repeated last),
+    with only the points where the outline turns. They follow the pixels' edges exactly,
+    except that a concave corner is cut by a half-pixel diagonal (1/8 px of area).
+
+    OpenCV traces the outlines (``findContours``, as CLAM and TRIDENT do) on a lattice of
+    the mask's pixel centres, edges and corners: a lattice point is set when a mask pixel
+    touches it, so the outline of the set points runs along the pixels' edges rather than
+    through the centres of the boundary pixels, half a pixel inside.
     """
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if len(rows) == 0:
+        return []
+    top, left = int(rows[0]), int(cols[0])
+    crop = mask[top : rows[-1] + 1, left : cols[-1] + 1]
+    h, w = crop.shape
+    # 2h+1 x 2w+1 lattice, one point of padding around: pixel (i, j) is point (2i+2, 2j+2)
+    lattice = np.zeros((2 * h + 3, 2 * w + 3), np.uint8)
+    lattice[2:-2:2, 2:-2:2] = crop
+    lattice = cv2.dilate(lattice, np.ones((3, 3), np.uint8))  # its edges and corners
+    contours, hierarchy = cv2.findContours(lattice, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    if hierarchy is None:
+        return []
+    hierarchy = hierarchy[0]  # K x 4: next, previous, first child, parent
+
+    def ring(contour: np.ndarray) -> np.ndarray:
+        xy = contour[:, 0, :].astype(np.float64) / 2 + (left - 0.5, top - 0.5)  # K x 2
+        return drop_collinear(np.concatenate([xy, xy[:1]]))
+
     polygons = []
-    labels = label(mask, connectivity=2)
-    for region in regionprops(labels):
-        y0, x0, y1, x1 = region.bbox
-        piece = np.pad(region.image, 1)  # one px of background around the piece
-        rings = []
-        for contour in find_contours(piece.astype(np.float32), 0.5):
-            ring = drop_collinear(contour)
-            if len(ring) < 4:
-                continue
-            xy = np.stack([ring[:, 1] + x0 - 0.5, ring[:, 0] + y0 - 0.5], axis=1)  # K x 2
-            rings.append(xy)
-        if not rings:
-            continue
-        areas = [abs(_signed_area(r)) for r in rings]
-        exterior = int(np.argmax(areas))
-        polygons.append([rings[exterior]] + [r for i, r in enumerate(rings) if i != exterior])
-    return polygons
+    for i in np.flatnonzero(hierarchy[:, 3] < 0):  # exteriors: no parent
+        rings = [ring(contours[i])]
+        child = hierarchy[i, 2]
+        while child >= 0:
+            rings.append(ring(contours[child]))
+            child = hierarchy[child, 0]
+        polygons.append([r for r in rings if len(r) >= 4])
+    return [p for p in polygons if p and len(p[0]) >= 4]
 
 
 def _signed_area(ring: np.ndarray) -> float:
@@ -51,7 +68,7 @@ def _signed_area(ring: np.ndarray) -> float:
 def polygons_to_geojson(
     polygons: list[list[np.ndarray]], scale: tuple[float, float], properties: dict | None = None
 ) -> dict:
-    """A GeoJSON FeatureCollection in level-0 px (``scale`` = level-0 px per mask px).
+    """A GeoJSON FeatureCollection in whole level-0 px (``scale`` = level-0 px per mask px).
 
     Exterior rings are counter-clockwise and holes clockwise (RFC 7946); each piece is
     one ``Polygon`` feature classified as ``Tissue``, which QuPath imports as annotations.
@@ -64,7 +81,7 @@ def polygons_to_geojson(
             ccw = _signed_area(xy) > 0  # y grows downwards: positive area is clockwise on screen
             if (i == 0) == ccw:
                 xy = xy[::-1]
-            coords.append(np.round(xy, 1).tolist())
+            coords.append(np.rint(xy).astype(np.int64).tolist())
         features.append(
             {
                 "type": "Feature",

@@ -11,8 +11,9 @@ Schema (``schema_version`` 1)::
            patch_level_downsample, overlap, min_tissue, tissue_method, tissue_params (JSON),
            slide_path, slide_id, level0_width, level0_height, package_version
 
-Every attribute is on the file root and on the ``coords`` dataset, where CLAM and TRIDENT
-look for theirs (:func:`reader_attrs`):
+Every attribute is on the file root. The ``coords`` dataset repeats the identity and
+resolutions (``DATASET_KEYS``) and carries the attributes CLAM and TRIDENT read there
+(:func:`reader_attrs`):
 
 - TRIDENT (``f["coords"].attrs``): ``patch_size`` (px at the target resolution),
   ``patch_size_level0``, ``level0_magnification`` and ``target_magnification``. The two
@@ -97,9 +98,33 @@ def reader_attrs(attrs: dict) -> dict:
     return out
 
 
+_STRING = h5py.string_dtype()  # variable-length UTF-8, as h5py stores a Python str
+_TYPES: dict[np.dtype, tuple] = {}  # dtype -> HDF5 types as stored and in memory
+
+
 def _write_attrs(node: h5py.HLObject, attrs: dict) -> None:
+    """Set the attributes of a new HDF5 object (dicts as JSON strings).
+
+    The types are those of ``node.attrs[key] = value`` (variable-length UTF-8 strings,
+    int64, float64, numpy bools and arrays), written through h5py's low-level API with
+    the types made once, which takes a third of the high-level's time per attribute.
+    """
+    scalar = h5py.h5s.create(h5py.h5s.SCALAR)
     for key, value in attrs.items():
-        node.attrs[key] = json.dumps(value) if isinstance(value, dict) else value
+        value = json.dumps(value) if isinstance(value, dict) else value
+        data = np.array(value, dtype=_STRING) if isinstance(value, str) else np.asarray(value)
+        if data.dtype not in _TYPES:
+            _TYPES[data.dtype] = (
+                h5py.h5t.py_create(data.dtype, logical=True),
+                h5py.h5t.py_create(data.dtype),
+            )
+        stored, memory = _TYPES[data.dtype]
+        space = scalar if data.ndim == 0 else h5py.h5s.create_simple(data.shape)
+        h5py.h5a.create(node.id, key.encode(), stored, space).write(data, mtype=memory)
+
+
+# Attributes repeated on the coords dataset beside those its readers take (reader_attrs)
+DATASET_KEYS = ("schema_version", "slide_id", "target_mpp", "level0_mpp", "mpp_source")
 
 
 def write_coords(
@@ -120,7 +145,8 @@ def write_coords(
             names = np.asarray(labels, dtype=object).astype(str).tolist()
             f.create_dataset("label", data=names, dtype=h5py.string_dtype())
         _write_attrs(f, attrs)
-        _write_attrs(data, {**attrs, **reader_attrs(attrs)})
+        own = {k: attrs[k] for k in DATASET_KEYS if k in attrs}
+        _write_attrs(data, {**own, **reader_attrs(attrs)})
     return path
 
 

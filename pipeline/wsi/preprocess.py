@@ -260,16 +260,17 @@ def draw_qc(
     size0: int,
     scale: float,
     max_size: int,
-) -> Image.Image:
-    """Thumbnail with tissue outlines (green) and kept tiles (blue boxes).
+) -> np.ndarray:
+    """Thumbnail (RGB) with tissue outlines (green) and kept tiles (blue boxes).
 
     ``scale`` is thumbnail px per level-0 px; polygons are in thumbnail px.
     """
     shrink = min(1.0, max_size / max(thumbnail.shape[:2]))
     image = np.ascontiguousarray(thumbnail)
-    if shrink < 1.0:
+    if shrink < 1.0:  # bilinear down to half size (a QC image), area averaging beyond
         size = (max(1, round(image.shape[1] * shrink)), max(1, round(image.shape[0] * shrink)))
-        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+        smooth = cv2.INTER_LINEAR if shrink >= 0.5 else cv2.INTER_AREA
+        image = cv2.resize(image, size, interpolation=smooth)
     else:
         image = image.copy()
     s = scale * shrink
@@ -289,7 +290,17 @@ def draw_qc(
         image[rows[ok], cols[ok]] = (30, 90, 220)
     rings = [np.round(ring * shrink).astype(np.int32) for rings in polygons for ring in rings]
     cv2.polylines(image, rings, isClosed=True, color=(0, 170, 0), thickness=2)
-    return Image.fromarray(image)
+    return image
+
+
+def write_jpeg(path: Path, rgb: np.ndarray, quality: int = 90) -> None:
+    """An RGB uint8 image as a JPEG file, written atomically."""
+    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    ok, data = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise PipelineError(f"{path}: JPEG encoding failed")
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.tobytes())
 
 
 def process_slide(entry: SlideEntry, cfg: PreprocessConfig) -> dict:
@@ -432,8 +443,7 @@ def process_slide(entry: SlideEntry, cfg: PreprocessConfig) -> dict:
                 qc = draw_qc(
                     thumb, polygons, grid.coords, grid.patch_size_level0, scale, cfg.thumbnail_size
                 )
-                with atomic_path(out / "thumbnails" / f"{entry.slide_id}.jpg") as tmp:
-                    qc.save(tmp, format="JPEG", quality=90)
+                write_jpeg(out / "thumbnails" / f"{entry.slide_id}.jpg", qc)
             # The coords file is written last: its presence marks the slide as done.
             write_coords(coords_path, grid.coords, grid.tissue_fraction, attrs, labels)
             row.update(status="ok", n_tiles=len(grid.coords))

@@ -435,8 +435,8 @@ class Slide:
         lw, lh = self.level_dimensions[level]
         factor = scale / ds  # level px per output px, >= ~1
         out_w, out_h = max(1, round(lw / factor)), max(1, round(lh / factor))
-        out = np.empty((out_h, out_w, 3), np.uint8)
         step = max(1, int(chunk / factor))  # output px per chunk side
+        out = None if step >= max(out_w, out_h) else np.empty((out_h, out_w, 3), np.uint8)
         for oy in range(0, out_h, step):
             for ox in range(0, out_w, step):
                 cw, ch = min(step, out_w - ox), min(step, out_h - oy)
@@ -446,10 +446,12 @@ class Slide:
                 region = self.read_region(
                     (round(x0 * ds), round(y0 * ds)), level, (x1 - x0, y1 - y0)
                 )
-                img = Image.fromarray(np.ascontiguousarray(region))
-                if img.size != (cw, ch):
-                    img = img.resize((cw, ch), Image.Resampling.BOX)
-                out[oy : oy + ch, ox : ox + cw] = np.asarray(img)
+                if region.shape[:2] != (ch, cw):
+                    img = Image.fromarray(region).resize((cw, ch), Image.Resampling.BOX)
+                    region = np.asarray(img)
+                if out is None:  # one chunk: the read is the image
+                    return region
+                out[oy : oy + ch, ox : ox + cw] = region
         return out
 
     def detection_thumbnail(self, mpp: float, coarser: float = 1.25) -> np.ndarray:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 
@@ -59,23 +60,25 @@ def box_shares(
     width, height) at any resolution, its pixels weighted by how much of each a box covers."""
     width, height = level0_size
     sy, sx = mask.shape[0] / height, mask.shape[1] / width  # mask px per level-0 px
-    x0, y0 = coords[:, 0] * sx, coords[:, 1] * sy
-    x1, y1 = (coords[:, 0] + size0) * sx, (coords[:, 1] + size0) * sy
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    if len(rows) == 0:
-        return np.zeros(len(coords), np.float32)
-    # the table over the mask's bounding box only (slides are mostly glass)
-    top, left = rows[0], cols[0]
-    mask = mask[top : rows[-1] + 1, left : cols[-1] + 1]
-    x0, x1, y0, y1 = x0 - left, x1 - left, y0 - top, y1 - top
-    table = _summed_area(mask)
+    left, top, w, h = cv2.boundingRect(mask.view(np.uint8))
+    shares = np.zeros(len(coords), np.float32)
+    if w == 0 or h == 0:
+        return shares
+    # the table over the mask's bounding box only (slides are mostly glass), and only the
+    # boxes that reach into it looked up
+    x0, y0 = coords[:, 0] * sx - left, coords[:, 1] * sy - top
+    x1, y1 = x0 + size0 * sx, y0 + size0 * sy
+    hit = np.flatnonzero((x1 > 0) & (x0 < w) & (y1 > 0) & (y0 < h))
+    x0, x1, y0, y1 = x0[hit], x1[hit], y0[hit], y1[hit]
+    table = _summed_area(mask[top : top + h, left : left + w])
     inside = (
         _area_lookup(table, y1, x1)
         - _area_lookup(table, y0, x1)
         - _area_lookup(table, y1, x0)
         + _area_lookup(table, y0, x0)
     )
-    return np.clip(inside / np.maximum((x1 - x0) * (y1 - y0), 1e-12), 0.0, 1.0).astype(np.float32)
+    shares[hit] = np.clip(inside / np.maximum((x1 - x0) * (y1 - y0), 1e-12), 0.0, 1.0)
+    return shares
 
 
 def tile_grid(

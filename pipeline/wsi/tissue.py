@@ -84,13 +84,48 @@ def _morph(mask: np.ndarray, op: int, radius: float) -> np.ndarray:
     return out.view(bool)
 
 
+def _piece_areas(mask: np.ndarray, connectivity: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labels of ``mask``'s connected pieces (``H x W`` int32, 0 = not in the mask) and the
+    px count of each label (label 0's count is meaningless)."""
+    _, labels = cv2.connectedComponents(mask.view(np.uint8), connectivity=connectivity)
+    return labels, np.bincount(labels.ravel())
+
+
+def _drop_labels(mask: np.ndarray, labels: np.ndarray, drop: np.ndarray) -> np.ndarray:
+    """``mask`` without the pieces whose label ``drop`` flags."""
+    drop[0] = False  # the background label
+    return mask & ~np.take(drop, labels) if drop.any() else mask.copy()
+
+
 def _remove_small(mask: np.ndarray, max_size: int) -> np.ndarray:
     """``mask`` without its 4-connected pieces of at most ``max_size`` px (as scikit-image's
     ``remove_small_objects(mask, max_size=...)``)."""
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=4)
-    small = stats[:, cv2.CC_STAT_AREA] <= max_size
-    small[0] = False  # the background label
-    return mask & ~small[labels] if small.any() else mask.copy()
+    x, y, w, h = cv2.boundingRect(mask.view(np.uint8))
+    kept = mask.copy()
+    if w and h:  # the pieces lie in the mask's bounding box
+        box = mask[y : y + h, x : x + w]
+        labels, areas = _piece_areas(box, 4)
+        kept[y : y + h, x : x + w] = _drop_labels(box, labels, areas <= max_size)
+    return kept
+
+
+def _fill_holes(mask: np.ndarray, max_size: int) -> np.ndarray:
+    """``mask`` with its holes of at most ``max_size`` px filled: 4-connected pieces of
+    background that do not reach the image's border (those are glass around the tissue)."""
+    x, y, w, h = cv2.boundingRect(mask.view(np.uint8))
+    if w == 0 or h == 0:
+        return mask.copy()
+    # the background outside the mask's bounding box reaches the border: flood it from a
+    # one-px frame around the box; what it does not reach, and is not mask, is a hole
+    reached = np.pad(mask[y : y + h, x : x + w], 1).astype(np.uint8)  # h+2 x w+2
+    cv2.floodFill(reached, None, (0, 0), 1)
+    holes = reached == 0
+    if not holes.any():
+        return mask.copy()
+    labels, areas = _piece_areas(holes, 4)
+    filled = mask.copy()
+    filled[y : y + h, x : x + w] |= _drop_labels(holes, labels, areas > max_size)[1:-1, 1:-1]
+    return filled
 
 
 def _connected_to(seed: np.ndarray, allowed: np.ndarray) -> np.ndarray:
@@ -101,7 +136,19 @@ def _connected_to(seed: np.ndarray, allowed: np.ndarray) -> np.ndarray:
     hit = np.zeros(labels.max() + 1, bool)
     hit[labels[seed]] = True
     hit[0] = False
-    return hit[labels]
+    return np.take(hit, labels)
+
+
+def histogram8(values: np.ndarray, where: np.ndarray) -> np.ndarray:
+    """Counts (256, int64) of the 8-bit ``values`` at the pixels ``where`` is true."""
+    rows = max(1, 2**24 // max(1, values.shape[1]))  # float32 counts stay exact below 2**24
+    counts = np.zeros(256, np.int64)
+    for top in range(0, values.shape[0], rows):
+        part = cv2.calcHist(
+            [values[top : top + rows]], [0], where[top : top + rows].view(np.uint8), [256], (0, 256)
+        )
+        counts += part.ravel().astype(np.int64)
+    return counts
 
 
 def otsu8(counts: np.ndarray) -> float:
@@ -151,6 +198,35 @@ def _stroke_cores(ink: np.ndarray, radius_px: float) -> np.ndarray:
     return distance > radius_px
 
 
+# The grey tests as tables over the max channel h: the chroma (max - min) a pixel must stay
+# under to be black ink, 0 (never) where h is not dark enough.
+_H = np.arange(256)
+_BLACK = np.where(_H < INK_BLACK_MAX, np.maximum(INK_BLACK_CHROMA, _H // 4), 0).astype(np.uint8)
+_EDGE_BLACK = np.where(
+    _H < INK_EDGE_BLACK_MAX, np.maximum(INK_EDGE_BLACK_CHROMA, _H * 2 // 5), 0
+).astype(np.uint8)
+
+
+def ink_colours(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The ink rules' colours on an RGB uint8 image, pixel by pixel: ``(ink, edge)``, the
+    pen-ink colours and the looser ones of a stroke's edges (see the rule constants).
+
+    8-bit arithmetic throughout: differences saturate at 0, which the rules' positive
+    margins never see, and the grey tests are table look-ups on the max channel.
+    """
+    r, g, b = cv2.split(np.ascontiguousarray(rgb))
+    rg = cv2.max(r, g)
+    high = cv2.max(rg, b)
+    chroma = cv2.subtract(high, cv2.min(cv2.min(r, g), b))
+    blue_over = cv2.subtract(b, rg)  # max(0, B - max(R, G))
+    green_over = cv2.subtract(g, r)  # max(0, G - R)
+    ink = ((blue_over > INK_BLUE_OVER_RG) & (green_over > 0)) | (green_over > INK_GREEN_OVER_R)
+    ink |= chroma < cv2.LUT(high, _BLACK)
+    edge = (blue_over > INK_EDGE_BLUE_OVER_RG) | (green_over > INK_EDGE_GREEN_OVER_R)
+    edge |= chroma < cv2.LUT(high, _EDGE_BLACK)
+    return ink, edge
+
+
 def ink_mask(rgb: np.ndarray, mpp: float) -> np.ndarray:
     """Marker strokes on an RGB uint8 image at ``mpp`` um per px: blue, green and black ink.
 
@@ -161,19 +237,10 @@ def ink_mask(rgb: np.ndarray, mpp: float) -> np.ndarray:
     specks (dust, tissue-marking dye grains) do not; each stroke then takes the connected
     pixels of ink-like colour around it (its faint and tissue-blended edges).
     """
-    r, g, b = (rgb[..., i].astype(np.int16) for i in range(3))
-    high = np.maximum(np.maximum(r, g), b)
-    chroma = high - np.minimum(np.minimum(r, g), b)
-    blue_over = b - np.maximum(r, g)
-    green_over = g - r
-    ink = ((blue_over > INK_BLUE_OVER_RG) & (green_over > 0)) | (green_over > INK_GREEN_OVER_R)
-    ink |= (high < INK_BLACK_MAX) & (chroma < np.maximum(INK_BLACK_CHROMA, high // 4))
+    ink, edge = ink_colours(rgb)
     core = _stroke_cores(ink, INK_MIN_WIDTH_UM / 2 / mpp)
     if not core.any():
         return core
-    edge = (blue_over > INK_EDGE_BLUE_OVER_RG) | (green_over > INK_EDGE_GREEN_OVER_R)
-    grey = chroma < np.maximum(INK_EDGE_BLACK_CHROMA, high * 2 // 5)
-    edge |= (high < INK_EDGE_BLACK_MAX) & grey
     return _connected_to(core, ink | edge)
 
 
@@ -213,7 +280,7 @@ def pale_tissue_mask(
     pale_mean = (low[pale] * values[pale]).sum() / n_pale
     if pale_mean - glass_mean < PALE_MIN_SEPARATION * glass_sd:
         return np.zeros(sat.shape, bool)
-    r, g, b = (rgb[..., i].astype(np.int16) for i in range(3))
+    r, g, b = cv2.split(np.ascontiguousarray(rgb))
     faint = usable & (sat > second) & (sat <= threshold) & (g < r) & (g < b)
     return _morph(faint, cv2.MORPH_OPEN, 1)
 
@@ -233,24 +300,75 @@ class HSVOtsu:
         self.cfg = cfg
 
     def __call__(self, thumbnail: np.ndarray, mpp: float) -> np.ndarray:
+        _, sat, value = cv2.split(to_hsv8(thumbnail))  # H x W uint8 each
+        return self.detect(thumbnail, sat, value, mpp, self.window(sat, value, mpp))
+
+    def margin(self, mpp: float) -> int:
+        """px that the morphology reaches beyond the pixels it starts from."""
+        closing = max(1, round(self.cfg.closing_um / mpp))
+        stroke = int(np.ceil(INK_MIN_WIDTH_UM / 2 / mpp)) if self.cfg.exclude_pen else 0
+        return max(closing, stroke, 1) + 2
+
+    def window(self, sat: np.ndarray, value: np.ndarray, mpp: float) -> tuple[slice, slice] | None:
+        """The part of the image that can hold tissue or ink, with a margin the morphology
+        never leaves; None when there is none (all glass). ``sat``, ``value``: the image's
+        HSV saturation and value, 0-255.
+
+        Tissue is more saturated than ``min_saturation``; every ink colour, and every
+        colour of a stroke's edges, is a chroma of more than ``INK_EDGE_GREEN_OVER_R``
+        (a saturation above it on 0-255) or a value under ``INK_EDGE_BLACK_MAX``. Outside
+        the window every pixel is glass in the result, so detection there is skipped.
+        """
+        floor = self.cfg.min_saturation * 255
+        if self.cfg.exclude_pen:
+            able = (sat > min(floor, INK_EDGE_GREEN_OVER_R)) | (value < INK_EDGE_BLACK_MAX)
+        else:
+            able = sat > floor
+        x, y, w, h = cv2.boundingRect(able.view(np.uint8))
+        if w == 0 or h == 0:
+            return None
+        m = self.margin(mpp)
+        rows = slice(max(0, y - m), min(sat.shape[0], y + h + m))
+        return rows, slice(max(0, x - m), min(sat.shape[1], x + w + m))
+
+    def detect(
+        self,
+        thumbnail: np.ndarray,
+        sat: np.ndarray,
+        value: np.ndarray,
+        mpp: float,
+        window: tuple[slice, slice] | None,
+    ) -> np.ndarray:
+        """The tissue mask of ``thumbnail`` (RGB; ``sat`` and ``value`` its HSV saturation
+        and value), the pixels outside ``window`` glass (whose histogram still sets the
+        thresholds): the same mask as a window of the whole image when the window holds
+        every pixel that can be tissue or ink, with :meth:`margin` px around them
+        (:meth:`window`)."""
         cfg = self.cfg
-        hsv = to_hsv8(thumbnail)  # H x W x 3 uint8
-        sat = hsv[..., 1]
-        ink = ink_mask(thumbnail, mpp) if cfg.exclude_pen else np.zeros(sat.shape, bool)
-        usable = ~ink & (hsv[..., 2] > 38)  # value above 0.15: not black
-        counts = np.bincount(sat[usable], minlength=256)  # 256
+        out = np.zeros(sat.shape, bool)
+        if window is None:
+            return out
+        usable_all = value > 38  # value above 0.15: not black
+        counts = histogram8(sat, usable_all)  # 256, over the whole image
+        rgb, sat = thumbnail[window], sat[window]
+        ink = ink_mask(rgb, mpp) if cfg.exclude_pen else np.zeros(sat.shape, bool)
+        usable = usable_all[window]
+        if ink.any():
+            counts -= histogram8(sat, ink & usable)
+            usable = usable & ~ink
         if np.count_nonzero(counts) < 2:
-            return np.zeros(sat.shape, bool)
+            return out
         floor = cfg.min_saturation * 255
         threshold = max(otsu8(counts), floor)
         mask = (sat > threshold) & usable
         if cfg.pale_tissue:
-            mask |= pale_tissue_mask(thumbnail, sat, usable, counts, threshold, floor)
+            mask |= pale_tissue_mask(rgb, sat, usable, counts, threshold, floor)
 
         px_area = mpp * mpp  # um^2 per px
         radius = max(1, round(cfg.closing_um / mpp))
         mask = _morph(mask, cv2.MORPH_CLOSE, radius)
-        mask = ~_remove_small(~mask, max(1, int(cfg.max_hole_um2 / px_area)))  # fill holes
-        if cfg.exclude_pen:
+        mask = _fill_holes(mask, max(1, int(cfg.max_hole_um2 / px_area)))
+        if ink.any():
             mask &= ~_morph(ink, cv2.MORPH_DILATE, 1)
-        return _remove_small(mask, max(1, int(cfg.min_area_um2 / px_area)))
+        out[window] = _remove_small(mask, max(1, int(cfg.min_area_um2 / px_area)))
+        return out

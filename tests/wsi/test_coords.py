@@ -1,3 +1,5 @@
+import json
+
 import h5py
 import numpy as np
 import pytest
@@ -68,3 +70,35 @@ def test_not_a_coords_file(tmp_path):
         f.create_dataset("features", data=np.zeros(3))
     with pytest.raises(PipelineError, match="no 'coords' dataset"):
         read_coords(tmp_path / "y.h5")
+
+
+def test_attributes_have_the_types_h5py_gives_them(tmp_path):
+    """The fast attribute writer stores what ``obj.attrs[key] = value`` stores: same HDF5
+    types, shapes and values read back (strings as UTF-8, dicts as JSON)."""
+    from pipeline.wsi.coords import _write_attrs
+
+    values = {
+        "text": "héllo, slide",
+        "empty": "",
+        "int": 3,
+        "float": 0.25,
+        "bool": True,
+        "numpy_bool": np.bool_(False),
+        "numpy_int": np.int64(7),
+        "numpy_float32": np.float32(2.5),
+        "ints": np.array([30000, 20000], np.int64),
+        "floats": np.array([4.0, 4.0]),
+        "dict": {"a": 1, "b": [1, 2]},
+    }
+    with h5py.File(tmp_path / "a.h5", "w") as f:
+        _write_attrs(f.create_group("fast"), values)
+        slow = f.create_group("slow")
+        for key, value in values.items():
+            slow.attrs[key] = json.dumps(value) if isinstance(value, dict) else value
+    with h5py.File(tmp_path / "a.h5") as f:
+        for key in values:
+            fast, slow = f["fast"].attrs.get_id(key), f["slow"].attrs.get_id(key)
+            assert fast.get_type().equal(slow.get_type()), key
+            assert fast.shape == slow.shape, key
+            np.testing.assert_array_equal(f["fast"].attrs[key], f["slow"].attrs[key])
+            assert type(f["fast"].attrs[key]) is type(f["slow"].attrs[key]), key

@@ -77,3 +77,69 @@ def test_marker_strokes_are_removed_and_tissue_beside_them_kept(sources, name, m
     if name == "cmu":  # a slide: tissue and glass (the carcinoma image is tissue only)
         lost = (clean & ~mask & away).sum() / (clean & away).sum()
         assert lost < 0.02, f"{marker} ink removal took {lost:.1%} of the tissue beside it"
+
+
+def test_ink_colour_rules_on_every_8bit_colour():
+    """The 8-bit ink rules equal their definitions in signed arithmetic, on all 2^24 colours."""
+    from pipeline.wsi import tissue as t
+
+    values = np.arange(2**24, dtype=np.uint32)
+    rgb = np.stack([values >> 16, (values >> 8) & 255, values & 255], axis=-1).astype(np.uint8)
+    ink, edge = t.ink_colours(rgb.reshape(4096, 4096, 3))
+    r, g, b = (rgb[:, i].astype(np.int32) for i in range(3))
+    high = np.maximum(np.maximum(r, g), b)
+    chroma = high - np.minimum(np.minimum(r, g), b)
+    blue_over, green_over = b - np.maximum(r, g), g - r
+    want = ((blue_over > t.INK_BLUE_OVER_RG) & (green_over > 0)) | (green_over > t.INK_GREEN_OVER_R)
+    want |= (high < t.INK_BLACK_MAX) & (chroma < np.maximum(t.INK_BLACK_CHROMA, high // 4))
+    want_edge = (blue_over > t.INK_EDGE_BLUE_OVER_RG) | (green_over > t.INK_EDGE_GREEN_OVER_R)
+    want_edge |= (high < t.INK_EDGE_BLACK_MAX) & (
+        chroma < np.maximum(t.INK_EDGE_BLACK_CHROMA, high * 2 // 5)
+    )
+    np.testing.assert_array_equal(ink.ravel(), want)
+    np.testing.assert_array_equal(edge.ravel(), want_edge)
+
+
+@pytest.mark.parametrize("name", ["cmu", "carcinoma"])
+@pytest.mark.parametrize("marker", ["none", *MARKERS])
+def test_detection_in_its_window_equals_detection_over_the_whole_image(sources, name, marker):
+    """Only the window that can hold tissue or ink is worked on; the mask is the same as
+    when the whole image is, with and without ink (its strokes widen the window). The
+    image is set on noisy glass, a slide's usual surroundings, so the window is a part."""
+    import cv2
+
+    thumb, mpp = _thumbnail(sources, name, 4.0)
+    if marker != "none":
+        thumb, _ = _draw_stroke(thumb, mpp, MARKERS[marker], width_um=200.0)
+    h, w = thumb.shape[:2]
+    rng = np.random.default_rng(0)
+    glass = rng.normal((238, 237, 239), 1.0, (2 * h, 2 * w, 3))
+    image = np.clip(glass, 0, 255).astype(np.uint8)
+    image[h // 2 : h // 2 + h, w // 3 : w // 3 + w] = thumb
+    detector = make_tissue_detector(TissueConfig(mpp=4.0))
+    _, sat, value = cv2.split(cv2.cvtColor(image, cv2.COLOR_RGB2HSV_FULL))
+    rows, cols = detector.window(sat, value, mpp)
+    assert (rows.stop - rows.start) * (cols.stop - cols.start) < 0.4 * sat.size
+    whole = detector.detect(image, sat, value, mpp, (slice(None), slice(None)))
+    assert whole.sum() > 0.1 * h * w
+    np.testing.assert_array_equal(detector(image, mpp), whole)
+
+
+def test_holes_are_filled_by_size_and_glass_at_the_border_is_not_a_hole():
+    """Holes: background pieces (4-connected) that do not reach the border, filled up to
+    the size given (scipy's fill of enclosed background, then a size filter)."""
+    from pipeline.wsi.tissue import _fill_holes, _remove_small
+
+    rng = np.random.default_rng(3)
+    mask = ndimage.gaussian_filter(rng.random((90, 120)), 1.5) > 0.48
+    enclosed = ndimage.binary_fill_holes(mask) & ~mask
+    labels, n = ndimage.label(enclosed)
+    sizes = np.bincount(labels.ravel())
+    for max_size in (1, 4, 30, 10_000):
+        want = mask | (enclosed & (sizes <= max_size)[labels])
+        np.testing.assert_array_equal(_fill_holes(mask, max_size), want)
+    assert n > 5 and (~mask[0]).any()  # holes of several sizes, and glass at the border
+    pieces, _ = ndimage.label(mask)
+    areas = np.bincount(pieces.ravel())
+    want = mask & (areas > 12)[pieces]
+    np.testing.assert_array_equal(_remove_small(mask, 12), want)
