@@ -11,9 +11,11 @@ The venv is made with ``python3 -m venv data/bench/hs2p-venv`` and
 One in-process call of ``hs2p.tile_slide`` tiles the slide: open it with OpenSlide, read
 the whole segmentation level, HSV tissue segmentation, contour detection and the tile grid
 with per-tile tissue coverage. It returns an in-memory ``TilingResult`` and writes nothing
-to disk. Timed twice: the call alone, and the call followed by ``save_tiling_result``,
+to disk. Timed three ways: the call alone; the call followed by ``save_tiling_result``,
 which writes hs2p's coordinate files (an ``.npz`` and a JSON of metadata) into a fresh
-folder; previews (``write_tiling_preview``) are not made.
+folder; and these plus ``write_tiling_preview`` at hs2p's default preview downsample (32),
+the tile-layout image its command line writes by default (it writes a mask preview too,
+not made here).
 Parameters: 256 px tiles at 0.5 um/px, no overlap, a tile kept when at least 0.5 of it is
 tissue, segmentation on the pyramid level whose downsample is nearest to
 ``seg_spacing / level-0 spacing`` (16 um/px by default: hs2p itself defaults to
@@ -44,6 +46,7 @@ from hs2p import (
     TilingConfig,
     save_tiling_result,
     tile_slide,
+    write_tiling_preview,
 )
 from hs2p.wsi.reader import open_slide
 
@@ -116,8 +119,16 @@ def main() -> None:
     result = run()
     times = timed(run)
     with tempfile.TemporaryDirectory() as tmp:
-        runs = iter(range(args.repeats + 1))
+        runs = iter(range(2 * args.repeats + 2))
         save_times = timed(lambda: save_tiling_result(run(), Path(tmp) / f"run{next(runs)}"))
+
+        def with_preview() -> None:
+            folder = Path(tmp) / f"run{next(runs)}"
+            tiles = run()
+            save_tiling_result(tiles, folder)
+            write_tiling_preview(result=tiles, output_dir=folder, downsample=32)
+
+        preview_times = timed(with_preview)
 
     coords = np.column_stack((result.x, result.y)).astype(np.int64)
     out = {
@@ -126,6 +137,8 @@ def main() -> None:
         "times_s": times,
         "median_save_s": statistics.median(save_times) if save_times else None,
         "save_times_s": save_times,
+        "median_preview_s": statistics.median(preview_times) if preview_times else None,
+        "preview_times_s": preview_times,
         "n_tiles": int(result.num_tiles),
         "coords": coords.tolist(),
         "tile_size_level0": int(result.tile_size_lv0),

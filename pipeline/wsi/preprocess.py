@@ -10,7 +10,9 @@ keep tiles with enough tissue. Outputs under ``out``::
     manifest.csv                  slide_id, path, status, n_tiles, level0_mpp, ...
     config.yaml                   the resolved config
 
-Every file is written under a temporary name and renamed. A rerun skips slides whose
+:func:`tile_slide` does a slide's work in memory (no file written), for use from Python;
+:func:`process_slide` adds the files. Every file is written under a temporary name and
+renamed. A rerun skips slides whose
 coords file was made with the same parameters and redoes failed ones; a slide that
 fails (corrupt, truncated, not a slide, no tissue, no mpp) becomes a ``failed`` row
 and never stops the others.
@@ -303,8 +305,133 @@ def write_jpeg(path: Path, rgb: np.ndarray, quality: int = 90) -> None:
         tmp.write_bytes(data.tobytes())
 
 
+@dataclass
+class SlideTiles:
+    """One slide tiled in memory (:func:`tile_slide`): what its output files are made of."""
+
+    grid: Grid  # the kept tiles
+    thumbnail: np.ndarray  # H x W x 3 uint8: the image tissue was detected on
+    mask: np.ndarray  # H x W bool: tissue on the thumbnail
+    labels: np.ndarray | None  # N str: annotation class per tile ("" for none), if annotated
+    counts: dict  # tiles dropped by each quality filter
+    attrs: dict  # the slide's part of the coords file's attributes
+
+
+def tile_slide(
+    entry: SlideEntry, cfg: PreprocessConfig, given: dict[str, Path | None] | None = None
+) -> SlideTiles:
+    """Tile one slide in memory: open it, resolve its level-0 mpp, read the level tissue is
+    detected on, detect tissue (or take the given mask), lay the grid at the target mpp
+    and keep the tiles with enough tissue, then apply the quality filters and the
+    annotations. Writes nothing; a bad slide raises :class:`PipelineError` (or
+    :class:`SlideError`) saying what to do.
+
+    ``given``: the slide's tissue mask and annotation files (:func:`_given_files`; found
+    here when None).
+    """
+    given = _given_files(cfg, entry.slide_id) if given is None else given
+    with Slide(entry.path, level0_mpp=entry.level0_mpp) as slide:
+        warning = slide.override_warning()
+        if warning:
+            log.warning("slide %s: %s", entry.slide_id, warning)
+        level0_mpp = slide.mpp
+        thumb = slide.detection_thumbnail(cfg.tissue.mpp)
+        mask_mpp = level0_mpp * slide.dimensions[0] / thumb.shape[1]
+        if cfg.tissue_mask:  # given: the tiles' shares from it, outlines at thumbnail size
+            tissue, _ = user_tissue_mask(
+                cfg.tissue_mask, entry.slide_id, slide.dimensions, level0_mpp
+            )
+            size = (thumb.shape[1], thumb.shape[0])
+            mask = np.asarray(Image.fromarray(tissue).resize(size, Image.Resampling.NEAREST))
+            if not tissue.any():
+                raise PipelineError(f"{given['tissue_mask']}: the tissue mask is empty")
+        else:
+            tissue = mask = make_tissue_detector(cfg.tissue)(thumb, mask_mpp)
+        if not mask.any() and not cfg.tissue_mask:
+            raise PipelineError(
+                f"{entry.path}: no tissue found (tissue method '{cfg.tissue.method}'). "
+                "Check the thumbnail; if the stain is faint, lower --tissue.min_saturation."
+            )
+        grid = tile_grid(
+            slide.dimensions,
+            level0_mpp,
+            cfg.target_mpp,
+            cfg.tile_size,
+            cfg.overlap,
+            tissue,
+            cfg.min_tissue,
+        )
+        if len(grid.coords) == 0:
+            raise PipelineError(
+                f"{entry.path}: tissue found, but no {cfg.tile_size}-px tile at "
+                f"{cfg.target_mpp} mpp has {cfg.min_tissue:.0%} tissue; lower --min-tissue "
+                "or --tile-size."
+            )
+        counts = dict.fromkeys(QUALITY_COUNTS, 0)
+        if any_active(cfg.quality):
+            side = max(8, round(grid.patch_size_level0 * level0_mpp / cfg.quality.blur_mpp))
+            keep, counts = quality_keep(
+                cfg.quality,
+                thumb,
+                to_hsv8(thumb),
+                slide.dimensions,
+                grid.coords,
+                grid.patch_size_level0,
+                lambda loc, size0: slide.read_tile(loc, (size0, size0), (side, side)),
+            )
+            grid = Grid(grid.coords[keep], grid.tissue_fraction[keep], grid.patch_size_level0)
+            if len(grid.coords) == 0:
+                raise PipelineError(
+                    f"{entry.path}: every tile with tissue failed the quality filters "
+                    f"({', '.join(f'{k} {v}' for k, v in counts.items() if v)}); loosen "
+                    "--quality.*."
+                )
+        labels = None
+        if cfg.annotations:
+            if given["annotations"] is None:
+                raise PipelineError(
+                    f"no annotations for slide {entry.slide_id} in {cfg.annotations} "
+                    f"(looked for {entry.slide_id}.geojson, .json); add them, or preprocess "
+                    "this slide without --annotations."
+                )
+            labels = annotation_labels(
+                given["annotations"],
+                slide.dimensions,
+                level0_mpp,
+                grid.coords,
+                grid.patch_size_level0,
+                cfg.annotation_min_share,
+            )
+            keep = cap_per_label(labels, cfg.label_caps, cfg.seed)
+            if cfg.annotated_only:
+                keep &= labels != ""
+            grid = Grid(grid.coords[keep], grid.tissue_fraction[keep], grid.patch_size_level0)
+            labels = labels[keep]
+            if len(grid.coords) == 0:
+                raise PipelineError(
+                    f"{given['annotations']}: no tissue tile is at least "
+                    f"{cfg.annotation_min_share:.0%} inside an annotation"
+                )
+        patch_level = slide.best_level(cfg.target_mpp / level0_mpp)
+        attrs = {
+            "slide_id": entry.slide_id,
+            "slide_path": str(Path(entry.path).resolve()),
+            "level0_mpp": level0_mpp,
+            "mpp_source": slide.mpp_source,
+            "patch_size_level0": grid.patch_size_level0,
+            "patch_level": patch_level,
+            "patch_level_downsample": float(slide.level_downsamples[patch_level]),
+            "level0_width": slide.dimensions[0],
+            "level0_height": slide.dimensions[1],
+            "n_tiles": len(grid.coords),
+            **counts,
+        }
+    return SlideTiles(grid, thumb, mask, labels, counts, attrs)
+
+
 def process_slide(entry: SlideEntry, cfg: PreprocessConfig) -> dict:
-    """Preprocess one slide; returns its manifest row (never raises for a bad slide)."""
+    """Preprocess one slide (:func:`tile_slide`, then its files); returns its manifest row
+    (never raises for a bad slide)."""
     start = time.perf_counter()
     out = Path(cfg.out)
     row = _failed(entry)
@@ -328,125 +455,33 @@ def process_slide(entry: SlideEntry, cfg: PreprocessConfig) -> dict:
             )
             return row
         _remove_stale_temporaries(out, entry.slide_id)
-        with Slide(entry.path, level0_mpp=entry.level0_mpp) as slide:
-            warning = slide.override_warning()
-            if warning:
-                log.warning("slide %s: %s", entry.slide_id, warning)
-            level0_mpp = slide.mpp
-            row.update(level0_mpp=round(level0_mpp, 6), mpp_source=slide.mpp_source)
-            thumb = slide.detection_thumbnail(cfg.tissue.mpp)
-            mask_mpp = level0_mpp * slide.dimensions[0] / thumb.shape[1]
-            if cfg.tissue_mask:  # given: the tiles' shares from it, outlines at thumbnail size
-                tissue, _ = user_tissue_mask(
-                    cfg.tissue_mask, entry.slide_id, slide.dimensions, level0_mpp
-                )
-                size = (thumb.shape[1], thumb.shape[0])
-                mask = np.asarray(Image.fromarray(tissue).resize(size, Image.Resampling.NEAREST))
-                if not tissue.any():
-                    raise PipelineError(f"{given['tissue_mask']}: the tissue mask is empty")
-            else:
-                tissue = mask = make_tissue_detector(cfg.tissue)(thumb, mask_mpp)
-            if not mask.any() and not cfg.tissue_mask:
-                raise PipelineError(
-                    f"{entry.path}: no tissue found (tissue method '{cfg.tissue.method}'). "
-                    "Check the thumbnail; if the stain is faint, lower --tissue.min_saturation."
-                )
-            grid = tile_grid(
-                slide.dimensions,
-                level0_mpp,
-                cfg.target_mpp,
-                cfg.tile_size,
-                cfg.overlap,
-                tissue,
-                cfg.min_tissue,
+        tiles = tile_slide(entry, cfg, given)
+        grid, thumb, attrs = tiles.grid, tiles.thumbnail, tiles.attrs
+        row.update(
+            level0_mpp=round(attrs["level0_mpp"], 6), mpp_source=attrs["mpp_source"], **tiles.counts
+        )
+        attrs = {
+            **params,
+            **attrs,
+            **{f"{k}_sha256": sha256_file(v) for k, v in given.items() if v is not None},
+        }
+        if tiles.labels is not None:
+            names, n = np.unique(tiles.labels, return_counts=True)
+            attrs["label_counts"] = json.dumps(dict(zip(names.tolist(), n.tolist(), strict=True)))
+        polygons = mask_polygons(tiles.mask)
+        scale = thumb.shape[1] / attrs["level0_width"]  # thumbnail px per level-0 px
+        geojson = polygons_to_geojson(
+            polygons, (1 / scale, 1 / scale), {"slide_id": entry.slide_id}
+        )
+        atomic_write_text(out / "tissue" / f"{entry.slide_id}.geojson", json.dumps(geojson))
+        if cfg.thumbnails:
+            qc = draw_qc(
+                thumb, polygons, grid.coords, grid.patch_size_level0, scale, cfg.thumbnail_size
             )
-            if len(grid.coords) == 0:
-                raise PipelineError(
-                    f"{entry.path}: tissue found, but no {cfg.tile_size}-px tile at "
-                    f"{cfg.target_mpp} mpp has {cfg.min_tissue:.0%} tissue; lower --min-tissue "
-                    "or --tile-size."
-                )
-            counts = dict.fromkeys(QUALITY_COUNTS, 0)
-            if any_active(cfg.quality):
-                side = max(8, round(grid.patch_size_level0 * level0_mpp / cfg.quality.blur_mpp))
-                keep, counts = quality_keep(
-                    cfg.quality,
-                    thumb,
-                    to_hsv8(thumb),
-                    slide.dimensions,
-                    grid.coords,
-                    grid.patch_size_level0,
-                    lambda loc, size0: slide.read_tile(loc, (size0, size0), (side, side)),
-                )
-                grid = Grid(grid.coords[keep], grid.tissue_fraction[keep], grid.patch_size_level0)
-                row.update(counts)
-                if len(grid.coords) == 0:
-                    raise PipelineError(
-                        f"{entry.path}: every tile with tissue failed the quality filters "
-                        f"({', '.join(f'{k} {v}' for k, v in counts.items() if v)}); loosen "
-                        "--quality.*."
-                    )
-            labels = None
-            if cfg.annotations:
-                if given["annotations"] is None:
-                    raise PipelineError(
-                        f"no annotations for slide {entry.slide_id} in {cfg.annotations} "
-                        f"(looked for {entry.slide_id}.geojson, .json); add them, or preprocess "
-                        "this slide without --annotations."
-                    )
-                labels = annotation_labels(
-                    given["annotations"],
-                    slide.dimensions,
-                    level0_mpp,
-                    grid.coords,
-                    grid.patch_size_level0,
-                    cfg.annotation_min_share,
-                )
-                keep = cap_per_label(labels, cfg.label_caps, cfg.seed)
-                if cfg.annotated_only:
-                    keep &= labels != ""
-                grid = Grid(grid.coords[keep], grid.tissue_fraction[keep], grid.patch_size_level0)
-                labels = labels[keep]
-                if len(grid.coords) == 0:
-                    raise PipelineError(
-                        f"{given['annotations']}: no tissue tile is at least "
-                        f"{cfg.annotation_min_share:.0%} inside an annotation"
-                    )
-            patch_level = slide.best_level(cfg.target_mpp / level0_mpp)
-            attrs = {
-                **params,
-                "slide_id": entry.slide_id,
-                "slide_path": str(Path(entry.path).resolve()),
-                "level0_mpp": level0_mpp,
-                "mpp_source": slide.mpp_source,
-                "patch_size_level0": grid.patch_size_level0,
-                "patch_level": patch_level,
-                "patch_level_downsample": float(slide.level_downsamples[patch_level]),
-                "level0_width": slide.dimensions[0],
-                "level0_height": slide.dimensions[1],
-                "n_tiles": len(grid.coords),
-                **counts,
-                **{f"{k}_sha256": sha256_file(v) for k, v in given.items() if v is not None},
-            }
-            if labels is not None:
-                names, n = np.unique(labels, return_counts=True)
-                attrs["label_counts"] = json.dumps(
-                    dict(zip(names.tolist(), n.tolist(), strict=True))
-                )
-            polygons = mask_polygons(mask)
-            scale = thumb.shape[1] / slide.dimensions[0]  # thumbnail px per level-0 px
-            geojson = polygons_to_geojson(
-                polygons, (1 / scale, 1 / scale), {"slide_id": entry.slide_id}
-            )
-            atomic_write_text(out / "tissue" / f"{entry.slide_id}.geojson", json.dumps(geojson))
-            if cfg.thumbnails:
-                qc = draw_qc(
-                    thumb, polygons, grid.coords, grid.patch_size_level0, scale, cfg.thumbnail_size
-                )
-                write_jpeg(out / "thumbnails" / f"{entry.slide_id}.jpg", qc)
-            # The coords file is written last: its presence marks the slide as done.
-            write_coords(coords_path, grid.coords, grid.tissue_fraction, attrs, labels)
-            row.update(status="ok", n_tiles=len(grid.coords))
+            write_jpeg(out / "thumbnails" / f"{entry.slide_id}.jpg", qc)
+        # The coords file is written last: its presence marks the slide as done.
+        write_coords(coords_path, grid.coords, grid.tissue_fraction, attrs, tiles.labels)
+        row.update(status="ok", n_tiles=len(grid.coords))
     except PipelineError as exc:
         row["error"] = str(exc)
     except Exception as exc:  # a bug or an unforeseen file problem: keep going, keep the trace

@@ -3,7 +3,10 @@
 OpenSlide reads every format it knows (Aperio, Hamamatsu, Leica, MIRAX, Philips,
 Sakura, Ventana, Zeiss, DICOM, generic tiled TIFF). Other images (non-tiled TIFF,
 PNG, JPEG) up to ``MAX_PLAIN_PIXELS`` are read whole through tifffile or Pillow as a
-one-level slide; larger ones are refused with a request to convert them.
+one-level slide; larger ones are refused with a request to convert them. A whole
+pyramid level of a slide whose levels are the file's tiled TIFF pages (Aperio, generic
+tiled TIFF) is decoded by tifffile (:meth:`Slide.read_level`): the same pixels as
+OpenSlide's, several times faster.
 
 The level-0 mpp is a value given by the user (``--level0-mpp`` or a CSV column; source
 ``override``) when there is one: it overrides the metadata, so that a slide whose
@@ -22,6 +25,7 @@ Coordinates are always level-0 pixels; sizes say at which mpp they are.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -34,6 +38,8 @@ import numpy as np
 from PIL import Image
 
 from pipeline.errors import SlideError
+
+log = logging.getLogger(__name__)
 
 MPP_RANGE = (0.05, 50.0)  # plausible level-0 resolutions; outside is metadata junk
 MPP_TOLERANCE = 0.02  # relative difference of resolutions read as equal (scanner calibration)
@@ -50,6 +56,18 @@ try:  # OpenSlide's C read into our own buffer (openslide-python's ctypes bindin
 except ImportError:  # another openslide-python: use its public read_region
     _RAW_READ = None
 PLAIN_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+# OpenSlide formats whose pyramid levels are the file's tiled TIFF pages, in order, and the
+# tile codecs whose decoding by tifffile (imagecodecs) gives OpenSlide's pixels (tested)
+TIFF_LEVEL_VENDORS = ("aperio", "generic-tiff")
+TIFF_LEVEL_CODECS = (
+    "NONE",
+    "LZW",
+    "ADOBE_DEFLATE",
+    "DEFLATE",
+    "JPEG",
+    "APERIO_JP2000_RGB",
+    "APERIO_JP2000_YCBC",
+)
 Image.MAX_IMAGE_PIXELS = None  # plain images are slides too; _PlainImage checks the size
 MAX_PLAIN_PIXELS = 16384 * 16384  # larger non-tiled images are refused: read whole (~0.8 GB RGB)
 
@@ -255,6 +273,7 @@ class Slide:
         if self.path.stat().st_size == 0:
             raise SlideError(f"{self.path}: the file is empty (0 bytes); copy the slide again.")
         self._handle = self._open()
+        self._tiff = None  # tifffile's view of the file, opened by read_level when useful
         self.properties = dict(self._handle.properties)
         self.vendor = self.properties.get("openslide.vendor", "unknown")
         self.level_count = self._handle.level_count
@@ -431,9 +450,13 @@ class Slide:
         """
         scale = mpp / self.mpp
         level = self.best_level(scale)
+        return self._read_level_scaled(level, scale / self.level_downsamples[level], chunk)
+
+    def _read_level_scaled(self, level: int, factor: float, chunk: int = 4096) -> np.ndarray:
+        """Pyramid ``level`` shrunk by ``factor`` (>= ~1, level px per output px), read
+        in ``chunk`` x ``chunk`` regions and box-filtered."""
         ds = self.level_downsamples[level]
         lw, lh = self.level_dimensions[level]
-        factor = scale / ds  # level px per output px, >= ~1
         out_w, out_h = max(1, round(lw / factor)), max(1, round(lh / factor))
         step = max(1, int(chunk / factor))  # output px per chunk side
         out = None if step >= max(out_w, out_h) else np.empty((out_h, out_w, 3), np.uint8)
@@ -454,6 +477,44 @@ class Slide:
                 out[oy : oy + ch, ox : ox + cw] = region
         return out
 
+    def _level_page(self, level: int):
+        """The tiled TIFF page that holds pyramid ``level`` as OpenSlide reads it, when
+        tifffile decodes it to the same pixels: a slide whose levels are its tiled pages
+        (:data:`TIFF_LEVEL_VENDORS`), 8-bit RGB, a codec of :data:`TIFF_LEVEL_CODECS` and
+        no missing tile (OpenSlide shows those as transparent). Else None."""
+        if not hasattr(self._handle, "_osr") or self.vendor not in TIFF_LEVEL_VENDORS:
+            return None
+        import tifffile
+
+        if self._tiff is None:
+            self._tiff = tifffile.TiffFile(self.path)
+        tiled = [page for page in self._tiff.pages if page.is_tiled]
+        if len(tiled) != self.level_count:
+            return None
+        page = tiled[level]
+        w, h = self.level_dimensions[level]
+        ok = (
+            page.shape == (h, w, 3)
+            and page.dtype == np.uint8
+            and page.planarconfig == 1  # samples interleaved
+            and page.compression.name in TIFF_LEVEL_CODECS
+            and all(page.databytecounts)
+        )
+        return page if ok else None
+
+    def read_level(self, level: int) -> np.ndarray:
+        """The whole pyramid ``level`` as RGB uint8 (h x w x 3): the pixels of
+        :meth:`read_region` over it. A level stored as a tiled TIFF page tifffile decodes
+        alike (:meth:`_level_page`) is decoded tile by tile, in threads; others are read
+        through OpenSlide in chunks (memory: the level plus one chunk)."""
+        try:
+            page = self._level_page(level)
+            if page is not None:
+                return page.asarray()
+        except Exception as exc:  # noqa: BLE001 - a damaged tile: OpenSlide's read says so
+            log.debug("%s: level %d not decoded by tifffile (%s)", self.path, level, exc)
+        return self._read_level_scaled(level, 1.0)
+
     def detection_thumbnail(self, mpp: float, coarser: float = 1.25) -> np.ndarray:
         """The whole slide for tissue detection at about ``mpp`` um/px (RGB uint8), read
         from the pyramid as cheaply as the resolution allows.
@@ -467,12 +528,15 @@ class Slide:
         """
         level = self.best_level(coarser * mpp / self.mpp)
         level_mpp = self.mpp * float(self.level_downsamples[level])
-        return self.thumbnail_at_mpp(level_mpp if level_mpp >= mpp / 2 else mpp)
+        return self.read_level(level) if level_mpp >= mpp / 2 else self.thumbnail_at_mpp(mpp)
 
     def close(self) -> None:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+        if self._tiff is not None:
+            self._tiff.close()
+            self._tiff = None
 
     def __enter__(self) -> Slide:
         return self

@@ -207,24 +207,32 @@ _EDGE_BLACK = np.where(
 ).astype(np.uint8)
 
 
-def ink_colours(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The ink rules' colours on an RGB uint8 image, pixel by pixel: ``(ink, edge)``, the
-    pen-ink colours and the looser ones of a stroke's edges (see the rule constants).
-
-    8-bit arithmetic throughout: differences saturate at 0, which the rules' positive
-    margins never see, and the grey tests are table look-ups on the max channel.
-    """
+def _ink_measures(rgb: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per pixel of an RGB uint8 image, in 8-bit arithmetic: the max channel, the chroma
+    (max - min), B over max(R, G) and G over R (differences saturate at 0, which the
+    rules' positive margins never see)."""
     r, g, b = cv2.split(np.ascontiguousarray(rgb))
     rg = cv2.max(r, g)
     high = cv2.max(rg, b)
     chroma = cv2.subtract(high, cv2.min(cv2.min(r, g), b))
-    blue_over = cv2.subtract(b, rg)  # max(0, B - max(R, G))
-    green_over = cv2.subtract(g, r)  # max(0, G - R)
+    return high, chroma, cv2.subtract(b, rg), cv2.subtract(g, r)
+
+
+def _ink_colour(high, chroma, blue_over, green_over) -> np.ndarray:
     ink = ((blue_over > INK_BLUE_OVER_RG) & (green_over > 0)) | (green_over > INK_GREEN_OVER_R)
-    ink |= chroma < cv2.LUT(high, _BLACK)
+    return ink | (chroma < cv2.LUT(high, _BLACK))  # the grey test as a table look-up
+
+
+def _edge_colour(high, chroma, blue_over, green_over) -> np.ndarray:
     edge = (blue_over > INK_EDGE_BLUE_OVER_RG) | (green_over > INK_EDGE_GREEN_OVER_R)
-    edge |= chroma < cv2.LUT(high, _EDGE_BLACK)
-    return ink, edge
+    return edge | (chroma < cv2.LUT(high, _EDGE_BLACK))
+
+
+def ink_colours(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The ink rules' colours on an RGB uint8 image, pixel by pixel: ``(ink, edge)``, the
+    pen-ink colours and the looser ones of a stroke's edges (see the rule constants)."""
+    measures = _ink_measures(rgb)
+    return _ink_colour(*measures), _edge_colour(*measures)
 
 
 def ink_mask(rgb: np.ndarray, mpp: float) -> np.ndarray:
@@ -237,11 +245,12 @@ def ink_mask(rgb: np.ndarray, mpp: float) -> np.ndarray:
     specks (dust, tissue-marking dye grains) do not; each stroke then takes the connected
     pixels of ink-like colour around it (its faint and tissue-blended edges).
     """
-    ink, edge = ink_colours(rgb)
+    measures = _ink_measures(rgb)
+    ink = _ink_colour(*measures)
     core = _stroke_cores(ink, INK_MIN_WIDTH_UM / 2 / mpp)
     if not core.any():
         return core
-    return _connected_to(core, ink | edge)
+    return _connected_to(core, ink | _edge_colour(*measures))
 
 
 # Faint tissue beside strongly stained tissue: Otsu's threshold on saturation then falls

@@ -168,3 +168,42 @@ def test_plain_image_edges_are_white_like_openslide(metadata_files):
         assert (region[50:, :100] < 255).any()
         tile = slide.read_tile((800, 800), (400, 400), (100, 100))
         assert (tile[60:, 60:] == 255).all()
+
+
+@pytest.mark.parametrize("name", ["cmu", "tcga", "prostate_tiff", "demo"])
+def test_levels_decoded_by_tifffile_equal_openslide(name, cmu_svs, slide_files, tiny_cohort):
+    """Whole levels of Aperio (JPEG and JPEG 2000 tiles) and generic tiled TIFF slides
+    decoded by tifffile are OpenSlide's pixels exactly."""
+    path = {
+        "cmu": cmu_svs,
+        "tcga": slide_files["tcga_svs"],
+        "prostate_tiff": slide_files["prostate_tiff"],
+        "demo": first_slide(tiny_cohort),
+    }[name]
+    with Slide(path, level0_mpp=0.5) as slide:
+        for level in range(slide.level_count):
+            assert slide._level_page(level) is not None, level
+            w, h = slide.level_dimensions[level]
+            want = slide.read_region((0, 0), level, (w, h))
+            np.testing.assert_array_equal(slide.read_level(level), want)
+
+
+def test_levels_of_other_formats_and_missing_tiles_are_read_by_openslide(slide_files, tmp_path):
+    """A DICOM slide, and a TIFF with a missing tile (OpenSlide shows white glass there),
+    are read through OpenSlide."""
+
+    with Slide(slide_files["cmu_dicom"]) as slide:
+        assert slide._level_page(0) is None
+        w, h = slide.level_dimensions[-1]
+        level = slide.level_count - 1
+        np.testing.assert_array_equal(
+            slide.read_level(level), slide.read_region((0, 0), level, (w, h))
+        )
+    image = np.full((512, 512, 3), 120, np.uint8)
+    with tifffile.TiffWriter(tmp_path / "sparse.tif") as tif:
+        tiles = (image[:256, :256] if i != 1 else None for i in range(4))  # tile 1 missing
+        tif.write(tiles, shape=image.shape, dtype=np.uint8, tile=(256, 256), photometric="rgb")
+    with Slide(tmp_path / "sparse.tif", level0_mpp=0.5) as slide:
+        assert slide.vendor == "generic-tiff" and slide._level_page(0) is None
+        level = slide.read_level(0)
+    assert (level[:256, 256:] == 255).all() and (level[:256, :256] == 120).all()
