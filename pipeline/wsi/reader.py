@@ -25,6 +25,7 @@ Coordinates are always level-0 pixels; sizes say at which mpp they are.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -488,10 +489,10 @@ class Slide:
 
         if self._tiff is None:
             self._tiff = tifffile.TiffFile(self.path)
-        tiled = [page for page in self._tiff.pages if page.is_tiled]
-        if len(tiled) != self.level_count:
+        tiled = (page for page in self._tiff.pages if page.is_tiled)  # parsed as needed
+        page = next(itertools.islice(tiled, level, None), None)
+        if page is None:
             return None
-        page = tiled[level]
         w, h = self.level_dimensions[level]
         ok = (
             page.shape == (h, w, 3)
