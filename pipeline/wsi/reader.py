@@ -58,17 +58,11 @@ except ImportError:  # another openslide-python: use its public read_region
     _RAW_READ = None
 PLAIN_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 # OpenSlide formats whose pyramid levels are the file's tiled TIFF pages, in order, and the
-# tile codecs whose decoding by tifffile (imagecodecs) gives OpenSlide's pixels (tested)
+# tile codecs whose decoding by tifffile (imagecodecs) gives OpenSlide's pixels: lossless
+# ones, and JPEG (RGB and YCbCr) and Aperio's RGB JPEG 2000, tested on real slides. Aperio's
+# YCbCr JPEG 2000, whose colour conversion OpenSlide does itself, is left to OpenSlide.
 TIFF_LEVEL_VENDORS = ("aperio", "generic-tiff")
-TIFF_LEVEL_CODECS = (
-    "NONE",
-    "LZW",
-    "ADOBE_DEFLATE",
-    "DEFLATE",
-    "JPEG",
-    "APERIO_JP2000_RGB",
-    "APERIO_JP2000_YCBC",
-)
+TIFF_LEVEL_CODECS = ("NONE", "LZW", "ADOBE_DEFLATE", "DEFLATE", "JPEG", "APERIO_JP2000_RGB")
 Image.MAX_IMAGE_PIXELS = None  # plain images are slides too; _PlainImage checks the size
 MAX_PLAIN_PIXELS = 16384 * 16384  # larger non-tiled images are refused: read whole (~0.8 GB RGB)
 
